@@ -1,0 +1,1275 @@
+"""Content-hash completeness for Luigi tasks.
+
+Luigi calls a task complete when its output exists. A :class:`HashCheckingTask` is complete
+only when its outputs exist, every task it depends on is complete, and the digests of its
+inputs, its significant parameters and its code match the record written when the outputs
+were made. Records are JSON files in a hidden ``.luigi_hashes/`` folder beside each output.
+
+Usage::
+
+    import luigi
+    from luigi_hashcheck import HashCheckingTask
+
+    class Clean(HashCheckingTask):
+        day = luigi.DateParameter()
+
+        def requires(self):
+            return Raw(day=self.day)
+
+        def output(self):
+            return luigi.LocalTarget(f"out/clean-{self.day}.csv")
+
+        def run(self):
+            with self.input().open() as src, self.output().open("w") as dst:
+                dst.write(src.read().lower())
+
+Edit ``Raw``'s output, ``Clean.run`` or the ``day`` and ``Clean`` runs again; touch a file or
+rewrite it with the same bytes and nothing runs. ``python -m luigi_hashcheck --help`` lists
+the commands that inspect records without running anything.
+"""
+
+__all__ = [
+    "HashCheckingTask",
+    "TaskWithCheckingInputHash",
+    "HashableTarget",
+    "HashableLocalTarget",
+    "HashCheckError",
+    "UnhashableTargetError",
+    "InputChangedError",
+    "LockTimeout",
+    "hashcheck",
+    "main",
+]
+__version__ = "0.1.0"
+
+import abc
+import ast
+import collections.abc
+import contextlib
+import errno
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import textwrap
+import threading
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+if __name__ == "__main__":
+    # ``python -m luigi_hashcheck`` runs this file a second time as __main__. A second
+    # HashCheckingTask and a second ``hashcheck`` Config would make Luigi call the config
+    # name ambiguous and drop its command-line flags, so hand off to the importable copy
+    # before this one defines any class.
+    from luigi_hashcheck import main as _imported_main
+
+    sys.exit(_imported_main())
+
+import luigi
+import luigi.worker
+from luigi.task import flatten
+from luigi.task_register import Register
+
+logger = logging.getLogger("luigi-interface")
+
+RECORD_DIR = ".luigi_hashes"
+_FORMAT = 1
+_BLOCK = 1 << 20
+# A file rewritten within one timestamp tick keeps its mtime (SCons issue #2760), so a
+# digest only vouches for a stat taken at least this long after the file's mtime.
+_TICK_NS = 2_000_000_000
+_MAX_RECORD_BYTES = 16 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+
+# Counters the tests read to prove the cost stays linear; cheap enough to keep always on.
+_counts = collections.Counter()
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class HashCheckError(RuntimeError):
+    """Base class of every error luigi_hashcheck raises."""
+
+
+class ConfigError(HashCheckError, ValueError):
+    """The ``[hashcheck]`` configuration is invalid."""
+
+
+class UnhashableTargetError(HashCheckError, TypeError):
+    """A task uses a target luigi_hashcheck cannot hash."""
+
+    def __init__(self, task, target):
+        self.task = task
+        self.target = target
+        super().__init__(
+            f"{task} uses a {type(target).__module__}.{type(target).__qualname__}, which "
+            "luigi_hashcheck cannot hash: use luigi.LocalTarget or a subclass of "
+            "luigi_hashcheck.HashableTarget"
+        )
+
+
+class InputChangedError(HashCheckError):
+    """An input changed while the task reading it was running."""
+
+    def __init__(self, task, name):
+        self.task = task
+        self.input = name
+        super().__init__(f"input {name} of {task} changed while it ran; no record was written, the next build reruns it")
+
+
+class LockTimeout(HashCheckError, TimeoutError):
+    """A record folder's lock could not be had in time."""
+
+    def __init__(self, path, timeout):
+        self.path = path
+        super().__init__(f"could not lock {path} within {timeout:g} s; is another writer stuck?")
+
+
+class _DamagedRecord(Exception):
+    """A record is unreadable; its task is stale."""
+
+
+def _log_once(_seen=set(), *, key, level, message):
+    if key not in _seen:
+        _seen.add(key)
+        logger.log(level, message)
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+class hashcheck(luigi.Config):
+    """The ``[hashcheck]`` section of luigi.cfg."""
+
+    algorithm = luigi.Parameter(default="sha256", description="hashlib algorithm for new records")
+    trust_mtime = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="skip hashing a file whose size, mtime and inode match its record",
+    )
+    lock_timeout = luigi.FloatParameter(default=60.0, description="seconds to wait for a record folder's lock")
+
+
+_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout")
+
+
+@functools.lru_cache(maxsize=None)
+def _check_algorithm(name):
+    try:
+        digest_size = hashlib.new(name).digest_size
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[hashcheck] algorithm = {name!r} is not a hashlib algorithm") from exc
+    if not digest_size or name.lower().startswith("shake"):
+        raise ConfigError(f"[hashcheck] algorithm = {name!r} has no fixed digest size; try sha256")
+    return name
+
+
+def _settings():
+    config = hashcheck()
+    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout)
+
+
+###############################################################################
+# Hashing #####################################################################
+###############################################################################
+
+# (path, algorithm) -> entry. Lets a process hash each unchanged file once, however many
+# tasks read it and however many builds run.
+_digest_cache = {}
+
+
+def _norm(path):
+    """Return ``path`` absolute and normalised, so ``out/d/`` and ``out/d`` are one output."""
+    return os.path.normpath(os.path.abspath(os.fspath(path)))
+
+
+def _fresh(entry, st):
+    """Whether ``entry`` still vouches for a file whose stat is ``st``."""
+    return (
+        entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+        and entry.get("inode") == st.st_ino
+        and entry["hashed_ns"] - st.st_mtime_ns >= _TICK_NS
+    )
+
+
+def _hash_file(path, algorithm):
+    """Hash a regular file in blocks; return its entry. Never blocks on a FIFO."""
+    with open(os.open(path, os.O_RDONLY | _NONBLOCK | _BINARY), "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
+        hashed_ns = time.time_ns()
+        _counts["reads"] += 1
+        h = hashlib.new(algorithm)
+        buf = bytearray(_BLOCK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return {
+        "kind": "file",
+        "digest": h.hexdigest(),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+        "hashed_ns": hashed_ns,
+    }
+
+
+def _digest_file(path, algorithm, st, known, trust_mtime):
+    if trust_mtime:
+        if known and known.get("kind") == "file" and _fresh(known, st):
+            return dict(known)
+        cached = _digest_cache.get((path, algorithm))
+        if cached and _fresh(cached, st):
+            return dict(cached)
+    entry = _hash_file(path, algorithm)
+    _digest_cache[(path, algorithm)] = entry
+    return dict(entry)
+
+
+def _list_dir(root):
+    """Yield (relative posix path, absolute path, is_symlinked_dir) for a directory's files.
+
+    Skips every ``.luigi_hashes`` folder; does not follow links to directories, so a
+    link cycle cannot hang the walk.
+    """
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as entries:
+            for entry in entries:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != RECORD_DIR:
+                        stack.append(name)
+                elif entry.is_symlink() and entry.is_dir():
+                    yield name, entry.path, True
+                else:
+                    yield name, entry.path, False
+
+
+def _digest_dir(path, algorithm, trust_mtime):
+    """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted."""
+    files = sorted(_list_dir(path))
+    st = os.stat(path)
+
+    def one(item):
+        rel, full, linked_dir = item
+        if linked_dir:
+            return "link:" + os.readlink(full)
+        fst = os.stat(full)
+        if not stat.S_ISREG(fst.st_mode):
+            raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
+        return _digest_file(full, algorithm, fst, None, trust_mtime)["digest"]
+
+    big = sum(os.stat(f).st_size for _, f, link in files if not link) > (64 << 20)
+    if big and (os.cpu_count() or 1) > 1:
+        # hashlib releases the GIL on large buffers, so threads use every core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            digests = list(pool.map(one, files))
+    else:
+        digests = [one(item) for item in files]
+    h = hashlib.new(algorithm)
+    for (rel, _, _), digest in zip(files, digests):
+        h.update(f"{digest}  {rel}\n".encode("utf-8", "surrogateescape"))
+    return {
+        "kind": "dir",
+        "digest": h.hexdigest(),
+        "size": None,
+        "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+        "hashed_ns": time.time_ns(),
+    }
+
+
+def _digest(path, algorithm, known=None, trust_mtime=True):
+    """Return the entry (kind, digest, stat fields) of a file or directory.
+
+    :param path: normalised absolute path.
+    :param known: a recorded entry for the same path; its digest is reused while the
+        file's size, mtime and inode still match it.
+    :raises FileNotFoundError: if nothing is at ``path``.
+    """
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return _digest_dir(path, algorithm, trust_mtime)
+    if not stat.S_ISREG(st.st_mode):
+        raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
+    return _digest_file(path, algorithm, st, known, trust_mtime)
+
+
+def _text_digest(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+###############################################################################
+# Code fingerprints ###########################################################
+###############################################################################
+
+_fingerprints = {}
+
+
+def _ast_text(node):
+    """Render a syntax tree without positions, comments or docstrings.
+
+    Written out by hand because ``ast.dump`` changes between Python versions; empty
+    fields (such as 3.12's ``type_params``) are left out for the same reason.
+    """
+    if isinstance(node, list):
+        return "[" + ",".join(_ast_text(item) for item in node) + "]"
+    if not isinstance(node, ast.AST):
+        return repr(node)
+    fields = []
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if name == "body" and isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if value and isinstance(value[0], ast.Expr) and isinstance(getattr(value[0], "value", None), ast.Constant) and isinstance(value[0].value.value, str):
+                value = value[1:]
+        if value is None or value == []:
+            continue
+        fields.append(f"{name}={_ast_text(value)}")
+    return f"{type(node).__name__}({','.join(fields)})"
+
+
+def _code_text(code):
+    consts = [_code_text(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}|{consts}|{code.co_names}"
+
+
+def _bytecode_text(obj):
+    """A stand-in for source: the bytecode of ``obj`` and its members, stable within one Python."""
+    members = vars(obj) if isinstance(obj, type) or inspect.ismodule(obj) else {"": obj}
+    parts = [f"python{sys.version_info[0]}.{sys.version_info[1]}"]
+    for name in sorted(members):
+        value = members[name]
+        value = getattr(value, "__func__", getattr(value, "fget", value))
+        code = getattr(value, "__code__", None)
+        if code is not None:
+            parts.append(f"{name}:{_code_text(code)}")
+        elif isinstance(value, (str, bytes, int, float, bool, type(None), tuple, frozenset)):
+            parts.append(f"{name}={value!r}")
+    return "\n".join(parts)
+
+
+def _source_text(obj):
+    name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
+    try:
+        return _ast_text(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        pass
+    try:
+        text = _bytecode_text(obj)
+    except Exception:  # the fingerprint must never crash a build
+        text = f"{getattr(obj, '__module__', '')}.{name}"
+    _log_once(
+        key=("nosource", name),
+        level=logging.INFO,
+        message=f"luigi_hashcheck: no source for {name}; its code fingerprint uses bytecode, "
+        "which changes between Python versions",
+    )
+    return text
+
+
+def _fingerprint(cls):
+    """Digest of ``cls``'s source and its bases' up to HashCheckingTask, its
+    ``code_dependencies`` and its ``code_version``."""
+    fingerprint = _fingerprints.get(cls)
+    if fingerprint is None:
+        parts = []
+        for klass in cls.__mro__:
+            if klass is HashCheckingTask or klass is object:
+                break
+            parts.append(_source_text(klass))
+        parts += [_source_text(dep) for dep in cls.code_dependencies]
+        parts.append(repr(cls.code_version))
+        fingerprint = _fingerprints[cls] = _text_digest("\n".join(parts))
+    return fingerprint
+
+
+
+###############################################################################
+# Records #####################################################################
+###############################################################################
+#
+# One JSON record per output, at <output folder>/.luigi_hashes/<output name>.json. Readers
+# never lock: a record is replaced atomically. Writers of one folder take its lock.
+
+_ENTRY_FIELDS = {"path": "str", "kind": "str", "digest": "str", "size": "int?", "mtime_ns": "int?", "inode": "int?", "hashed_ns": "int"}
+_RECORD_FIELDS = {
+    "format": "int",
+    "algorithm": "str",
+    "created_ns": "int",
+    "task": "task",
+    "code": "str",
+    "input_hash": "str",
+    "output": "entry",
+    "inputs": "entries",
+    "dynamic": "dynamic",
+}
+
+
+def _record_path(path):
+    """Return the record's path for an output at normalised ``path``."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, RECORD_DIR, name + ".json")
+
+
+def _problem(value, kind):
+    """Return what is wrong with ``value`` as a record field of ``kind``, or None."""
+    if kind == "str":
+        ok = type(value) is str and "\0" not in value
+    elif kind == "int":
+        ok = type(value) is int
+    elif kind == "int?":
+        ok = value is None or type(value) is int
+    elif kind == "params":
+        ok = type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
+    elif kind == "task":
+        return _fields_problem(value, {"family": "str", "params": "params"})
+    elif kind == "entry":
+        return _fields_problem(value, _ENTRY_FIELDS)
+    elif kind == "entries":
+        if type(value) is not list:
+            return "a list of entries expected"
+        return next(filter(None, (_problem(item, "entry") for item in value)), None)
+    else:  # dynamic
+        if type(value) is not list:
+            return "a list of dynamic dependencies expected"
+        shape = {"family": "str", "params": "params", "outputs": "entries"}
+        return next(filter(None, (_fields_problem(item, shape) for item in value)), None)
+    return None if ok else f"{type(value).__name__} is not a valid {kind}"
+
+
+def _fields_problem(value, fields):
+    if type(value) is not dict:
+        return f"an object expected, found {type(value).__name__}"
+    for key, kind in fields.items():
+        if key not in value:
+            return f"key {key!r} missing"
+        problem = _problem(value[key], kind)
+        if problem:
+            return f"{key}: {problem}"
+    return None
+
+
+def _read_record(path):
+    """Return the record at ``path``, or None if there is none.
+
+    :raises _DamagedRecord: if the record is empty, truncated, not a JSON object, of an
+        unknown format, or has a missing or mistyped key.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _DamagedRecord("it is a symbolic link") from exc
+        raise
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _DamagedRecord("it is not a regular file")
+        data = f.read(_MAX_RECORD_BYTES + 1)
+    if not data:
+        raise _DamagedRecord("it is empty")
+    if len(data) > _MAX_RECORD_BYTES:
+        raise _DamagedRecord("it is too large")
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _DamagedRecord("it is not JSON") from exc
+    if type(record) is not dict:
+        raise _DamagedRecord("it is not a JSON object")
+    if record.get("format") != _FORMAT:
+        raise _DamagedRecord(f"unknown format {record.get('format')!r}")
+    problem = _fields_problem(record, _RECORD_FIELDS)
+    if problem is None:
+        try:
+            _check_algorithm(record["algorithm"])
+        except ConfigError:
+            problem = f"unknown algorithm {record['algorithm']!r}"
+    if problem:
+        raise _DamagedRecord(problem)
+    return record
+
+
+def _records_folder(output_folder):
+    """Create ``.luigi_hashes`` in ``output_folder``; refuse one that is a symbolic link."""
+    folder = os.path.join(output_folder, RECORD_DIR)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder)
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        raise HashCheckError(f"{folder} is a symbolic link or not a folder; refusing to write records through it")
+    return folder
+
+
+_thread_locks = collections.defaultdict(threading.Lock)
+
+
+@contextlib.contextmanager
+def _locked(folder, timeout):
+    """Hold the lock of a records folder. POSIX locks belong to a process, so threads of one
+    process also queue on a threading lock."""
+    path = os.path.join(folder, ".lock")
+    deadline = time.monotonic() + timeout
+    thread_lock = _thread_locks[path]
+    if not thread_lock.acquire(timeout=max(timeout, 0)):
+        raise LockTimeout(path, timeout)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _BINARY, 0o644)
+        try:
+            delay = 0.001
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(path, timeout)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            try:
+                yield
+            finally:
+                _unlock(fd)
+        finally:
+            os.close(fd)
+    finally:
+        thread_lock.release()
+
+
+def _replace(path, data):
+    """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
+    if os.path.islink(path):
+        raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
+    folder, name = os.path.split(path)
+    # The pid lets a later writer tell a dead writer's leftover from a live one's file.
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _write_record(path, record, settings):
+    """Write ``record`` to the record file ``path`` under its folder's lock."""
+    data = json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
+    try:
+        folder = _records_folder(os.path.dirname(os.path.dirname(path)))
+        with _locked(folder, settings.lock_timeout):
+            _replace(path, data)
+    except HashCheckError:
+        raise
+    except OSError as exc:
+        raise HashCheckError(f"cannot write record {path}: {exc.strerror or exc}") from exc
+
+
+def _remove_record(path, settings):
+    folder = os.path.dirname(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(folder):
+        raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
+    with _locked(folder, settings.lock_timeout):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _input_hash(algorithm, family, params, code, pairs):
+    """The one digest over a task's identity, code and (input name, input digest) pairs."""
+    payload = json.dumps([family, params, code, pairs], sort_keys=True, separators=(",", ":"))
+    return hashlib.new(algorithm, payload.encode("utf-8")).hexdigest()
+
+
+def _name(target, folder, index):
+    """Name an input in a record: a path relative to the output's folder, so trees can move."""
+    path = getattr(target, "path", None)
+    if not isinstance(path, (str, os.PathLike)):
+        return f"{type(target).__name__}[{index}]"
+    if folder is None or not isinstance(target, luigi.LocalTarget):
+        return os.fspath(path)
+    try:
+        return os.path.relpath(_norm(path), folder).replace(os.sep, "/")
+    except ValueError:  # another drive on Windows
+        return _norm(path)
+
+
+def _entry(target, algorithm, known, settings, cache):
+    """Return ``target``'s current entry, or None if it does not exist. ``cache`` spares a
+    second look at a target within one check."""
+    local = isinstance(target, luigi.LocalTarget)
+    key = (_norm(target.path) if local else id(target), algorithm)
+    if key not in cache:
+        if local:
+            try:
+                cache[key] = _digest(key[0], algorithm, known, settings.trust_mtime)
+            except FileNotFoundError:
+                cache[key] = None
+        elif target.exists():
+            cache[key] = {"kind": "custom", "digest": target.hash_content(), "size": None, "mtime_ns": None, "inode": None, "hashed_ns": time.time_ns()}
+        else:
+            cache[key] = None
+    return cache[key]
+
+
+def _named(entry, name):
+    return dict(entry, path=name)
+
+
+###############################################################################
+# Targets #####################################################################
+###############################################################################
+
+
+class HashableTarget(luigi.Target):
+    """A target whose content can be hashed and that can keep its task's input hash.
+
+    A task whose output is a HashableTarget other than a :class:`luigi.LocalTarget` is
+    checked through these three methods alone: the output must exist and its stored input
+    hash must equal the current one. There is no check of the output's own digest and no
+    per-input reason.
+    """
+
+    @abc.abstractmethod
+    def hash_content(self):
+        """Return the hex digest of the target's content.
+
+        :rtype: str
+        """
+
+    @abc.abstractmethod
+    def get_current_input_hash(self):
+        """Return the input hash recorded for the task that made this target, or None
+        when there is no usable record.
+
+        :rtype: str or None
+        """
+
+    @abc.abstractmethod
+    def store_input_hash(self, input_hash):
+        """Record ``input_hash`` for this target.
+
+        :param str input_hash: the digest returned by the task's input hash.
+        """
+
+
+class HashableLocalTarget(luigi.LocalTarget, HashableTarget):
+    """A drop-in :class:`luigi.LocalTarget` whose record sits in ``.luigi_hashes/``.
+
+    A plain ``luigi.LocalTarget`` gets exactly the same treatment from
+    :class:`HashCheckingTask`; this class adds the :class:`HashableTarget` methods.
+    """
+
+    def hash_content(self):
+        settings = _settings()
+        return _digest(_norm(self.path), settings.algorithm, trust_mtime=settings.trust_mtime)["digest"]
+
+    def get_current_input_hash(self):
+        try:
+            record = _read_record(_record_path(_norm(self.path)))
+        except _DamagedRecord:
+            return None
+        return record and record["input_hash"]
+
+    def store_input_hash(self, input_hash):
+        settings = _settings()
+        path = _norm(self.path)
+        record_path = _record_path(path)
+        try:
+            record = _read_record(record_path)
+        except _DamagedRecord:
+            record = None
+        if record is None:
+            record = {
+                "format": _FORMAT,
+                "algorithm": settings.algorithm,
+                "task": {"family": "", "params": {}},
+                "code": "",
+                "inputs": [],
+                "dynamic": [],
+            }
+        record["output"] = _named(_digest(path, record["algorithm"], trust_mtime=settings.trust_mtime), os.path.basename(path))
+        record["input_hash"] = input_hash
+        record["created_ns"] = time.time_ns()
+        _write_record(record_path, record, settings)
+
+
+###############################################################################
+# Checking a task #############################################################
+###############################################################################
+
+_Verdict = collections.namedtuple("_Verdict", "ok reason deps made_ns")
+
+
+def _require_hashable(task, targets):
+    for target in targets:
+        if not isinstance(target, (luigi.LocalTarget, HashableTarget)):
+            raise UnhashableTargetError(task, target)
+
+
+def _rebuild(dep):
+    """Rebuild a recorded dynamic dependency, or return None. Never imports anything: a
+    record is data, so only classes the pipeline has already imported are looked up."""
+    try:
+        return Register.get_task_cls(dep["family"]).from_str_params(dep["params"])
+    except Exception:
+        return None
+
+
+def _stale(reason):
+    return _Verdict(False, reason, (), 0)
+
+
+def _check_own(task, settings, refresh=True):
+    """Check ``task``'s records against its outputs, inputs, parameters and code.
+
+    Dependencies are not checked; the verdict lists them, the recorded dynamic ones
+    rebuilt, for the caller to check.
+
+    :param refresh: rewrite the stat fields of a record whose files were touched but not
+        changed, so the next process can skip hashing them again.
+    """
+    _counts["record_checks"] += 1
+    outputs = flatten(task.output())
+    if not outputs:
+        warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=3)
+        return _stale("task has no outputs")
+    inputs = flatten(task.input())
+    _require_hashable(task, outputs + inputs)
+    family = task.task_family
+    params = task.to_str_params(only_significant=True, only_public=True)
+    code = _fingerprint(type(task))
+    cache = {}
+    dynamic = {}
+    made_ns = None
+    for output in outputs:
+        if not isinstance(output, luigi.LocalTarget):
+            if not output.exists():
+                return _stale("output missing")
+            pairs = []
+            for index, target in enumerate(inputs):
+                entry = _entry(target, settings.algorithm, None, settings, cache)
+                if entry is None:
+                    return _stale(f"input {_name(target, None, index)} is missing")
+                pairs.append([_name(target, None, index), entry["digest"]])
+            if output.get_current_input_hash() != _input_hash(settings.algorithm, family, params, code, pairs):
+                return _stale("input hash changed")
+            made_ns = 0
+            continue
+        path = _norm(output.path)
+        record_path = _record_path(path)
+        try:
+            record = _read_record(record_path)
+        except _DamagedRecord as exc:
+            _log_once(
+                key=("damaged", record_path, os.stat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: damaged record {record_path} ({exc}); {task} will be rebuilt",
+            )
+            return _stale("record damaged")
+        if not os.path.exists(path):
+            return _stale("output missing")
+        if record is None:
+            _log_once(
+                key=("norecord", task.task_id),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
+                f"To keep outputs built before luigi_hashcheck, run `python -m luigi_hashcheck adopt "
+                f"--module {task.task_module} {family} ...` first.",
+            )
+            return _stale("no record")
+        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic)
+        if reason:
+            return _stale(reason)
+        if refresh and fresh != record:
+            _refresh(record_path, fresh, settings)
+        made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
+    return _Verdict(True, "", list(task.deps()) + list(dynamic.values()), made_ns or 0)
+
+
+def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic):
+    """Compare one output's record with the world; return (reason or None, refreshed record)."""
+    algorithm = record["algorithm"]
+    folder = os.path.dirname(path)
+    fresh = dict(record)
+    output = _entry(luigi.LocalTarget(path), algorithm, record["output"], settings, cache)
+    if output is None:
+        return "output missing", None
+    if output["digest"] != record["output"]["digest"]:
+        return "output modified", None
+    fresh["output"] = _stat_refreshed(record["output"], output)
+    if record["task"]["family"] != family or record["task"]["params"] != params:
+        return "parameters changed", None
+    if record["code"] != code:
+        return "code changed", None
+    names = [_name(target, folder, index) for index, target in enumerate(inputs)]
+    if names != [entry["path"] for entry in record["inputs"]]:
+        return "inputs changed", None
+    pairs = []
+    fresh["inputs"] = []
+    for target, recorded in zip(inputs, record["inputs"]):
+        reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "input")
+        if reason:
+            return reason, None
+        fresh["inputs"].append(entry)
+        pairs.append([recorded["path"], recorded["digest"]])
+    fresh["dynamic"] = []
+    for dep in record["dynamic"]:
+        dep_task = _rebuild(dep)
+        if dep_task is None:
+            return f"dynamic dependency {dep['family']} cannot be rebuilt", None
+        targets = flatten(dep_task.output())
+        _require_hashable(dep_task, targets)
+        if [_name(t, folder, i) for i, t in enumerate(targets)] != [e["path"] for e in dep["outputs"]]:
+            return f"dynamic dependency {dep_task} changed its outputs", None
+        entries = []
+        for target, recorded in zip(targets, dep["outputs"]):
+            reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "dynamic input")
+            if reason:
+                return reason, None
+            entries.append(entry)
+            pairs.append([recorded["path"], recorded["digest"]])
+        fresh["dynamic"].append(dict(dep, outputs=entries))
+        dynamic[dep_task.task_id] = dep_task
+    if _input_hash(algorithm, family, params, code, pairs) != record["input_hash"]:
+        return "record's input hash does not match its entries", None
+    return None, fresh
+
+
+def _compare_entry(target, recorded, algorithm, settings, cache, what):
+    entry = _entry(target, algorithm, recorded, settings, cache)
+    if entry is None:
+        return f"{what} {recorded['path']} is missing", None
+    if entry["digest"] != recorded["digest"]:
+        return f"{what} {recorded['path']} changed ({recorded['digest'][:8]} -> {entry['digest'][:8]})", None
+    return None, _stat_refreshed(recorded, entry)
+
+
+def _stat_refreshed(recorded, current):
+    """The recorded entry with the current stat fields, when those would let the next
+    process skip the hash; otherwise the recorded entry unchanged."""
+    if current["kind"] == "file" and current is not recorded and current["hashed_ns"] - current["mtime_ns"] >= _TICK_NS:
+        return dict(current, path=recorded["path"])
+    return recorded
+
+
+def _refresh(record_path, fresh, settings):
+    """Rewrite a record whose files were touched but not changed."""
+    try:
+        _write_record(record_path, fresh, settings)
+    except HashCheckError as exc:
+        # Only a shortcut is lost: the next check hashes again.
+        logger.warning("luigi_hashcheck: could not refresh %s: %s", record_path, exc)
+
+
+###############################################################################
+# Builds ######################################################################
+###############################################################################
+#
+# Luigi asks complete() of a task many times in one build: once while scheduling, again
+# for every dependency before each run, and after a run with check_complete_on_run. A
+# recursive check without a memo is quadratic on chains and exponential on lattices.
+# Luigi has no "build started" event, so the memo lives on the Worker: Worker.add and
+# Worker.run, the two calls through which luigi.build, the luigi command line and
+# luigid-driven workers do all their checking, are wrapped to make the Worker's memo the
+# active one. A new build means a new Worker, hence a fresh memo, even when Luigi reuses
+# the task instances. A complete() outside any build gets a memo of its own.
+
+
+class _Memo:
+    """complete() answers of one build, by task_id."""
+
+    def __init__(self):
+        self.answers = {}
+        # Inside Worker.run tasks finish, here or in forked children, so a remembered
+        # "incomplete" must be looked at again.
+        self.running = False
+        self.started_ns = time.time_ns()
+
+
+_build = None
+
+
+def _track_builds(method, running):
+    @functools.wraps(method)
+    def wrapper(worker, *args, **kwargs):
+        global _build
+        memo = worker.__dict__.setdefault("_hashcheck_memo", _Memo())
+        outer, was_running = _build, memo.running
+        _build = memo
+        memo.running = running or was_running
+        try:
+            return method(worker, *args, **kwargs)
+        finally:
+            _build, memo.running = outer, was_running
+
+    wrapper._hashcheck = True
+    return wrapper
+
+
+if not getattr(luigi.worker.Worker.add, "_hashcheck", False):
+    luigi.worker.Worker.add = _track_builds(luigi.worker.Worker.add, running=False)
+    luigi.worker.Worker.run = _track_builds(luigi.worker.Worker.run, running=True)
+
+
+def _is_complete(root, memo, settings):
+    """Whether ``root`` and everything it depends on is complete.
+
+    Walks the graph with an explicit stack, so a chain thousands of tasks deep does not hit
+    Python's recursion limit, and asks each task once per build.
+    """
+    answers = {}
+
+    def known(task):
+        tid = task.task_id
+        if tid in answers:
+            return answers[tid]
+        cached = memo.answers.get(tid)
+        return None if cached is False and memo.running else cached
+
+    stack = [root]
+    waiting = {}
+    while stack:
+        task = stack[-1]
+        tid = task.task_id
+        if known(task) is not None:
+            stack.pop()
+            continue
+        if tid in waiting:
+            answers[tid] = all(known(dep) for dep in waiting.pop(tid))
+            stack.pop()
+            continue
+        if not isinstance(task, HashCheckingTask):
+            answers[tid] = bool(task.complete())
+            stack.pop()
+            continue
+        verdict = _check_own(task, settings)
+        if not verdict.ok:
+            logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)
+            answers[tid] = False
+            stack.pop()
+            continue
+        # A task Luigi scheduled in this build whose records were written since the build
+        # started ran after Luigi saw its dependencies done; its own records are enough.
+        if memo.answers.get(tid) is False and verdict.made_ns >= memo.started_ns:
+            answers[tid] = True
+            stack.pop()
+            continue
+        states = [known(dep) for dep in verdict.deps]
+        if False in states:
+            answers[tid] = False
+            stack.pop()
+        elif None in states:
+            waiting[tid] = verdict.deps
+            stack.extend(dep for dep, state in zip(verdict.deps, states) if state is None)
+        else:
+            answers[tid] = True
+            stack.pop()
+    memo.answers.update(answers)
+    return bool(known(root))
+
+
+def _memo():
+    return _build if _build is not None else _Memo()
+
+
+###############################################################################
+# The task ####################################################################
+###############################################################################
+
+
+class _Run:
+    """What a task's run() carries from its start to its end."""
+
+    def __init__(self, settings, inputs, entries):
+        self.settings = settings
+        self.inputs = inputs
+        self.entries = entries
+        self.dynamic = []  # (task, outputs, entries) of each dynamic dependency handed back
+
+
+_running = set()  # ids of tasks inside their wrapped run(), so super().run() is not wrapped twice
+
+
+def _before_run(task):
+    """Skip run() if the task is now up to date; otherwise clear its stale outputs and
+    snapshot its inputs. Return the snapshot, or None to skip."""
+    settings = _settings()
+    memo = _memo()
+    verdict = _check_own(task, settings)
+    if verdict.ok and all(_is_complete(dep, memo, settings) for dep in verdict.deps):
+        # Its upstream reran and made byte-identical outputs ("early cutoff").
+        logger.info("luigi_hashcheck: %s is up to date, its inputs did not change; skipping run()", task)
+        memo.answers[task.task_id] = True
+        return None
+    # temporary_path() refuses to replace an existing output (luigi issue #2997).
+    for output in flatten(task.output()):
+        if isinstance(output, luigi.LocalTarget):
+            path = _norm(output.path)
+            if os.path.lexists(path):
+                logger.info("luigi_hashcheck: removing stale output %s of %s before it reruns", path, task)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+            _remove_record(_record_path(path), settings)
+        elif output.exists() and callable(getattr(output, "remove", None)):
+            output.remove()
+    inputs = flatten(task.input())
+    cache = {}
+    entries = []
+    for index, target in enumerate(inputs):
+        entry = _entry(target, settings.algorithm, None, settings, cache)
+        if entry is None:
+            raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
+        entries.append(entry)
+    return _Run(settings, inputs, entries)
+
+
+def _snapshot_dynamic(task, requirement, state):
+    """Digest the outputs of the dynamic dependencies Luigi has just found complete."""
+    if isinstance(requirement, luigi.DynamicRequirements):
+        deps = requirement.flat_requirements
+    else:
+        deps = flatten(requirement)
+    cache = {}
+    for dep in deps:
+        targets = flatten(dep.output())
+        _require_hashable(dep, targets)
+        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache) for t in targets]
+        state.dynamic.append((dep, targets, entries))
+
+
+def _after_run(task, state):
+    """Check the inputs did not change during run(), then write the records."""
+    settings = state.settings
+    algorithm = settings.algorithm
+    cache = {}
+    for index, (target, before) in enumerate(zip(state.inputs, state.entries)):
+        after = _entry(target, algorithm, before, settings, cache)
+        if after is None or after["digest"] != before["digest"]:
+            raise InputChangedError(task, _name(target, None, index))
+    for dep, targets, entries in state.dynamic:
+        for index, (target, before) in enumerate(zip(targets, entries)):
+            after = _entry(target, algorithm, before, settings, cache)
+            if before is None or after is None or after["digest"] != before["digest"]:
+                raise InputChangedError(task, _name(target, None, index))
+    family = task.task_family
+    params = task.to_str_params(only_significant=True, only_public=True)
+    code = _fingerprint(type(task))
+    outputs = flatten(task.output())
+    _require_hashable(task, outputs)
+    for output in outputs:
+        if not isinstance(output, luigi.LocalTarget):
+            pairs = [[_name(t, None, i), e["digest"]] for i, (t, e) in enumerate(zip(state.inputs, state.entries))]
+            output.store_input_hash(_input_hash(algorithm, family, params, code, pairs))
+            continue
+        path = _norm(output.path)
+        if not os.path.exists(path):
+            logger.warning("luigi_hashcheck: %s finished without writing its output %s; no record written", task, path)
+            continue
+        _check_not_nested(path)
+        folder = os.path.dirname(path)
+        inputs = [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(state.inputs, state.entries))]
+        dynamic = [
+            {
+                "family": dep.task_family,
+                "params": dep.to_str_params(only_public=True),
+                "outputs": [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(targets, entries))],
+            }
+            for dep, targets, entries in state.dynamic
+        ]
+        pairs = [[e["path"], e["digest"]] for e in inputs]
+        pairs += [[e["path"], e["digest"]] for dep in dynamic for e in dep["outputs"]]
+        output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
+        if output_entry["kind"] == "dir":
+            for root, dirs, _files in os.walk(path):
+                if RECORD_DIR in dirs:
+                    raise HashCheckError(f"{os.path.join(root, RECORD_DIR)} lies inside {path}, the directory output of {task}; an output may not lie inside another task's directory output")
+        record = {
+            "format": _FORMAT,
+            "algorithm": algorithm,
+            "created_ns": time.time_ns(),
+            "task": {"family": family, "params": params},
+            "code": code,
+            "input_hash": _input_hash(algorithm, family, params, code, pairs),
+            "output": output_entry,
+            "inputs": inputs,
+            "dynamic": dynamic,
+        }
+        _write_record(_record_path(path), record, settings)
+    _memo().answers[task.task_id] = True
+
+
+def _check_not_nested(path):
+    """Refuse an output that lies inside another task's directory output."""
+    inner = path
+    parent = os.path.dirname(inner)
+    while parent != inner:
+        record_path = _record_path(inner) if inner != path else None
+        if record_path and os.path.exists(record_path):
+            try:
+                record = _read_record(record_path)
+            except _DamagedRecord:
+                record = None
+            if record and record["output"]["kind"] == "dir":
+                raise HashCheckError(f"{path} lies inside {inner}, the directory output of {record['task']['family']}; an output may not lie inside another task's directory output")
+        inner, parent = parent, os.path.dirname(parent)
+
+
+def _drive(task, generator, state):
+    """Run a generator run() to its end, noting each dynamic dependency Luigi hands back.
+
+    If Luigi abandons the generator to schedule new dependencies, GeneratorExit ends
+    this one at its ``yield`` and nothing is recorded.
+    """
+    reply = None
+    while True:
+        _running.add(id(task))
+        try:
+            requirement = generator.send(reply)
+        except StopIteration:
+            break
+        finally:
+            _running.discard(id(task))
+        reply = yield requirement
+        # Luigi sends the paths back only once these dependencies are complete.
+        _snapshot_dynamic(task, requirement, state)
+    _after_run(task, state)
+
+
+def _wrap_run(run):
+    @functools.wraps(run)
+    def wrapper(self):
+        if id(self) in _running:  # an inner run() reached through super().run()
+            return run(self)
+        state = _before_run(self)
+        if state is None:
+            return None
+        _running.add(id(self))
+        try:
+            result = run(self)
+        finally:
+            _running.discard(id(self))
+        if isinstance(result, collections.abc.Generator):
+            return _drive(self, result, state)
+        _after_run(self, state)
+        return result
+
+    wrapper._hashcheck = True
+    return wrapper
+
+
+class HashCheckingTask(luigi.Task):
+    """A task that is complete only when its outputs match its inputs, parameters and code.
+
+    Each ``run()`` a subclass defines is wrapped: before it, the task is skipped if it is up
+    to date after all, or its stale outputs are removed; after it, the records are written.
+    """
+
+    #: Change to force a rerun, for a change the fingerprint cannot see.
+    code_version = None
+    #: Functions, classes or modules whose source joins the code fingerprint.
+    code_dependencies = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, "_hashcheck", False):
+            cls.run = _wrap_run(run)
+
+    def complete(self):
+        """Whether the outputs exist and match their records, and every task this one
+        depends on, recursively, is complete too."""
+        return _is_complete(self, _memo(), _settings())
+
+
+TaskWithCheckingInputHash = HashCheckingTask
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def main(argv=None):
+    """Run the ``luigi-hashcheck`` command line; return its exit code."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="luigi-hashcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.parse_args(argv)
+    return 0
+
+
+###############################################################################
+# Platform ####################################################################
+###############################################################################
+#
+# The lock functions, defined once for the platform. Both take an open file descriptor;
+# _try_lock returns False, without waiting, when another process holds the lock.
+
+if os.name == "nt":
+    import msvcrt
+
+    def _try_lock(fd):
+        # msvcrt locks bytes from the current position, so always lock byte 0.
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+    def _unlock(fd):
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+    def _fsync_dir(folder):
+        pass  # Windows cannot open a folder to fsync it; os.replace is durable enough there.
+
+else:
+    import fcntl
+
+    def _try_lock(fd):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def _unlock(fd):
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def _fsync_dir(folder):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
