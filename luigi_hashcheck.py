@@ -481,11 +481,13 @@ def _read_record(path):
         if exc.errno == errno.ELOOP:
             raise _DamagedRecord("it is a symbolic link") from exc
         raise
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _DamagedRecord("it is not a regular file")
-        data = f.read(_MAX_RECORD_BYTES + 1)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_RECORD_BYTES + 1)
+    finally:
+        os.close(fd)
     if not data:
         raise _DamagedRecord("it is empty")
     if len(data) > _MAX_RECORD_BYTES:

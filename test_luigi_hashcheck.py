@@ -683,3 +683,605 @@ def test_a_third_party_target_gets_the_input_hash_check_only(root):
     write(os.path.join(root, "seed.txt"), "world")
     assert build(ToMemory(root))
     assert ran(root) == ["Upper", "ToMemory"]
+
+
+###############################################################################
+# Running and recording #######################################################
+###############################################################################
+
+
+class Temporary(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "temporary.txt"))
+
+    def run(self):
+        note_run(self.root, "Temporary")
+        with self.output().temporary_path() as tmp:
+            write(tmp, read(self.input().path) + "!")
+
+
+def test_rerun_through_temporary_path(root):
+    assert build(Temporary(root))
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(Temporary(root))  # the stale output was removed first
+    assert ran(root) == ["Temporary", "Temporary"]
+    assert read(os.path.join(root, "temporary.txt")) == "world!"
+
+
+def test_check_complete_on_run(root, config):
+    config("worker", "check_complete_on_run", "true")
+    assert build(Count(root))
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(Count(root))
+    assert build(Count(root))
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+
+
+class Leaf(HashCheckingTask):
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root, f"{self.name}.src")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"leaf-{self.name}.txt"))
+
+    def run(self):
+        note_run(self.root, f"Leaf-{self.name}")
+        write(self.output().path, read(self.input().path).upper())
+
+
+class Dynamic(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "dynamic.txt"))
+
+    def run(self):
+        leaves = yield [Leaf(self.root, "a"), Leaf(self.root, "b")]
+        note_run(self.root, "Dynamic")
+        write(self.output().path, "".join(read(t.path) for t in leaves))
+
+
+def test_dynamic_dependencies_are_recorded_and_checked(root):
+    write(os.path.join(root, "a.src"), "a")
+    write(os.path.join(root, "b.src"), "b")
+    assert build(Dynamic(root))
+    assert sorted(ran(root)) == ["Dynamic", "Leaf-a", "Leaf-b"]
+    record = record_of(os.path.join(root, "dynamic.txt"))
+    assert [(d["family"], d["params"]["name"]) for d in record["dynamic"]] == [("Leaf", "a"), ("Leaf", "b")]
+    assert build(Dynamic(root))
+    assert ran(root) == []
+    # An edit upstream of a dynamic dependency: only the recorded dependency can reveal it.
+    write(os.path.join(root, "b.src"), "B2")
+    assert not Dynamic(root).complete()
+    assert build(Dynamic(root))
+    assert ran(root) == ["Leaf-b", "Dynamic"]
+    assert read(os.path.join(root, "dynamic.txt")) == "AB2"
+    # A dynamic dependency's output edited by hand. Luigi cannot see Leaf-a until Dynamic
+    # yields it again, so Dynamic runs, and its stale output goes first.
+    write(os.path.join(root, "leaf-a.txt"), "hand")
+    assert build(Dynamic(root))
+    assert ran(root) == ["Leaf-a", "Dynamic"]
+    assert build(Dynamic(root))
+    assert ran(root) == []
+
+
+class Editor(HashCheckingTask):
+    """Edits its own input while it runs, as a second user might."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "edited.txt"))
+
+    def run(self):
+        note_run(self.root, "Editor")
+        text = read(self.input().path)
+        if os.path.exists(os.path.join(self.root, "edit-during-run")):
+            os.remove(os.path.join(self.root, "edit-during-run"))
+            write(self.input().path, text + " and more")
+        write(self.output().path, text)
+
+
+def test_an_input_edited_during_run_fails_the_task_and_records_nothing(root):
+    failures = []
+    handler = Editor.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
+    write(os.path.join(root, "edit-during-run"), "")
+    try:
+        assert not build(Editor(root))
+    finally:
+        Editor._event_callbacks[Editor][luigi.Event.FAILURE].discard(handler)
+    assert isinstance(failures[0], hc.InputChangedError)
+    assert "seed.txt" in str(failures[0])
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "edited.txt.json"))
+    assert not Editor(root).complete()
+    assert build(Editor(root))
+    assert ran(root) == ["Editor", "Editor"]
+    assert read(os.path.join(root, "edited.txt")) == "hello and more"
+
+
+class Failing(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "failing.txt"))
+
+    def run(self):
+        note_run(self.root, "Failing")
+        write(self.output().path, "half")
+        if os.path.exists(os.path.join(self.root, "fail")):
+            raise RuntimeError("boom")
+
+
+def test_a_failed_run_leaves_no_record(root):
+    write(os.path.join(root, "fail"), "")
+    assert not build(Failing(root))
+    assert os.path.exists(os.path.join(root, "failing.txt"))
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "failing.txt.json"))
+    assert not Failing(root).complete()
+    os.remove(os.path.join(root, "fail"))
+    assert build(Failing(root))
+    assert build(Failing(root))
+    assert ran(root) == ["Failing", "Failing"]
+
+
+###############################################################################
+# Records #####################################################################
+###############################################################################
+
+DAMAGE = {
+    "empty": lambda text: "",
+    "truncated": lambda text: text[: len(text) // 2],
+    "not JSON": lambda text: "this is not json",
+    "not an object": lambda text: "[1, 2, 3]",
+    "unknown format": lambda text: text.replace('"format": 1', '"format": 99'),
+    "missing key": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "output"}),
+    "mistyped key": lambda text: json.dumps(dict(json.loads(text), created_ns="yesterday")),
+    "mistyped entry": lambda text: json.dumps(dict(json.loads(text), inputs=[{"path": 1}])),
+    "unknown algorithm": lambda text: text.replace('"sha256"', '"rot13"'),
+    "huge number": lambda text: json.dumps(dict(json.loads(text), format=10**400)),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_a_damaged_record_means_rebuild_with_one_warning(root, damage, caplog):
+    assert build(Count(root))
+    ran(root)
+    path = os.path.join(root, ".luigi_hashes", "head.txt.json")
+    write(path, DAMAGE[damage](read(path)))
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not Count(root).complete()
+        assert build(Count(root))
+    warned = [r for r in caplog.records if "damaged record" in r.getMessage()]
+    assert len(warned) == 1 and path in warned[0].getMessage()
+    assert ran(root) == ["Head"]
+    assert record_of(os.path.join(root, "head.txt"))["format"] == 1
+
+
+def test_a_record_that_is_a_directory_or_a_symlink_is_damaged(root):
+    assert build(Upper(root))
+    path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
+    os.remove(path)
+    os.mkdir(path)
+    with pytest.raises(hc._DamagedRecord):
+        hc._read_record(path)
+    os.rmdir(path)
+    os.symlink(os.path.join(root, "seed.txt"), path)
+    with pytest.raises(hc._DamagedRecord, match="symbolic link"):
+        hc._read_record(path)
+    assert not Upper(root).complete()
+
+
+def test_an_oserror_propagates_and_nothing_is_deleted(root, monkeypatch):
+    assert build(Count(root))
+    ran(root)
+    before = sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes")))
+
+    def flaky(path):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(hc, "_read_record", flaky)
+    with pytest.raises(OSError, match="Input/output"):
+        Count(root).complete()
+    assert not build(Count(root))
+    monkeypatch.undo()
+    assert ran(root) == []
+    assert sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes"))) == before
+    assert build(Count(root)) and ran(root) == []
+
+
+def test_a_write_that_fails_names_the_record_and_leaves_nothing_half_written(root, monkeypatch):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hc.os, "fsync", full_disk)  # Luigi's own writes never fsync
+    failures = []
+    handler = Upper.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
+    try:
+        assert not build(Upper(root))
+    finally:
+        Upper._event_callbacks[Upper][luigi.Event.FAILURE].discard(handler)
+    monkeypatch.undo()
+    assert "upper.txt.json" in str(failures[0]) and "No space left" in str(failures[0])
+    assert os.listdir(os.path.join(root, ".luigi_hashes")) == [".lock"]
+    assert build(Upper(root))
+
+
+def test_records_refuse_a_symlinked_records_folder(root, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.symlink(elsewhere, os.path.join(root, ".luigi_hashes"))
+    assert not build(Upper(root))
+    assert os.listdir(elsewhere) == []
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        hc._records_folder(root)
+
+
+def test_algorithm_is_configurable_and_each_record_keeps_its_own(root, config):
+    config("hashcheck", "algorithm", "md5")
+    assert build(Upper(root))
+    record = record_of(os.path.join(root, "upper.txt"))
+    assert record["algorithm"] == "md5" and record["output"]["digest"] == hashlib.md5(b"HELLO").hexdigest()
+    config("hashcheck", "algorithm", "sha256")
+    assert build(Upper(root))
+    assert ran(root) == ["Upper"]  # the md5 record still checks with md5
+
+
+@pytest.mark.parametrize("name", ["shake_128", "no-such-hash"])
+def test_a_bad_algorithm_is_a_clear_configuration_error(root, config, name):
+    config("hashcheck", "algorithm", name)
+    with pytest.raises(hc.ConfigError, match=name):
+        Upper(root).complete()
+
+
+###############################################################################
+# Cost ########################################################################
+###############################################################################
+
+
+def test_unchanged_files_are_not_hashed_again(root):
+    assert build(Count(root))
+    age(root)
+    assert build(Count(root))  # re-hashes the aged files once and refreshes the records
+    hc._digest_cache.clear()  # as a new process would start
+    hc._counts.clear()
+    assert build(Count(root))
+    assert hc._counts["reads"] == 0
+    then = time.time() - 50
+    os.utime(os.path.join(root, "seed.txt"), (then, then))  # touched, same bytes
+    hc._digest_cache.clear()
+    hc._counts.clear()
+    assert build(Count(root))
+    assert hc._counts["reads"] == 1
+    hc._digest_cache.clear()
+    hc._counts.clear()
+    assert build(Count(root))  # the touch's new stat fields were recorded
+    assert hc._counts["reads"] == 0
+    assert ran(root) == ["Upper", "Head", "Count"]
+
+
+def test_trust_mtime_false_hashes_every_time(root, config):
+    assert build(Count(root))
+    age(root)
+    config("hashcheck", "trust_mtime", "false")
+    hc._counts.clear()
+    assert build(Count(root))
+    assert hc._counts["reads"] >= 4  # seed, upper, head, count at least
+
+
+def test_a_rewrite_within_one_tick_is_caught(root):
+    seed = os.path.join(root, "seed.txt")
+    assert build(Upper(root))
+    st = os.stat(seed)
+    with open(seed, "r+") as f:  # same size, same inode, same mtime
+        f.write("jello")
+    os.utime(seed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(seed).st_size, os.stat(seed).st_ino, os.stat(seed).st_mtime_ns) == (st.st_size, st.st_ino, st.st_mtime_ns)
+    assert not Upper(root).complete()
+
+
+def lattice(width, depth):
+    source = f'''
+import hashlib
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+class Node(HashCheckingTask):
+    root = luigi.Parameter()
+    layer = luigi.IntParameter()
+    i = luigi.IntParameter()
+
+    def requires(self):
+        if self.layer == 0:
+            return Src(self.root, self.i)
+        return [Node(self.root, self.layer - 1, (self.i + k) % {width}) for k in range(3)]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"n{{self.layer}}-{{self.i}}.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("x\\n")
+        text = "".join(open(t.path).read() for t in luigi.task.flatten(self.input()))
+        with self.output().open("w") as f:
+            f.write(hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+class Src(luigi.ExternalTask):
+    root = luigi.Parameter()
+    i = luigi.IntParameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"seed-{{self.i}}.txt"))
+
+
+class Top(luigi.WrapperTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return [Node(self.root, {depth - 1}, i) for i in range({width})]
+'''
+    return source
+
+
+def load_lattice(root, width, depth):
+    for i in range(width):
+        write(os.path.join(str(root), f"seed-{i}.txt"), f"seed {i}")
+    return load_module(root, lattice(width, depth), name=f"lattice_{uuid.uuid4().hex[:10]}")
+
+
+def count_build(task, **kwargs):
+    hc._counts.clear()
+    hc._digest_cache.clear()
+    assert build(task, **kwargs)
+    return hc._counts["record_checks"], hc._counts["reads"]
+
+
+def test_cost_grows_linearly_with_the_lattice(tmp_path):
+    costs = {}
+    for depth in (5, 10, 20):
+        root = tmp_path / f"d{depth}"
+        root.mkdir()
+        module = load_lattice(root, 4, depth)
+        top = module.Top(str(root))
+        full = count_build(top)
+        assert len(ran(str(root))) == 4 * depth
+        noop = count_build(top)
+        assert ran(str(root)) == []
+        costs[depth] = (full, noop)
+    for depth, ((full_checks, full_reads), (noop_checks, noop_reads)) in costs.items():
+        tasks = 4 * depth
+        assert noop_checks == tasks  # each task's records looked at once per build
+        assert full_checks <= 5 * tasks  # schedule, 3 dependents' pre-run checks, its own run
+        # Files written under two seconds ago are hashed at every look (see _TICK_NS).
+        assert full_reads <= 12 * tasks and noop_reads <= 5 * tasks
+    # Linear: each added task costs the same, whatever the size of the graph.
+    for phase in (0, 1):
+        for kind in (0, 1):
+            small = (costs[10][phase][kind] - costs[5][phase][kind]) / 20
+            large = (costs[20][phase][kind] - costs[10][phase][kind]) / 40
+            assert abs(large - small) <= 0.2 * small + 0.01
+
+
+###############################################################################
+# Builds ######################################################################
+###############################################################################
+
+
+def test_workers_4(tmp_path):
+    module = load_lattice(tmp_path, 4, 5)
+    top = module.Top(str(tmp_path))
+    assert build(top, workers=4)
+    assert len(ran(str(tmp_path))) == 20
+    assert build(top, workers=4)
+    assert ran(str(tmp_path)) == []
+    write(tmp_path / "seed-1.txt", "changed")  # n0-1 and everything built on it rerun
+    assert build(top, workers=4)
+    assert len(ran(str(tmp_path))) == 1 + 3 + 4 + 4 + 4
+
+
+def test_a_cached_incomplete_is_checked_again_at_run_time(root, config):
+    # With check_complete_on_run, Luigi asks each task again right after its run and each
+    # dependency again right before; a remembered "incomplete" would fail the build.
+    config("worker", "check_complete_on_run", "true")
+    assert build(Count(root), workers=2)
+    assert sorted(ran(root)) == ["Count", "Head", "Upper"]
+
+
+PIPELINE = '''
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+class Text(luigi.ExternalTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "seed.txt"))
+
+
+class Shout(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Text(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "shout.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("Shout\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read().upper())
+'''
+
+
+def test_the_luigi_command_line_sees_an_edit(tmp_path):
+    load_module(tmp_path, PIPELINE, name="shout_pipeline")
+    write(tmp_path / "seed.txt", "hi")
+    args = ["-m", "luigi", "--module", "shout_pipeline", "Shout", "--root", str(tmp_path), "--local-scheduler"]
+    for text, expected in (("hi", ["Shout"]), ("hi", []), ("ho", ["Shout"])):
+        write(tmp_path / "seed.txt", text)
+        result = run_python(args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ran(str(tmp_path)) == expected, result.stderr
+    assert read(tmp_path / "shout.txt") == "HO"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def luigid(tmp_path_factory):
+    """A real central scheduler on 127.0.0.1; yields its port."""
+    folder = tmp_path_factory.mktemp("luigid")
+    (folder / "logs").mkdir()
+    port = free_port()
+    cfg = folder / "luigi.cfg"
+    write(cfg, "[scheduler]\nstable_done_cooldown_secs = 0\n[core]\nautoload_range = false\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import luigi.cmdline; luigi.cmdline.luigid()", "--address", "127.0.0.1", "--port", str(port),
+         "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "logs")],
+        env=dict(os.environ, LUIGI_CONFIG_PATH=str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, "luigid did not start"
+            time.sleep(0.1)
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_builds_through_luigid_see_an_edit(root, luigid):
+    remote = {"local_scheduler": False, "scheduler_host": "127.0.0.1", "scheduler_port": luigid}
+    assert build(Count(root), **remote)
+    assert build(Count(root), **remote)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(Count(root), workers=2, **remote)
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+
+
+###############################################################################
+# Locks #######################################################################
+###############################################################################
+
+
+def hold_lock(folder, ready, release):
+    with hc._locked(folder, 10):
+        ready.set()
+        release.wait(20)
+
+
+def test_a_lock_held_by_another_process_times_out_naming_the_lock_file(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(20)
+        with pytest.raises(hc.LockTimeout, match=os.path.join(str(tmp_path), ".lock")):
+            with hc._locked(str(tmp_path), 0.2):
+                pass
+    finally:
+        release.set()
+        holder.join(20)
+    with hc._locked(str(tmp_path), 5):  # free again once the holder is gone
+        pass
+
+
+class FakeMsvcrt:
+    """A stand-in for Windows' msvcrt: byte-range locks kept in a table, by file."""
+
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self):
+        self.held = {}
+        self.calls = []
+
+    def locking(self, fd, mode, nbytes):
+        key = os.fstat(fd).st_ino
+        self.calls.append((mode, os.lseek(fd, 0, os.SEEK_CUR), nbytes))
+        if mode == self.LK_NBLCK:
+            if key in self.held and self.held[key] != fd:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            self.held[key] = fd
+        else:
+            self.held.pop(key, None)
+
+
+def windows_lock_functions(fake):
+    """Compile the module's own Windows branch against the stand-in msvcrt."""
+    tree = hc.ast.parse(open(hc.__file__).read())
+    branch = next(
+        node for node in tree.body
+        if isinstance(node, hc.ast.If) and "os.name" in hc.ast.unparse(node.test) and "nt" in hc.ast.unparse(node.test)
+    )
+    namespace = {"os": os, "errno": errno}
+    saved = sys.modules.get("msvcrt")
+    sys.modules["msvcrt"] = fake
+    try:
+        exec(compile(hc.ast.Module(body=branch.body, type_ignores=[]), hc.__file__, "exec"), namespace)
+    finally:
+        if saved is None:
+            del sys.modules["msvcrt"]
+        else:
+            sys.modules["msvcrt"] = saved
+    return namespace
+
+
+def test_windows_locks_with_a_stand_in_msvcrt(root, monkeypatch):
+    fake = FakeMsvcrt()
+    namespace = windows_lock_functions(fake)
+    monkeypatch.setattr(hc, "_try_lock", namespace["_try_lock"])
+    monkeypatch.setattr(hc, "_unlock", namespace["_unlock"])
+    monkeypatch.setattr(hc, "_fsync_dir", namespace["_fsync_dir"])
+    assert build(Count(root))
+    assert (FakeMsvcrt.LK_NBLCK, 0, 1) in fake.calls and (FakeMsvcrt.LK_UNLCK, 0, 1) in fake.calls
+    assert all(position == 0 for _, position, _ in fake.calls)  # msvcrt locks from the current position
+    folder = os.path.join(root, ".luigi_hashes")
+    other = os.open(os.path.join(folder, ".lock"), os.O_RDWR)
+    try:
+        assert namespace["_try_lock"](other)  # another holder
+        with pytest.raises(hc.LockTimeout, match=".lock"):
+            with hc._locked(folder, 0.1):
+                pass
+    finally:
+        namespace["_unlock"](other)
+        os.close(other)
+    with hc._locked(folder, 1):
+        pass
+
+
+###############################################################################
+# Packaging ###################################################################
+###############################################################################
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = read(os.path.join(HERE, "README.md"))
+    ci = read(os.path.join(HERE, ".ci", "run"))
+    command = "python -m pytest"
+    assert command in readme and command in ci
