@@ -29,14 +29,14 @@ the commands that inspect records without running anything.
 """
 
 __all__ = [
-    "HashCheckingTask",
-    "TaskWithCheckingInputHash",
-    "HashableTarget",
-    "HashableLocalTarget",
     "HashCheckError",
-    "UnhashableTargetError",
+    "HashCheckingTask",
+    "HashableLocalTarget",
+    "HashableTarget",
     "InputChangedError",
     "LockTimeout",
+    "TaskWithCheckingInputHash",
+    "UnhashableTargetError",
     "hashcheck",
     "main",
 ]
@@ -141,9 +141,13 @@ class _DamagedRecord(Exception):
     """A record is unreadable; its task is stale."""
 
 
-def _log_once(_seen=set(), *, key, level, message):
-    if key not in _seen:
-        _seen.add(key)
+_logged = set()
+
+
+def _log_once(*, key, level, message):
+    """Log ``message`` the first time ``key`` is seen in this process."""
+    if key not in _logged:
+        _logged.add(key)
         logger.log(level, message)
 
 
@@ -167,7 +171,7 @@ class hashcheck(luigi.Config):
 _Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check_algorithm(name):
     try:
         digest_size = hashlib.new(name).digest_size
@@ -269,7 +273,7 @@ def _digest_dir(path, algorithm, trust_mtime):
     st = os.stat(path)
 
     def one(item):
-        rel, full, linked_dir = item
+        _rel, full, linked_dir = item
         if linked_dir:
             return "link:" + os.readlink(full)
         fst = os.stat(full)
@@ -324,6 +328,13 @@ def _text_digest(text):
 _fingerprints = {}
 
 
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _is_docstring(statement):
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str)
+
+
 def _ast_text(node):
     """Render a syntax tree without positions, comments or docstrings.
 
@@ -337,9 +348,8 @@ def _ast_text(node):
     fields = []
     for name in node._fields:
         value = getattr(node, name, None)
-        if name == "body" and isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            if value and isinstance(value[0], ast.Expr) and isinstance(getattr(value[0], "value", None), ast.Constant) and isinstance(value[0].value.value, str):
-                value = value[1:]
+        if name == "body" and isinstance(node, _DOCUMENTED) and value and _is_docstring(value[0]):
+            value = value[1:]
         if value is None or value == []:
             continue
         fields.append(f"{name}={_ast_text(value)}")
@@ -374,7 +384,7 @@ def _source_text(obj):
         pass
     try:
         text = _bytecode_text(obj)
-    except Exception:  # the fingerprint must never crash a build
+    except Exception:  # noqa: BLE001 - the fingerprint must never crash a build
         text = f"{getattr(obj, '__module__', '')}.{name}"
     _log_once(
         key=("nosource", name),
@@ -592,9 +602,8 @@ def _remove_record(path, settings):
         return
     if os.path.islink(folder):
         raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
-    with _locked(folder, settings.lock_timeout):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    with _locked(folder, settings.lock_timeout), contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _input_hash(algorithm, family, params, code, pairs):
@@ -734,7 +743,7 @@ def _rebuild(dep):
     record is data, so only classes the pipeline has already imported are looked up."""
     try:
         return Register.get_task_cls(dep["family"]).from_str_params(dep["params"])
-    except Exception:
+    except Exception:  # noqa: BLE001 - unknown class or parameters: the record is stale
         return None
 
 

@@ -22,9 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # to import pipeline
 sys.path.append(os.path.dirname(HERE))  # luigi_hashcheck from the checkout, if not installed
 
-import luigi  # noqa: E402
-
-import pipeline  # noqa: E402
+import luigi
+import pipeline
 
 RAW = pipeline.make_sample_data(ROOT)
 
