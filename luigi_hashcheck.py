@@ -144,9 +144,9 @@ class _DamagedRecord(Exception):
 _logged = set()
 
 
-def _log_once(*, key, level, message):
+def _log_once(*, key, level, message, enabled=True):
     """Log ``message`` the first time ``key`` is seen in this process."""
-    if key not in _logged:
+    if enabled and key not in _logged:
         _logged.add(key)
         logger.log(level, message)
 
@@ -751,14 +751,15 @@ def _stale(reason):
     return _Verdict(False, reason, (), 0)
 
 
-def _check_own(task, settings, refresh=True):
+def _check_own(task, settings, build=True):
     """Check ``task``'s records against its outputs, inputs, parameters and code.
 
     Dependencies are not checked; the verdict lists them, the recorded dynamic ones
     rebuilt, for the caller to check.
 
-    :param refresh: rewrite the stat fields of a record whose files were touched but not
-        changed, so the next process can skip hashing them again.
+    :param build: called from a build, so free to log hints and to rewrite the stat fields
+        of a record whose files were touched but not changed, so the next process can skip
+        hashing them again. The command line passes False: it explains and writes nothing.
     """
     _counts["record_checks"] += 1
     outputs = flatten(task.output())
@@ -802,6 +803,7 @@ def _check_own(task, settings, refresh=True):
             return _stale("output missing")
         if record is None:
             _log_once(
+                enabled=build,
                 key=("norecord", task.task_id),
                 level=logging.WARNING,
                 message=f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
@@ -812,7 +814,7 @@ def _check_own(task, settings, refresh=True):
         reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic)
         if reason:
             return _stale(reason)
-        if refresh and fresh != record:
+        if build and fresh != record:
             _refresh(record_path, fresh, settings)
         made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
     return _Verdict(True, "", list(task.deps()) + list(dynamic.values()), made_ns or 0)
@@ -1085,15 +1087,29 @@ def _after_run(task, state):
             after = _entry(target, algorithm, before, settings, cache)
             if before is None or after is None or after["digest"] != before["digest"]:
                 raise InputChangedError(task, _name(target, None, index))
+    _record(task, settings, state.inputs, state.entries, state.dynamic)
+    _memo().answers[task.task_id] = True
+
+
+def _record(task, settings, inputs, entries, dynamic):
+    """Write the records of ``task``'s existing outputs; return the paths of those written.
+
+    :param inputs: the input targets, in ``flatten(task.input())`` order.
+    :param entries: their entries, as digested before the task ran.
+    :param dynamic: (task, output targets, entries) of each dynamic dependency.
+    """
+    algorithm = settings.algorithm
     family = task.task_family
     params = task.to_str_params(only_significant=True, only_public=True)
     code = _fingerprint(type(task))
     outputs = flatten(task.output())
     _require_hashable(task, outputs)
+    written = []
     for output in outputs:
         if not isinstance(output, luigi.LocalTarget):
-            pairs = [[_name(t, None, i), e["digest"]] for i, (t, e) in enumerate(zip(state.inputs, state.entries))]
+            pairs = [[_name(t, None, i), e["digest"]] for i, (t, e) in enumerate(zip(inputs, entries))]
             output.store_input_hash(_input_hash(algorithm, family, params, code, pairs))
+            written.append(_name(output, None, 0))
             continue
         path = _norm(output.path)
         if not os.path.exists(path):
@@ -1101,22 +1117,25 @@ def _after_run(task, state):
             continue
         _check_not_nested(path)
         folder = os.path.dirname(path)
-        inputs = [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(state.inputs, state.entries))]
-        dynamic = [
+        named_inputs = [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(inputs, entries))]
+        named_dynamic = [
             {
                 "family": dep.task_family,
                 "params": dep.to_str_params(only_public=True),
-                "outputs": [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(targets, entries))],
+                "outputs": [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
             }
-            for dep, targets, entries in state.dynamic
+            for dep, targets, dep_entries in dynamic
         ]
-        pairs = [[e["path"], e["digest"]] for e in inputs]
-        pairs += [[e["path"], e["digest"]] for dep in dynamic for e in dep["outputs"]]
+        pairs = [[e["path"], e["digest"]] for e in named_inputs]
+        pairs += [[e["path"], e["digest"]] for dep in named_dynamic for e in dep["outputs"]]
         output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
         if output_entry["kind"] == "dir":
             for root, dirs, _files in os.walk(path):
                 if RECORD_DIR in dirs:
-                    raise HashCheckError(f"{os.path.join(root, RECORD_DIR)} lies inside {path}, the directory output of {task}; an output may not lie inside another task's directory output")
+                    raise HashCheckError(
+                        f"{os.path.join(root, RECORD_DIR)} lies inside {path}, the directory output of {task}; "
+                        "an output may not lie inside another task's directory output"
+                    )
         record = {
             "format": _FORMAT,
             "algorithm": algorithm,
@@ -1125,11 +1144,12 @@ def _after_run(task, state):
             "code": code,
             "input_hash": _input_hash(algorithm, family, params, code, pairs),
             "output": output_entry,
-            "inputs": inputs,
-            "dynamic": dynamic,
+            "inputs": named_inputs,
+            "dynamic": named_dynamic,
         }
         _write_record(_record_path(path), record, settings)
-    _memo().answers[task.task_id] = True
+        written.append(path)
+    return written
 
 
 def _check_not_nested(path):
@@ -1223,14 +1243,449 @@ TaskWithCheckingInputHash = HashCheckingTask
 ###############################################################################
 
 
-def main(argv=None):
-    """Run the ``luigi-hashcheck`` command line; return its exit code."""
+_STATUSES = ("ok", "stale", "modified", "missing", "corrupt")
+
+
+class _UsageError(HashCheckError):
+    """A bad command line or path: exit code 2."""
+
+
+def _show(path):
+    """A path as the user will read it: relative to the current folder when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _find_records(paths):
+    """Return the record paths that ``paths`` name, in a stable order.
+
+    A path with a record is that one output, even a directory output; any other folder is
+    searched for ``.luigi_hashes`` folders. A ``.luigi_hashes`` that is a symbolic link is
+    skipped: records are only ever read where they were written.
+    """
+    found = []
+    for given in paths:
+        path = _norm(given)
+        if os.path.lexists(_record_path(path)):
+            found.append(_record_path(path))
+        elif os.path.isdir(path):
+            for folder, dirs, _files in os.walk(path):
+                dirs.sort()
+                if RECORD_DIR in dirs:
+                    dirs.remove(RECORD_DIR)
+                    records = os.path.join(folder, RECORD_DIR)
+                    if os.path.islink(records):
+                        print(f"luigi-hashcheck: skipping {_show(records)}: a symbolic link", file=sys.stderr)
+                        continue
+                    for name in sorted(os.listdir(records)):
+                        if name.endswith(".json") and not name.startswith("."):
+                            found.append(os.path.join(records, name))
+        elif os.path.lexists(path):
+            raise _UsageError(f"{given} has no record and is not a folder")
+        else:
+            raise _UsageError(f"{given}: no such file or folder")
+    return list(dict.fromkeys(found))
+
+
+def _output_of(record_path):
+    records, name = os.path.split(record_path)
+    return os.path.join(os.path.dirname(records), name[: -len(".json")])
+
+
+class _Verification:
+    """verify's view of the records: each one's status and reason, staleness propagated."""
+
+    def __init__(self, trust_mtime, progress=None):
+        self.trust_mtime = trust_mtime
+        self.progress = progress
+        self.results = {}  # record path -> (status, reason, record or None)
+
+    def own(self, record_path):
+        """Check one record against the files alone, not its upstream."""
+        if record_path in self.results:
+            return self.results[record_path]
+        try:
+            record = _read_record(record_path)
+        except _DamagedRecord as exc:
+            result = ("corrupt", f"record damaged: {exc}", None)
+        except OSError as exc:
+            result = ("corrupt", f"record unreadable: {exc.strerror or exc}", None)
+        else:
+            result = self._check(record_path, record) if record else ("corrupt", "record vanished", None)
+        self.results[record_path] = result
+        if self.progress:
+            self.progress(len(self.results))
+        return result
+
+    def _check(self, record_path, record):
+        output = _output_of(record_path)
+        folder = os.path.dirname(output)
+        algorithm = record["algorithm"]
+        status = self._entry_status(output, record["output"], algorithm)
+        if status == "missing":
+            return ("missing", "output missing", record)
+        if status:
+            return ("modified", f"output modified ({status})", record)
+        for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
+            problem = self._entry_status(os.path.join(folder, entry["path"]), entry, algorithm)
+            if problem:
+                return ("stale", f"input {entry['path']} {'is missing' if problem == 'missing' else problem}", record)
+        return ("ok", "", record)
+
+    def _entry_status(self, path, entry, algorithm):
+        """None if ``path`` still matches ``entry``; else "missing" or what changed."""
+        if entry["kind"] == "custom":
+            return None  # a third-party target: only the pipeline can hash it
+        try:
+            current = _digest(_norm(path), algorithm, entry, self.trust_mtime)
+        except FileNotFoundError:
+            return "missing"
+        except HashCheckError:
+            return "is not a regular file or directory"
+        except (OSError, ValueError) as exc:
+            return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        if current["digest"] != entry["digest"]:
+            return f"changed ({entry['digest'][:8]} -> {current['digest'][:8]})"
+        return None
+
+    def run(self, record_paths):
+        """Check ``record_paths`` and every record upstream of them; return their results."""
+        todo = list(record_paths)
+        upstream = {}  # record path -> records of its inputs
+        seen = set(todo)
+        while todo:
+            record_path = todo.pop()
+            _status, _reason, record = self.own(record_path)
+            upstream[record_path] = []
+            if record is None:
+                continue
+            folder = os.path.dirname(_output_of(record_path))
+            for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
+                try:
+                    source = _record_path(_norm(os.path.join(folder, entry["path"])))
+                    exists = os.path.lexists(source)
+                except ValueError:
+                    continue
+                if exists:
+                    upstream[record_path].append(source)
+                    if source not in seen:
+                        seen.add(source)
+                        todo.append(source)
+        # Propagate: a record whose input comes from a record that is not ok is stale, as a
+        # rebuild would make it. Each record changes at most once, so this ends, cycles or not.
+        downstream = collections.defaultdict(list)
+        for record_path, sources in upstream.items():
+            for source in sources:
+                downstream[source].append(record_path)
+        bad = [p for p, (status, _, _) in self.results.items() if status != "ok"]
+        while bad:
+            source = bad.pop()
+            for record_path in downstream[source]:
+                status, _reason, record = self.results[record_path]
+                if status == "ok":
+                    reason = f"upstream {_show(_output_of(source))} is {self.results[source][0]}"
+                    self.results[record_path] = ("stale", reason, record)
+                    bad.append(record_path)
+        return [(p, *self.results[p][:2]) for p in record_paths]
+
+
+def _progress(total):
+    """A progress callback for stderr, shown only on a terminal and after a second."""
+    if not sys.stderr.isatty():
+        return None
+    started = time.monotonic()
+    last = [started]
+
+    def report(done):
+        now = time.monotonic()
+        if now - started > 1 and now - last[0] > 0.2:
+            last[0] = now
+            print(f"\rchecked {done} records of {total}+", end="", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _cmd_verify(args):
+    records = _find_records(args.paths or ["."])
+    progress = None if args.quiet else _progress(len(records))
+    results = _Verification(not args.no_trust_mtime, progress).run(records)
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)
+    counts = collections.Counter(status for _, status, _ in results)
+    if args.json:
+        document = {
+            "outputs": [{"path": _show(_output_of(p)), "record": _show(p), "status": s, "reason": r} for p, s, r in results],
+            "counts": {status: counts[status] for status in _STATUSES},
+        }
+        print(json.dumps(document, indent=1))
+    else:
+        for record_path, status, reason in results:
+            if status != "ok":
+                print(f"{status:<9} {_show(_output_of(record_path))}: {reason}")
+        print(f"{len(results)} outputs: " + ", ".join(f"{counts[status]} {status}" for status in _STATUSES))
+    return 0 if counts["ok"] == len(results) else 1
+
+
+def _cmd_forget(args):
+    removed = 0
+    for record_path in _find_records(args.paths):
+        folder = os.path.dirname(record_path)
+        if os.path.islink(folder):
+            raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
+        with _locked(folder, _settings().lock_timeout), contextlib.suppress(FileNotFoundError):
+            os.unlink(record_path)  # a record that is a link: only the link goes
+            removed += 1
+            print(f"forgot {_show(_output_of(record_path))}")
+    print(f"{removed} records removed; their tasks will run again")
+    return 0
+
+
+def _cmd_accept(args):
+    settings = _settings()
+    failed = 0
+    for record_path in _find_records(args.paths):
+        output = _output_of(record_path)
+        try:
+            record = _read_record(record_path)
+        except _DamagedRecord as exc:
+            print(f"cannot accept {_show(output)}: record damaged: {exc}")
+            failed += 1
+            continue
+        folder = os.path.dirname(output)
+        algorithm = record["algorithm"]
+        changes = []
+        try:
+            entries = [(os.path.basename(output), output, record["output"])]
+            entries += [(e["path"], os.path.join(folder, e["path"]), e) for e in record["inputs"]]
+            entries += [(e["path"], os.path.join(folder, e["path"]), e) for dep in record["dynamic"] for e in dep["outputs"]]
+            fresh = {}
+            for name, path, entry in entries:
+                if entry["kind"] == "custom":
+                    raise HashCheckError(f"{name} is a third-party target; only a build can hash it")
+                current = _named(_digest(_norm(path), algorithm, entry, settings.trust_mtime), entry["path"])
+                if current["digest"] != entry["digest"]:
+                    changes.append(f"{name} {entry['digest'][:8]} -> {current['digest'][:8]}")
+                fresh[id(entry)] = current
+        except (OSError, ValueError, HashCheckError) as exc:
+            print(f"cannot accept {_show(output)}: {getattr(exc, 'strerror', None) or exc}")
+            failed += 1
+            continue
+        record["output"] = fresh[id(record["output"])]
+        record["inputs"] = [fresh[id(e)] for e in record["inputs"]]
+        for dep in record["dynamic"]:
+            dep["outputs"] = [fresh[id(e)] for e in dep["outputs"]]
+        pairs = [[e["path"], e["digest"]] for e in record["inputs"]]
+        pairs += [[e["path"], e["digest"]] for dep in record["dynamic"] for e in dep["outputs"]]
+        record["input_hash"] = _input_hash(algorithm, record["task"]["family"], record["task"]["params"], record["code"], pairs)
+        record["created_ns"] = time.time_ns()
+        _write_record(record_path, record, settings)
+        print(f"accepted {_show(output)}: " + ("; ".join(changes) if changes else "no digest changed"))
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _luigi_task(luigi_args):
+    """Build the task Luigi's own command line names: ``--module M TASK --param value``.
+
+    Luigi applies the command line's config flags, ``--hashcheck-algorithm`` among them,
+    only while its parser is active, so the command runs inside this block.
+    """
+    from luigi.cmdline_parser import CmdlineParser
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as the luigi command does, to find --module
+    with contextlib.ExitStack() as stack:
+        try:
+            task = stack.enter_context(CmdlineParser.global_instance(luigi_args)).get_task_obj()
+        except SystemExit as exc:
+            raise _UsageError(f"cannot parse the task: {' '.join(luigi_args)}") from exc
+        except (ImportError, luigi.task_register.TaskClassException) as exc:
+            raise _UsageError(str(exc)) from exc
+        yield task
+
+
+def _walk(root, settings):
+    """Judge ``root`` and every task below it, as a build would; run and write nothing.
+
+    :returns: (tasks in post-order, task_id -> (status, reason), task_id -> dependencies).
+    """
+    own, children, verdicts, order = {}, {}, {}, []
+    stack = [(root, False)]
+    while stack:
+        task, expanded = stack.pop()
+        tid = task.task_id
+        if expanded:
+            if tid not in verdicts:
+                status, reason = own[tid]
+                upstream = next((d for d in children[tid] if verdicts[d.task_id][0] != "ok"), None)
+                if status == "ok" and upstream is not None:
+                    status, reason = "will run", f"upstream task {upstream} will run"
+                verdicts[tid] = (status, reason)
+                order.append(task)
+            continue
+        if tid in own:
+            continue
+        if isinstance(task, HashCheckingTask):
+            verdict = _check_own(task, settings, build=False)
+            children[tid] = verdict.deps if verdict.ok else list(task.deps())
+            own[tid] = ("ok", "") if verdict.ok else ("will run", verdict.reason)
+        else:
+            children[tid] = list(task.deps())
+            if task.complete():
+                own[tid] = ("ok", "")
+            elif task.run is None:  # an ExternalTask, as luigi.worker._is_external says
+                own[tid] = ("missing", "external data missing")
+            else:
+                own[tid] = ("will run", "incomplete")
+        stack.append((task, True))
+        stack.extend((child, False) for child in reversed(children[tid]))
+    return order, verdicts, children
+
+
+def _cmd_explain(args):
+    with _luigi_task(args.luigi_args) as root:
+        return _explain(root, _settings())
+
+
+def _explain(root, settings):
+    _order, verdicts, deps = _walk(root, settings)
+    printed = set()
+    stack = [(root, 0)]
+    while stack:
+        task, depth = stack.pop()
+        status, reason = verdicts[task.task_id]
+        again = task.task_id in printed
+        line = f"{'  ' * min(depth, 40)}{status:<9} {task}"
+        if again:
+            line += " (see above)"
+        elif reason:
+            line += f": {reason}"
+        print(line)
+        if not again:
+            printed.add(task.task_id)
+            stack.extend((child, depth + 1) for child in reversed(deps[task.task_id]))
+    counts = collections.Counter(status for status, _ in verdicts.values())
+    print(f"{len(verdicts)} tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0 if counts["ok"] == len(verdicts) else 1
+
+
+def _cmd_adopt(args):
+    with _luigi_task(args.luigi_args) as root:
+        return _adopt(root, _settings(), args.dry_run)
+
+
+def _adopt(root, settings, dry_run):
+    order, verdicts, _deps = _walk(root, settings)
+    left = 0
+    verb = "would record" if dry_run else "recorded"
+    for task in order:  # dependencies first
+        if not isinstance(task, HashCheckingTask) or verdicts[task.task_id][0] == "ok":
+            continue
+        verdict = _check_own(task, settings, build=False)
+        if verdict.ok:
+            continue  # stale only through an upstream task, which is adopted before it
+        missing = [t for t in flatten(task.output()) if not t.exists()]
+        inputs = flatten(task.input())
+        cache = {}
+        entries = [_entry(t, settings.algorithm, None, settings, cache) for t in inputs]
+        if missing or None in entries:
+            what = ", ".join(_show(getattr(t, "path", str(t))) for t in missing) or "an input"
+            print(f"left alone {task}: {what} missing")
+            left += 1
+            continue
+        dynamic = _recorded_dynamic(task, settings, cache)
+        if dry_run:
+            print(f"{verb} {task}: {verdicts[task.task_id][1]}")
+            continue
+        written = _record(task, settings, inputs, entries, dynamic)
+        print(f"{verb} {task}: " + ", ".join(_show(p) for p in written))
+    return 1 if left else 0
+
+
+def _recorded_dynamic(task, settings, cache):
+    """The dynamic dependencies an earlier record of ``task`` names, with current digests."""
+    for output in flatten(task.output()):
+        if isinstance(output, luigi.LocalTarget):
+            try:
+                record = _read_record(_record_path(_norm(output.path)))
+            except _DamagedRecord:
+                record = None
+            if record:
+                found = []
+                for dep in record["dynamic"]:
+                    dep_task = _rebuild(dep)
+                    if dep_task is not None:
+                        targets = flatten(dep_task.output())
+                        entries = [_entry(t, settings.algorithm, None, settings, cache) for t in targets]
+                        if None not in entries:
+                            found.append((dep_task, targets, entries))
+                return found
+    return []
+
+
+def _parser():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="luigi-hashcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="luigi-hashcheck",
+        description="Inspect and maintain luigi_hashcheck records. Exit 0: all good; 1: something is stale or would run; 2: usage error or bad path.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
-    parser.parse_args(argv)
-    return 0
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    verify = commands.add_parser("verify", help="check records against the files on disk; runs nothing")
+    verify.add_argument("paths", nargs="*", metavar="PATH", help="an output, or a folder to search (default: .)")
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    verify.add_argument("--no-trust-mtime", action="store_true", help="hash every file, whatever its stat says")
+    verify.set_defaults(func=_cmd_verify)
+
+    for name, func, text in (
+        ("explain", _cmd_explain, "print the task's dependency tree and why each task would run"),
+        ("adopt", _cmd_adopt, "record existing outputs as they are, without running anything"),
+    ):
+        command = commands.add_parser(
+            name, help=text, description=f"{text}. TASK and its parameters use Luigi's command-line syntax.", allow_abbrev=False,
+            usage=f"luigi-hashcheck {name} {'[--dry-run] ' if name == 'adopt' else ''}--module MODULE TASK [--param value ...]",
+        )
+        if name == "adopt":
+            command.add_argument("--dry-run", action="store_true", help="print what would be recorded; write nothing")
+        command.set_defaults(func=func, luigi_args=[])
+
+    forget = commands.add_parser("forget", help="delete the records of outputs, so their tasks run again")
+    forget.add_argument("paths", nargs="+", metavar="PATH", help="an output, or a folder to clear")
+    forget.set_defaults(func=_cmd_forget)
+
+    accept = commands.add_parser("accept", help="re-record current digests, accepting a harmless change")
+    accept.add_argument("paths", nargs="+", metavar="PATH", help="an output, or a folder of outputs")
+    accept.set_defaults(func=_cmd_accept)
+    return parser
+
+
+def main(argv=None):
+    """Run the ``luigi-hashcheck`` command line and return its exit code.
+
+    :param argv: the arguments, without the program name; ``sys.argv[1:]`` by default.
+    """
+    parser = _parser()
+    try:
+        # explain and adopt hand what they do not know, the task and its flags, to Luigi.
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.command not in ("explain", "adopt"):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command in ("explain", "adopt"):
+            if not rest:
+                parser.parse_args([args.command, "--help"])
+            args.luigi_args = rest
+        return args.func(args)
+    except SystemExit as exc:  # argparse and Luigi's parser exit; we return codes instead
+        return 0 if exc.code in (0, None) else 2
+    except _UsageError as exc:
+        print(f"luigi-hashcheck: {exc}", file=sys.stderr)
+        return 2
+    except HashCheckError as exc:
+        print(f"luigi-hashcheck: {exc}", file=sys.stderr)
+        return 1
 
 
 ###############################################################################
