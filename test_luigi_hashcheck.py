@@ -55,7 +55,9 @@ def build(*tasks, **kwargs):
 
 
 def write(path, text):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    folder = os.path.dirname(str(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
 
@@ -1271,6 +1273,319 @@ def test_windows_locks_with_a_stand_in_msvcrt(root, monkeypatch):
         os.close(other)
     with hc._locked(folder, 1):
         pass
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+CLI_PIPELINE = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+BASE = {base}
+
+
+class Raw(luigi.ExternalTask):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "raw.txt"))
+
+
+class A(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Raw(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "a.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("A\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read().upper())
+
+
+class B(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def requires(self):
+        return A(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "sub", "b.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("B\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + "!")
+
+
+class C(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def requires(self):
+        return B(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "c.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("C\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + "?")
+"""
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """A built three-task chain, its module importable by name, the current folder its root."""
+    ns = f"cli{uuid.uuid4().hex[:8]}"
+    module = load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    write(tmp_path / "raw.txt", "hello")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert build(module.C("."))
+    ran(".")
+    module.task = lambda name: ["--module", ns, f"{ns}.{name}", "--root", "."]
+    return module
+
+
+def cli_main(args, capsys):
+    code = hc.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(folder):
+    """Every file and folder below ``folder`` with its bytes and mtime."""
+    found = {}
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            found[path] = (st.st_mtime_ns, read(path) if os.path.isfile(path) and not name.endswith(".lock") else None)
+    return found
+
+
+def test_verify_all_ok(cli, capsys):
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 0
+    assert out.strip() == "3 outputs: 3 ok, 0 stale, 0 modified, 0 missing, 0 corrupt"
+
+
+def test_verify_every_status_and_propagation_along_the_chain(cli, capsys):
+    write("raw.txt", "world")  # A stale; B and C stale through it
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1
+    lines = out.splitlines()
+    assert any(line.startswith("stale") and "a.txt: input raw.txt changed" in line for line in lines)
+    assert any(line.startswith("stale") and os.path.join("sub", "b.txt") + ": upstream a.txt is stale" in line for line in lines)
+    assert any(line.startswith("stale") and "c.txt: upstream " + os.path.join("sub", "b.txt") + " is stale" in line for line in lines)
+    write("raw.txt", "hello")
+    write("sub/b.txt", "edited")  # modified outranks nothing; C is stale through B
+    os.remove("c.txt")  # missing outranks the upstream problem
+    write(".luigi_hashes/a.txt.json", "{")  # corrupt
+    code, out, _ = cli_main(["verify", "--json"], capsys)
+    assert code == 1
+    entries = {entry["path"]: entry for entry in json.loads(out)["outputs"]}
+    assert entries["a.txt"]["status"] == "corrupt" and "not JSON" in entries["a.txt"]["reason"]
+    assert entries[os.path.join("sub", "b.txt")]["status"] == "modified"
+    assert entries["c.txt"]["status"] == "missing"
+    assert json.loads(out)["counts"] == {"ok": 0, "stale": 0, "modified": 1, "missing": 1, "corrupt": 1}
+
+
+def test_verify_a_single_output_and_a_directory_output(cli, capsys, tmp_path):
+    code, out, _ = cli_main(["verify", "sub/b.txt"], capsys)
+    assert code == 0 and out.startswith("1 outputs")
+    assert build(Folder(str(tmp_path)))
+    code, out, _ = cli_main(["verify", "--json", "folder"], capsys)  # the folder is one output
+    assert code == 0 and [e["path"] for e in json.loads(out)["outputs"]] == ["folder"]
+    write("folder/one.txt", "changed")
+    code, out, _ = cli_main(["verify", "folder/"], capsys)
+    assert code == 1 and out.startswith("modified  folder")
+
+
+def test_verify_no_trust_mtime_sees_a_same_tick_rewrite_only_when_asked(cli, capsys):
+    age(".")
+    cli_main(["accept", "."], capsys)  # records now vouch for the aged stat fields
+    st = os.stat("a.txt")
+    with open("a.txt", "r+") as f:
+        f.write("J")  # same size, inode and mtime: only a hash can tell
+    os.utime("a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cli_main(["verify", "a.txt"], capsys)[0] == 0
+    code, out, _ = cli_main(["verify", "--no-trust-mtime", "a.txt"], capsys)
+    assert code == 1 and out.startswith("modified")
+
+
+def test_verify_usage_errors_exit_2(cli, capsys):
+    code, _, err = cli_main(["verify", "no-such-path"], capsys)
+    assert code == 2 and "no-such-path" in err
+    code, _, err = cli_main(["verify", "raw.txt"], capsys)
+    assert code == 2 and "has no record" in err
+    assert cli_main(["verify", "--bogus"], capsys)[0] == 2
+    assert cli_main(["frobnicate"], capsys)[0] == 2
+    assert cli_main([], capsys)[0] == 2
+    code, out, _ = cli_main(["verify", "--help"], capsys)
+    assert code == 0 and "--no-trust-mtime" in out
+
+
+def test_verify_ignores_leftover_temporary_files(cli, capsys):
+    write(".luigi_hashes/.a.txt.json.99999-0123456789ab.tmp", "{half")
+    assert cli_main(["verify"], capsys)[0] == 0
+
+
+def test_verify_needs_no_pipeline_code_and_writes_nothing(cli, tmp_path_factory):
+    root = os.getcwd()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.remove(f"{cli.__name__}.py")  # the pipeline cannot be imported at all
+    before = snapshot(root)
+    env = {"PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-m", "luigi_hashcheck", "verify", root], cwd=elsewhere,
+                            capture_output=True, text=True, env=dict(os.environ, **env), check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "3 ok" in result.stdout
+    write(os.path.join(root, "raw.txt"), "changed")
+    result = subprocess.run([sys.executable, "-m", "luigi_hashcheck", "verify", "--quiet", root], cwd=elsewhere,
+                            capture_output=True, text=True, env=dict(os.environ, **env), check=False, timeout=60)
+    assert result.returncode == 1 and "stale" in result.stdout
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if not k.endswith("raw.txt")} == {k: v for k, v in before.items() if not k.endswith("raw.txt")}
+
+
+def test_explain_says_why_and_writes_nothing(cli, capsys):
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert code == 0 and "4 tasks: 4 ok" in out
+    write("raw.txt", "world")
+    before = snapshot(".")
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert snapshot(".") == before
+    assert code == 1
+    lines = out.splitlines()
+    assert "upstream task" in lines[0] and "will run" in lines[0]
+    assert any("input raw.txt changed" in line for line in lines)
+    assert any(line.strip().startswith("ok") and "Raw" in line for line in lines)
+    assert ran(".") == []
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda: os.remove("c.txt"), "output missing"),
+        (lambda: write("c.txt", "x"), "output modified"),
+        (lambda: os.remove(".luigi_hashes/c.txt.json"), "no record"),
+    ],
+    ids=["missing", "modified", "no record"],
+)
+def test_explain_reasons(cli, capsys, change, reason):
+    change()
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert code == 1 and reason in out.splitlines()[0]
+
+
+def test_explain_parameters_and_code_changed(cli, capsys, tmp_path):
+    record = json.loads(read(".luigi_hashes/c.txt.json"))
+    write(".luigi_hashes/c.txt.json", json.dumps(dict(record, code="0" * 64)))
+    assert "code changed" in cli_main(["explain", *cli.task("C")], capsys)[1]
+    write(".luigi_hashes/c.txt.json", json.dumps(dict(record, task={"family": record["task"]["family"], "params": {"root": "elsewhere"}})))
+    assert "parameters changed" in cli_main(["explain", *cli.task("C")], capsys)[1]
+
+
+def test_explain_bad_task_exits_2(cli, capsys):
+    code, _, err = cli_main(["explain", "--module", "no_such_module_here", "X"], capsys)
+    assert code == 2 and "no_such_module_here" in err
+    assert cli_main(["explain", *cli.task("C"), "--no-such-flag", "1"], capsys)[0] == 2
+    assert cli_main(["explain"], capsys)[0] == 0  # prints its help
+
+
+def test_adopt_a_tree_built_by_plain_luigi_then_nothing_runs(tmp_path, monkeypatch, capsys):
+    ns = f"plain{uuid.uuid4().hex[:8]}"
+    write(tmp_path / "raw.txt", "hello")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = load_module(tmp_path, CLI_PIPELINE.format(base="luigi.Task", ns=ns + "p"), name=ns + "p")
+    assert build(plain.C("."))
+    assert ran(".") == ["A", "B", "C"]
+    os.remove("a.txt")  # one output lost: its task is left alone, and named
+    converted = load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    args = ["adopt", "--module", ns, f"{ns}.C", "--root", "."]
+    before = snapshot(".")
+    code, out, _ = cli_main([args[0], "--dry-run", *args[1:]], capsys)
+    assert snapshot(".") == before
+    assert code == 1 and "left alone" in out and "a.txt" in out and "would record" in out
+    assert build(converted.A("."))
+    ran(".")
+    code, out, _ = cli_main(args, capsys)
+    assert code == 0 and "recorded" in out and "b.txt" in out and "c.txt" in out
+    assert build(converted.C("."))
+    assert ran(".") == []
+
+
+def test_adopt_accepts_a_harmless_code_change(cli, capsys, tmp_path):
+    # A real change to C's code that does not alter its output.
+    edited = CLI_PIPELINE.format(base="HashCheckingTask", ns=cli.__name__).replace('dst.write(src.read() + "?")', 'dst.write((src.read() + "?").strip())')
+    module = load_module(tmp_path, edited, name=cli.__name__)
+    assert not module.C(".").complete()
+    # A fresh process, as a user would run it: this one now holds two classes named C.
+    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    assert f"recorded {cli.__name__}.C" in result.stdout and "recorded" not in result.stdout.replace(f"recorded {cli.__name__}.C", "")
+    assert build(module.C("."))
+    assert ran(".") == []
+
+
+def test_forget_removes_records_and_leaves_outputs(cli, capsys):
+    outputs = {p: read(p) for p in ("a.txt", "sub/b.txt", "c.txt", "raw.txt")}
+    code, out, _ = cli_main(["forget", "sub/b.txt"], capsys)
+    assert code == 0 and "forgot" in out
+    assert not os.path.exists("sub/.luigi_hashes/b.txt.json") and os.path.exists(".luigi_hashes/a.txt.json")
+    code, _, _ = cli_main(["forget", "."], capsys)
+    assert code == 0
+    assert not os.path.exists(".luigi_hashes/a.txt.json") and not os.path.exists(".luigi_hashes/c.txt.json")
+    assert {p: read(p) for p in outputs} == outputs
+    assert cli_main(["forget", "nowhere"], capsys)[0] == 2
+    assert cli_main(["forget"], capsys)[0] == 2
+
+
+def test_accept_a_harmless_change_then_nothing_runs(cli, capsys):
+    write("raw.txt", "hello ")  # a change the user knows is harmless to A
+    code, out, _ = cli_main(["accept", "a.txt"], capsys)
+    assert code == 0 and "accepted a.txt: raw.txt" in out
+    assert cli_main(["verify"], capsys)[0] == 0
+    assert build(cli.C("."))
+    assert ran(".") == []
+    os.remove("a.txt")
+    code, out, _ = cli_main(["accept", "a.txt"], capsys)
+    assert code == 1 and "cannot accept" in out
+
+
+def test_python_dash_m_keeps_hashcheck_flags(cli):
+    # python -m runs the file as __main__; without the hand-off, a second hashcheck Config
+    # would make Luigi drop --hashcheck-algorithm ("unrecognized arguments").
+    os.remove(".luigi_hashes/a.txt.json")
+    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C"), "--hashcheck-algorithm", "md5"], cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(read(".luigi_hashes/a.txt.json"))["algorithm"] == "md5"
+
+
+def test_console_script_is_the_same_entry_point(cli):
+    script = shutil.which("luigi-hashcheck", path=os.path.dirname(sys.executable)) or shutil.which("luigi-hashcheck")
+    if script is None:
+        pytest.skip("luigi-hashcheck is not installed here (pip install -e . installs it)")
+    result = subprocess.run([script, "verify"], capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0 and "3 ok" in result.stdout
+    result = subprocess.run([script, "verify", "nowhere"], capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 2 and "nowhere" in result.stderr
 
 
 ###############################################################################
