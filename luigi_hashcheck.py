@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 import sys
 import textwrap
@@ -562,13 +563,45 @@ def _locked(folder, timeout):
         thread_lock.release()
 
 
+# Temporary files are named .<record>~<host>~<pid>~<random>.tmp, so a later writer can tell
+# a dead writer's leftover from a live writer's file.
+_HOST = socket.gethostname().replace("~", "-").replace(os.sep, "-") or "localhost"
+_LEFTOVER_AGE_NS = 600 * 10**9  # far longer than writing a record could take
+_cleaned = set()
+
+
+def _clean_leftovers(folder):
+    """Remove temporary files that killed writers left in a records folder.
+
+    Called under the folder's lock, once per folder per process. Only a file that cannot
+    belong to a live writer goes: one older than any write could take, or one whose writer,
+    on this host, is gone.
+    """
+    if folder in _cleaned:
+        return
+    _cleaned.add(folder)
+    now = time.time_ns()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            try:
+                _record, host, pid, _random = entry.name[:-4].rsplit("~", 3)
+                age = now - entry.stat(follow_symlinks=False).st_mtime_ns
+                dead = host == _HOST and not _pid_alive(int(pid))
+            except (ValueError, OSError):
+                continue
+            if age > _LEFTOVER_AGE_NS or dead:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 def _replace(path, data):
     """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
     if os.path.islink(path):
         raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
     folder, name = os.path.split(path)
-    # The pid lets a later writer tell a dead writer's leftover from a live one's file.
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    tmp = os.path.join(folder, f".{name}~{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     try:
         with open(fd, "wb") as f:
@@ -589,6 +622,7 @@ def _write_record(path, record, settings):
     try:
         folder = _records_folder(os.path.dirname(os.path.dirname(path)))
         with _locked(folder, settings.lock_timeout):
+            _clean_leftovers(folder)
             _replace(path, data)
     except HashCheckError:
         raise
@@ -1692,8 +1726,9 @@ def main(argv=None):
 # Platform ####################################################################
 ###############################################################################
 #
-# The lock functions, defined once for the platform. Both take an open file descriptor;
-# _try_lock returns False, without waiting, when another process holds the lock.
+# What differs by platform, chosen once: _try_lock(fd) takes a lock without waiting and
+# returns False when another process holds it; _unlock(fd) releases it; _fsync_dir(folder)
+# makes a rename durable; _pid_alive(pid) says whether a process on this host may be alive.
 
 if os.name == "nt":
     import msvcrt
@@ -1713,6 +1748,9 @@ if os.name == "nt":
 
     def _fsync_dir(folder):
         pass  # Windows cannot open a folder to fsync it; os.replace is durable enough there.
+
+    def _pid_alive(pid):
+        return True  # os.kill(pid, 0) would terminate it on Windows: trust age alone
 
 else:
     import fcntl
@@ -1735,6 +1773,15 @@ else:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _pid_alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # EPERM: alive, and someone else's
+        return True
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for luigi_hashcheck: real Luigi builds in tmp_path, arranged as the module is."""
 
+import contextlib
 import errno
 import hashlib
 import importlib.util
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import typing
 import uuid
@@ -19,6 +21,8 @@ import luigi
 import luigi.configuration
 import luigi.mock
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import luigi_hashcheck as hc
 from luigi_hashcheck import HashableLocalTarget, HashableTarget, HashCheckingTask
@@ -990,10 +994,11 @@ def test_a_rewrite_within_one_tick_is_caught(root):
     assert not Upper(root).complete()
 
 
-def lattice(width, depth):
+def lattice(width, depth, pause=0.0):
     source = f'''
 import hashlib
 import os
+import time
 import luigi
 from luigi_hashcheck import HashCheckingTask
 
@@ -1012,8 +1017,9 @@ class Node(HashCheckingTask):
         return luigi.LocalTarget(os.path.join(self.root, f"n{{self.layer}}-{{self.i}}.txt"))
 
     def run(self):
+        time.sleep({pause})
         with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("x\\n")
+            f.write(f"{{self.task_id}}\\n")
         text = "".join(open(t.path).read() for t in luigi.task.flatten(self.input()))
         with self.output().open("w") as f:
             f.write(hashlib.sha256(text.encode()).hexdigest()[:16])
@@ -1036,10 +1042,10 @@ class Top(luigi.WrapperTask):
     return source
 
 
-def load_lattice(root, width, depth):
+def load_lattice(root, width, depth, pause=0.0):
     for i in range(width):
         write(os.path.join(str(root), f"seed-{i}.txt"), f"seed {i}")
-    return load_module(root, lattice(width, depth), name=f"lattice_{uuid.uuid4().hex[:10]}")
+    return load_module(root, lattice(width, depth, pause), name=f"lattice_{uuid.uuid4().hex[:10]}")
 
 
 def count_build(task, **kwargs):
@@ -1148,30 +1154,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def luigid(tmp_path_factory):
-    """A real central scheduler on 127.0.0.1; yields its port."""
-    folder = tmp_path_factory.mktemp("luigid")
+@contextlib.contextmanager
+def running_luigid(folder, cooldown):
+    """A real central scheduler on 127.0.0.1 and a free port; yields the port."""
     (folder / "logs").mkdir()
     port = free_port()
     cfg = folder / "luigi.cfg"
-    write(cfg, "[scheduler]\nstable_done_cooldown_secs = 0\n[core]\nautoload_range = false\n")
+    write(cfg, f"[scheduler]\nstable_done_cooldown_secs = {cooldown}\n[core]\nautoload_range = false\n")
     process = subprocess.Popen(
         [sys.executable, "-c", "import luigi.cmdline; luigi.cmdline.luigid()", "--address", "127.0.0.1", "--port", str(port),
          "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "logs")],
         env=dict(os.environ, LUIGI_CONFIG_PATH=str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, "luigid did not start"
-            time.sleep(0.1)
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "luigid did not start"
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def luigid(tmp_path_factory):
+    """A luigid that reruns a done task at once, for tests that rebuild right away."""
+    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=0) as port:
+        yield port
 
 
 def test_builds_through_luigid_see_an_edit(root, luigid):
@@ -1273,6 +1287,323 @@ def test_windows_locks_with_a_stand_in_msvcrt(root, monkeypatch):
         os.close(other)
     with hc._locked(folder, 1):
         pass
+
+
+###############################################################################
+# Reliability #################################################################
+###############################################################################
+
+BUILD_SCRIPT = """
+import importlib, sys
+import luigi
+sys.path.insert(0, sys.argv[1])
+module = importlib.import_module(sys.argv[2])
+kwargs = {"workers": int(sys.argv[3]), "log_level": "WARNING"}
+if len(sys.argv) > 4:
+    kwargs.update(scheduler_host="127.0.0.1", scheduler_port=int(sys.argv[4]))
+else:
+    kwargs.update(local_scheduler=True)
+sys.exit(0 if luigi.build([module.Top(sys.argv[1])], **kwargs) else 1)
+"""
+
+
+def start_build(root, module, workers, port=None):
+    """Start a build of the lattice ``module`` in a fresh interpreter, in its own process group."""
+    args = [sys.executable, "-c", BUILD_SCRIPT, str(root), module.__name__, str(workers)] + ([str(port)] if port else [])
+    env = dict(os.environ, PYTHONPATH=HERE)
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_three_processes_through_one_luigid_run_each_task_once(tmp_path, tmp_path_factory):
+    module = load_lattice(tmp_path, 4, 5, pause=0.05)
+    # The default 10 s cooldown: a task done by one worker is not handed out again.
+    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=10) as port:
+        builds = [start_build(tmp_path, module, workers=2, port=port) for _ in range(3)]
+        for process in builds:
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err.decode()
+    runs = ran(str(tmp_path))
+    assert len(runs) == 20 and len(set(runs)) == 20
+    assert hc.main(["verify", "--quiet", str(tmp_path)]) == 0
+
+
+def lattice_output(path, root):
+    """What a lattice node's output must hold, computed from its inputs' current bytes."""
+    name = os.path.basename(path)[1:-4]
+    layer, i = (int(x) for x in name.split("-"))
+    width = len([n for n in os.listdir(root) if n.startswith("seed-")])
+    if layer == 0:
+        sources = [os.path.join(root, f"seed-{i}.txt")]
+    else:
+        sources = [os.path.join(root, f"n{layer - 1}-{(i + k) % width}.txt") for k in range(3)]
+    text = "".join(read(p) for p in sources)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_records_are_true(root):
+    """Every record parses, and none vouches for an output its inputs did not make."""
+    records = os.path.join(root, ".luigi_hashes")
+    checker = hc._Verification(trust_mtime=False)
+    for name in os.listdir(records):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        record_path = os.path.join(records, name)
+        assert hc._read_record(record_path) is not None
+        status, _reason, _ = checker.own(record_path)
+        output = hc._output_of(record_path)
+        if status == "ok":
+            assert read(output) == lattice_output(output, root), f"{output} recorded as made from inputs it was not made from"
+
+
+def crash_rounds(tmp_path, rounds, seed):
+    """Kill 3-worker builds at random moments, checking after each that no record lies."""
+    import random
+    import signal
+
+    rng = random.Random(seed)
+    module = load_lattice(tmp_path, 4, 5, pause=0.3)  # a build takes some seconds
+    killed = 0
+    for _ in range(rounds):
+        for i in rng.sample(range(4), 2):  # make much of the graph stale again
+            write(tmp_path / f"seed-{i}.txt", f"seed {i} {rng.random()}")
+        process = start_build(tmp_path, module, workers=3)
+        time.sleep(rng.uniform(0.5, 2.5))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        killed += process.wait(timeout=30) == -signal.SIGKILL
+        process.stderr.close()
+        check_records_are_true(str(tmp_path))
+    assert killed, "no build was killed before it finished"
+    process = start_build(tmp_path, module, workers=3)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()
+    check_records_are_true(str(tmp_path))
+    assert hc.main(["verify", "--quiet", str(tmp_path)]) == 0
+
+
+def test_builds_killed_at_random_moments_never_leave_a_false_record(tmp_path):
+    crash_rounds(tmp_path, rounds=5, seed=2024)
+
+
+@pytest.mark.slow
+def test_fifty_kills(tmp_path):
+    crash_rounds(tmp_path, rounds=50, seed=7)
+
+
+@pytest.fixture
+def built(tmp_path):
+    """A built Seed -> Upper -> Head -> Count, and the path of Head's record."""
+    root = str(tmp_path)
+    write(tmp_path / "seed.txt", "hello")
+    assert build(Count(root))
+    ran(root)
+    record_path = os.path.join(root, ".luigi_hashes", "head.txt.json")
+    built_records[record_path] = read(record_path)
+    return root, record_path
+
+
+built_records = {}  # record path -> the record as first written
+
+
+def settle(root, record_path, data):
+    """Write ``data`` as Head's record; return what complete() and verify say."""
+    with open(record_path, "wb") as f:
+        f.write(data)
+    answer = Count(root).complete()
+    status = hc._Verification(trust_mtime=True).run([record_path])[0][1]
+    return answer, status
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_fuzzed_bytes_mean_rebuild(built, data):
+    root, record_path = built
+    assert settle(root, record_path, data) == (False, "corrupt")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False)
+    | st.text(st.characters(codec="utf-8"), max_size=20) | st.just("\ud800") | st.just("\x00"),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+# Where each kind of field lives in a record, by the kind luigi_hashcheck expects there.
+FIELDS = [((key,), kind) for key, kind in hc._RECORD_FIELDS.items()]
+FIELDS += [(("task", "family"), "str"), (("task", "params"), "params")]
+FIELDS += [((where, *index, key), kind) for where, index in (("output", ()), ("inputs", (0,))) for key, kind in hc._ENTRY_FIELDS.items()]
+KIND_OF = {"str": str, "int": int, "int?": int, "params": dict, "task": dict, "entry": dict, "entries": list, "dynamic": list}
+
+
+def place(record, path):
+    """Return (container, key) of ``path`` inside ``record``."""
+    for step in path[:-1]:
+        record = record[step]
+    return record, path[-1]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_records_with_a_missing_or_mistyped_key_mean_rebuild(built, data):
+    root, record_path = built
+    record = json.loads(built_records[record_path])
+    path, kind = data.draw(st.sampled_from(FIELDS))
+    container, key = place(record, path)
+    if data.draw(st.booleans()):
+        del container[key]
+    else:
+        container[key] = data.draw(JSON_VALUES.filter(lambda value: hc._problem(value, kind) is not None))
+    assert settle(root, record_path, json.dumps(record).encode()) == (False, "corrupt")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_values_of_the_right_type_never_raise(built, data):
+    root, record_path = built
+    record = json.loads(built_records[record_path])
+    path, kind = data.draw(st.sampled_from([f for f in FIELDS if f[1] in ("str", "int", "int?")]))
+    container, key = place(record, path)
+    if kind == "str":
+        container[key] = data.draw(st.text(st.characters(codec="utf-8"), max_size=30) | st.just("\ud800\udfff") | st.just("../" * 50))
+    else:
+        container[key] = data.draw(st.integers(min_value=-(10**40), max_value=10**40))
+    answer, status = settle(root, record_path, json.dumps(record).encode())
+    assert isinstance(answer, bool) and status in hc._STATUSES
+    if answer:  # a record only vouches for what is really on disk
+        assert status == "ok"
+    assert build(Count(root))  # and a build always ends well
+
+
+def test_hostile_records_cannot_hang_or_reach_outside(tmp_path_factory, capsys):
+    root = tmp_path_factory.mktemp("tree")
+    outside = tmp_path_factory.mktemp("outside")
+    write(outside / "precious.txt", "keep me")
+    write(root / "out.txt", "output")
+    os.mkfifo(root / "fifo")
+    os.symlink(outside / "precious.txt", root / "link")
+    records = root / ".luigi_hashes"
+    records.mkdir()
+    entry = {"kind": "file", "digest": "0" * 64, "size": 1, "mtime_ns": 1, "inode": 1, "hashed_ns": 1}
+    hostile = [str(outside / "precious.txt"), "../" * 30 + "dev/zero", "/dev/zero", "link", "fifo", "../" + outside.name + "/precious.txt"]
+    record = {
+        "format": 1, "algorithm": "sha256", "created_ns": 1, "task": {"family": "X", "params": {}}, "code": "c",
+        "input_hash": "h", "output": dict(entry, path="out.txt"),
+        "inputs": [dict(entry, path=p) for p in hostile],
+        "dynamic": [{"family": "os.system", "params": {"command": "touch /tmp/pwned"}, "outputs": [dict(entry, path="/dev/zero")]}],
+    }
+    write(records / "out.txt.json", json.dumps(record))
+    os.symlink(outside / "precious.txt", records / "evil.json")  # a record that is a link
+    before_outside = snapshot(outside)
+    outputs_before = {p: read(root / p) for p in ("out.txt",)}
+    # Each command in a fresh interpreter with a timeout: a hang fails the test, not CI.
+    for command in (["verify", str(root)], ["accept", str(root)], ["verify", "--no-trust-mtime", str(root)], ["forget", str(root)]):
+        result = run_python(["-m", "luigi_hashcheck", *command], cwd=root, timeout=60)
+        assert result.returncode in (0, 1), result.stderr
+    assert snapshot(outside) == before_outside
+    assert {p: read(root / p) for p in outputs_before} == outputs_before
+    assert os.path.exists(root / "fifo") and os.path.islink(root / "link")
+    assert not os.path.exists("/tmp/pwned") or os.path.getmtime("/tmp/pwned") < time.time() - 60
+    assert sorted(os.listdir(records)) == [".lock"]  # forget removed both records, links only
+
+
+def test_a_symlinked_records_folder_is_never_written_or_cleared_through(cli, capsys, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.move(".luigi_hashes", elsewhere / "records")
+    os.symlink(elsewhere / "records", ".luigi_hashes")
+    before = snapshot(elsewhere)
+    _code, _, err = cli_main(["verify", "."], capsys)
+    assert "symbolic link" in err
+    cli_main(["forget", "."], capsys)
+    assert snapshot(elsewhere) == before
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        hc._write_record(os.path.abspath(".luigi_hashes/a.txt.json"), {}, hc._settings())
+    assert snapshot(elsewhere) == before
+
+
+def failing(error, when):
+    """A stand-in for an os call that fails with ``error`` when ``when(path)`` holds."""
+
+    def wrap(real):
+        def call(path, *args, **kwargs):
+            if when(path if isinstance(path, int) else os.fspath(path), *args):
+                raise OSError(error, os.strerror(error), path)
+            return real(path, *args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+@pytest.mark.parametrize(
+    "name, error, when",
+    [
+        ("open", errno.EROFS, lambda path, flags, *mode: ".luigi_hashes" in path and flags & os.O_CREAT),
+        ("mkdir", errno.EACCES, lambda path, *mode: path.endswith(".luigi_hashes")),
+        ("fsync", errno.ENOSPC, lambda fd: True),
+    ],
+    ids=["read-only filesystem", "permission denied", "disk full"],
+)
+def test_an_unwritable_records_folder_fails_the_task_naming_the_record(root, monkeypatch, name, error, when):
+    monkeypatch.setattr(hc.os, name, failing(error, when)(getattr(os, name)))
+    failures = []
+    handler = Upper.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
+    try:
+        assert not build(Upper(root))
+    finally:
+        Upper._event_callbacks[Upper][luigi.Event.FAILURE].discard(handler)
+    monkeypatch.undo()
+    assert os.path.join(root, ".luigi_hashes", "upper.txt.json") in str(failures[0])
+    assert os.strerror(error) in str(failures[0])
+    records = os.path.join(root, ".luigi_hashes")
+    assert not os.path.exists(records) or [n for n in os.listdir(records) if n != ".lock"] == []
+    assert build(Upper(root))  # and all is well once the disk is
+    assert ran(root) == ["Upper", "Upper"]
+
+
+def test_leftovers_of_dead_writers_are_cleaned_and_live_ones_kept(root, monkeypatch):
+    assert build(Upper(root))
+    records = os.path.join(root, ".luigi_hashes")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".upper.txt.json~{hc._HOST}~{dead.stdout.strip()}~aaaaaaaaaaaa.tmp",
+            "live": f".upper.txt.json~{hc._HOST}~{live.pid}~bbbbbbbbbbbb.tmp",
+            "other host, fresh": ".upper.txt.json~elsewhere~1~cccccccccccc.tmp",
+            "other host, old": ".upper.txt.json~elsewhere~1~dddddddddddd.tmp",
+        }
+        for path in names.values():
+            write(os.path.join(records, path), "{half")
+        old = time.time() - 3600
+        os.utime(os.path.join(records, names["other host, old"]), (old, old))
+        assert hc.main(["verify", "--quiet", root]) == 0  # leftovers are not records
+        hc._cleaned.discard(records)
+        write(os.path.join(root, "seed.txt"), "world")
+        assert build(Upper(root))  # writes a record: cleans up under the lock
+        left = set(os.listdir(records))
+        assert names["dead"] not in left and names["other host, old"] not in left
+        assert names["live"] in left and names["other host, fresh"] in left
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_threads_of_one_process_take_turns(tmp_path):
+    order = []
+
+    def writer(n):
+        with hc._locked(str(tmp_path), 10):
+            order.append(("in", n))
+            time.sleep(0.05)
+            order.append(("out", n))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(order[k][0] == "in" and order[k + 1] == ("out", order[k][1]) for k in range(0, 8, 2))
 
 
 ###############################################################################
@@ -1441,7 +1772,7 @@ def test_verify_usage_errors_exit_2(cli, capsys):
 
 
 def test_verify_ignores_leftover_temporary_files(cli, capsys):
-    write(".luigi_hashes/.a.txt.json.99999-0123456789ab.tmp", "{half")
+    write(".luigi_hashes/.a.txt.json~host~99999~0123456789ab.tmp", "{half")
     assert cli_main(["verify"], capsys)[0] == 0
 
 
