@@ -221,7 +221,9 @@ def _hash_file(path, algorithm):
         hashed_ns = time.time_ns()
         _counts["reads"] += 1
         h = hashlib.new(algorithm)
-        buf = bytearray(_BLOCK)
+        # Most outputs are small: zero-filling a whole block for each would cost more than
+        # hashing them. One byte over the size lets a file that grew still be read in full.
+        buf = bytearray(min(_BLOCK, st.st_size + 1))
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
@@ -613,7 +615,8 @@ def _replace(path, data):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    # The folder is not fsynced: a crash may then lose the rename, and a lost record only
+    # means a rebuild, while an fsync per record would double the cost of a build.
 
 
 def _write_record(path, record, settings):
@@ -763,7 +766,9 @@ class HashableLocalTarget(luigi.LocalTarget, HashableTarget):
 # Checking a task #############################################################
 ###############################################################################
 
-_Verdict = collections.namedtuple("_Verdict", "ok reason deps made_ns")
+# ok: whether the records match; deps: what to check next (static and recorded dynamic
+# dependencies); made_ns: when the oldest record was written; inputs: flatten(task.input()).
+_Verdict = collections.namedtuple("_Verdict", "ok reason deps made_ns inputs")
 
 
 def _require_hashable(task, targets):
@@ -781,8 +786,18 @@ def _rebuild(dep):
         return None
 
 
-def _stale(reason):
-    return _Verdict(False, reason, (), 0)
+def _stale(reason, inputs=None):
+    return _Verdict(False, reason, (), 0, inputs)
+
+
+def _deps_and_inputs(task):
+    """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()``."""
+    deps = task.deps()
+    if type(task).input is luigi.Task.input:
+        # input() is getpaths(requires()), and flattening it gives the same targets in the
+        # same order as flattening each dependency's output: spare a second requires().
+        return deps, [target for dep in deps for target in flatten(dep.output())]
+    return deps, flatten(task.input())
 
 
 def _check_own(task, settings, build=True):
@@ -800,27 +815,14 @@ def _check_own(task, settings, build=True):
     if not outputs:
         warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=3)
         return _stale("task has no outputs")
-    inputs = flatten(task.input())
+    deps, inputs = _deps_and_inputs(task)
     _require_hashable(task, outputs + inputs)
-    family = task.task_family
-    params = task.to_str_params(only_significant=True, only_public=True)
-    code = _fingerprint(type(task))
-    cache = {}
-    dynamic = {}
-    made_ns = None
+    records = []
     for output in outputs:
         if not isinstance(output, luigi.LocalTarget):
             if not output.exists():
-                return _stale("output missing")
-            pairs = []
-            for index, target in enumerate(inputs):
-                entry = _entry(target, settings.algorithm, None, settings, cache)
-                if entry is None:
-                    return _stale(f"input {_name(target, None, index)} is missing")
-                pairs.append([_name(target, None, index), entry["digest"]])
-            if output.get_current_input_hash() != _input_hash(settings.algorithm, family, params, code, pairs):
-                return _stale("input hash changed")
-            made_ns = 0
+                return _stale("output missing", inputs)
+            records.append((output, None, None))
             continue
         path = _norm(output.path)
         record_path = _record_path(path)
@@ -828,13 +830,13 @@ def _check_own(task, settings, build=True):
             record = _read_record(record_path)
         except _DamagedRecord as exc:
             _log_once(
-                key=("damaged", record_path, os.stat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
+                key=("damaged", record_path, os.lstat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
                 level=logging.WARNING,
                 message=f"luigi_hashcheck: damaged record {record_path} ({exc}); {task} will be rebuilt",
             )
-            return _stale("record damaged")
+            return _stale("record damaged", inputs)
         if not os.path.exists(path):
-            return _stale("output missing")
+            return _stale("output missing", inputs)
         if record is None:
             _log_once(
                 enabled=build,
@@ -842,16 +844,35 @@ def _check_own(task, settings, build=True):
                 level=logging.WARNING,
                 message=f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
                 f"To keep outputs built before luigi_hashcheck, run `python -m luigi_hashcheck adopt "
-                f"--module {task.task_module} {family} ...` first.",
+                f"--module {task.task_module} {task.task_family} ...` first.",
             )
-            return _stale("no record")
+            return _stale("no record", inputs)
+        records.append((output, path, record))
+    family = task.task_family
+    params = task.to_str_params(only_significant=True, only_public=True)
+    code = _fingerprint(type(task))
+    cache = {}
+    dynamic = {}
+    made_ns = None
+    for output, path, record in records:
+        if path is None:  # a third-party HashableTarget: the input hash is all there is
+            pairs = []
+            for index, target in enumerate(inputs):
+                entry = _entry(target, settings.algorithm, None, settings, cache)
+                if entry is None:
+                    return _stale(f"input {_name(target, None, index)} is missing", inputs)
+                pairs.append([_name(target, None, index), entry["digest"]])
+            if output.get_current_input_hash() != _input_hash(settings.algorithm, family, params, code, pairs):
+                return _stale("input hash changed", inputs)
+            made_ns = 0
+            continue
         reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic)
         if reason:
-            return _stale(reason)
+            return _stale(reason, inputs)
         if build and fresh != record:
-            _refresh(record_path, fresh, settings)
+            _refresh(_record_path(path), fresh, settings)
         made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
-    return _Verdict(True, "", list(task.deps()) + list(dynamic.values()), made_ns or 0)
+    return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs)
 
 
 def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic):
@@ -944,7 +965,7 @@ def _refresh(record_path, fresh, settings):
 
 
 class _Memo:
-    """complete() answers of one build, by task_id."""
+    """complete() answers of one build, by task_id, and the build's settings."""
 
     def __init__(self):
         self.answers = {}
@@ -952,6 +973,15 @@ class _Memo:
         # "incomplete" must be looked at again.
         self.running = False
         self.started_ns = time.time_ns()
+        self._settings = None
+
+    @property
+    def settings(self):
+        # Reading luigi.cfg through luigi.Config costs more than a record check; the
+        # configuration cannot change within one build.
+        if self._settings is None:
+            self._settings = _settings()
+        return self._settings
 
 
 _build = None
@@ -1061,8 +1091,8 @@ _running = set()  # ids of tasks inside their wrapped run(), so super().run() is
 def _before_run(task):
     """Skip run() if the task is now up to date; otherwise clear its stale outputs and
     snapshot its inputs. Return the snapshot, or None to skip."""
-    settings = _settings()
     memo = _memo()
+    settings = memo.settings
     verdict = _check_own(task, settings)
     if verdict.ok and all(_is_complete(dep, memo, settings) for dep in verdict.deps):
         # Its upstream reran and made byte-identical outputs ("early cutoff").
@@ -1082,7 +1112,7 @@ def _before_run(task):
             _remove_record(_record_path(path), settings)
         elif output.exists() and callable(getattr(output, "remove", None)):
             output.remove()
-    inputs = flatten(task.input())
+    inputs = verdict.inputs if verdict.inputs is not None else _deps_and_inputs(task)[1]
     cache = {}
     entries = []
     for index, target in enumerate(inputs):
@@ -1266,7 +1296,8 @@ class HashCheckingTask(luigi.Task):
     def complete(self):
         """Whether the outputs exist and match their records, and every task this one
         depends on, recursively, is complete too."""
-        return _is_complete(self, _memo(), _settings())
+        memo = _memo()
+        return _is_complete(self, memo, memo.settings)
 
 
 TaskWithCheckingInputHash = HashCheckingTask
@@ -1727,8 +1758,8 @@ def main(argv=None):
 ###############################################################################
 #
 # What differs by platform, chosen once: _try_lock(fd) takes a lock without waiting and
-# returns False when another process holds it; _unlock(fd) releases it; _fsync_dir(folder)
-# makes a rename durable; _pid_alive(pid) says whether a process on this host may be alive.
+# returns False when another process holds it; _unlock(fd) releases it; _pid_alive(pid)
+# says whether a process on this host may be alive.
 
 if os.name == "nt":
     import msvcrt
@@ -1745,9 +1776,6 @@ if os.name == "nt":
     def _unlock(fd):
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
-    def _fsync_dir(folder):
-        pass  # Windows cannot open a folder to fsync it; os.replace is durable enough there.
 
     def _pid_alive(pid):
         return True  # os.kill(pid, 0) would terminate it on Windows: trust age alone
@@ -1766,13 +1794,6 @@ else:
 
     def _unlock(fd):
         fcntl.lockf(fd, fcntl.LOCK_UN)
-
-    def _fsync_dir(folder):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _pid_alive(pid):
         try:

@@ -1272,7 +1272,7 @@ def test_windows_locks_with_a_stand_in_msvcrt(root, monkeypatch):
     namespace = windows_lock_functions(fake)
     monkeypatch.setattr(hc, "_try_lock", namespace["_try_lock"])
     monkeypatch.setattr(hc, "_unlock", namespace["_unlock"])
-    monkeypatch.setattr(hc, "_fsync_dir", namespace["_fsync_dir"])
+    monkeypatch.setattr(hc, "_pid_alive", namespace["_pid_alive"])
     assert build(Count(root))
     assert (FakeMsvcrt.LK_NBLCK, 0, 1) in fake.calls and (FakeMsvcrt.LK_UNLCK, 0, 1) in fake.calls
     assert all(position == 0 for _, position, _ in fake.calls)  # msvcrt locks from the current position
