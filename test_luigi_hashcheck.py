@@ -1929,3 +1929,15 @@ def test_readme_test_command_is_what_ci_runs():
     ci = read(os.path.join(HERE, ".ci", "run"))
     command = "python -m pytest"
     assert command in readme and command in ci
+
+
+def test_benchmark_quick_mode_runs(tmp_path):
+    # Timing is the benchmark's business; the test only keeps the script from rotting.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "bench.py"), "--quick"],
+                            capture_output=True, text=True, check=False, timeout=600, env=dict(os.environ, PYTHONPATH=HERE))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    for name in ("full_build", "full_build_workers2", "noop_vs_floor", "scaling", "one_seed"):
+        assert figures[name]["pairs" if name != "scaling" else "tasks"]
+    assert figures["one_seed"]["reran"] == 6 and figures["one_seed"]["chains_rerun"] == [1]
+    assert figures["hashing"]["peak_rss_mib"] < 64

@@ -1,0 +1,456 @@
+"""Benchmarks for luigi_hashcheck, against plain Luigi and doit, measured side by side.
+
+    python benchmarks/bench.py            # the full set: some minutes, over 2 GiB of scratch
+    python benchmarks/bench.py --quick    # small graphs, seconds: what the tests run
+
+Every figure is a ratio of two commands run alternately, A B B A, in this one call; the
+median of the pairs is quoted. A command is a whole process, and its cost is CPU seconds
+(user + sys, its children included), with wall time beside it. Prints a table, then one
+JSON line. doit figures need ``pip install doit==0.37.0``; without it they are skipped.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+FULL = {
+    "width": 20, "depth": 50, "seed_bytes": 1 << 20, "pairs": 6,
+    "big_file": 1 << 30, "dir_big": (8, 128 << 20), "dir_small": (2000, 4096),
+    "scaling_widths": (5, 20, 80), "chains": 20, "chain_depth": 50,
+}
+QUICK = {
+    "width": 5, "depth": 6, "seed_bytes": 64 << 10, "pairs": 2,
+    "big_file": 16 << 20, "dir_big": (4, 4 << 20), "dir_small": (50, 4096),
+    "scaling_widths": (2, 4, 8), "chains": 4, "chain_depth": 6,
+}
+
+TARGETS = {
+    "full_build": ("<=", 1.10),
+    "noop_vs_floor": ("<=", 1.3),
+    "noop_vs_doit": ("<=", 2.0),
+    "hash_file_speed": (">=", 0.95),
+    "hash_dir_speedup": (">=", 1.6),
+    "scaling_marginal": ("within", 0.2),
+    "one_seed_check": ("<=", 1.0),
+}
+
+
+###############################################################################
+# Child processes: each timed command is one of these #########################
+###############################################################################
+
+
+def child(argv):
+    """Run one timed command in this (fresh) process."""
+    command, args = argv[0], json.loads(argv[1])
+    sys.path[:0] = [REPO, HERE]
+    if command == "build":
+        import luigi
+        import pipelines
+
+        task = pipelines.Lattice(args["root"], args["width"], args["depth"]) if "width" in args else \
+            pipelines.Forest(args["root"], args["chains"], args["depth"])
+        ok = luigi.build([task], local_scheduler=True, workers=args.get("workers", 1), log_level="WARNING")
+        sys.exit(0 if ok else 1)
+    if command == "floor":
+        # The least any content check must do: import the pipeline, make every task, call
+        # requires() once each, and stat every output.
+        import pipelines
+        from luigi.task import flatten
+
+        seen, todo = set(), [pipelines.Lattice(args["root"], args["width"], args["depth"])]
+        while todo:
+            task = todo.pop()
+            for dep in flatten(task.requires()):
+                if dep.task_id not in seen:
+                    seen.add(dep.task_id)
+                    todo.append(dep)
+                    for target in flatten(dep.output()):
+                        os.stat(target.path)
+        return
+    if command == "check":
+        import pipelines
+
+        import luigi_hashcheck
+
+        complete = pipelines.Forest(args["root"], args["chains"], args["depth"]).complete()
+        assert complete == args["expect_complete"], complete
+        if args.get("hash"):
+            luigi_hashcheck._hash_file(args["hash"], "sha256")
+        return
+    if command == "hash_rss":
+        import luigi_hashcheck
+
+        luigi_hashcheck._hash_file(args["path"], "sha256")
+        return
+    raise SystemExit(f"unknown child command {command}")
+
+
+def run_child(command, args, kind="plain"):
+    """Run a child command; return (cpu seconds, wall seconds, peak RSS in KiB)."""
+    env = dict(os.environ, BENCH_KIND=kind, PYTHONPATH=os.pathsep.join([REPO, HERE]), LUIGI_CONFIG_PATH=CONFIG)
+    return run([sys.executable, os.path.abspath(__file__), "_child", command, json.dumps(args)], env)
+
+
+def run(cmd, env, cwd=None):
+    start = time.perf_counter()
+    process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    if status:
+        raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{err}")
+    return usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss
+
+
+###############################################################################
+# Measuring ###################################################################
+###############################################################################
+
+
+def abba(a, b, pairs, prepare_a=None, prepare_b=None):
+    """Run ``a`` and ``b`` as A B B A until there are ``pairs`` pairs; return medians."""
+    times = {"a": [], "b": []}
+    for _ in range((pairs + 1) // 2):
+        for side in "abba":
+            prepare = prepare_a if side == "a" else prepare_b
+            if prepare:
+                prepare()
+            times[side].append((a if side == "a" else b)())
+    cpu = [x[0] / y[0] for x, y in zip(times["a"], times["b"])]
+    wall = [x[1] / y[1] for x, y in zip(times["a"], times["b"])]
+    med = statistics.median
+    return {
+        "ratio": round(med(cpu), 3), "wall_ratio": round(med(wall), 3), "pairs": len(cpu),
+        "a_cpu": round(med(t[0] for t in times["a"]), 3), "b_cpu": round(med(t[0] for t in times["b"]), 3),
+        "a_wall": round(med(t[1] for t in times["a"]), 3), "b_wall": round(med(t[1] for t in times["b"]), 3),
+    }
+
+
+def make_seeds(root, count, size):
+    os.makedirs(root, exist_ok=True)
+    for i in range(count):
+        with open(os.path.join(root, f"seed-{i}.bin"), "wb") as f:
+            f.write(os.urandom(size))
+        old = time.time() - 3600  # made long before the build, as real inputs are
+        os.utime(os.path.join(root, f"seed-{i}.bin"), (old, old))
+
+
+def reset(root):
+    """Remove everything a build made, keeping the seeds."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("seed-"):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def age(root):
+    """Date every file an hour back, so records written a moment ago can be trusted."""
+    old = time.time() - 3600
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            os.utime(os.path.join(folder, name), (old, old))
+
+
+###############################################################################
+# The figures #################################################################
+###############################################################################
+
+
+def fig_full_build(scratch, p, workers):
+    roots = {kind: os.path.join(scratch, f"full-{kind}-{workers}") for kind in ("hash", "plain")}
+    for root in roots.values():
+        make_seeds(root, p["width"], p["seed_bytes"])
+    args = {"width": p["width"], "depth": p["depth"], "workers": workers}
+    return abba(
+        lambda: run_child("build", dict(args, root=roots["hash"]), "hash"),
+        lambda: run_child("build", dict(args, root=roots["plain"]), "plain"),
+        p["pairs"], lambda: reset(roots["hash"]), lambda: reset(roots["plain"]),
+    )
+
+
+def built_lattice(scratch, p, width=None):
+    width = width or p["width"]
+    root = os.path.join(scratch, f"noop-{width}")
+    if not os.path.exists(root):
+        make_seeds(root, width, p["seed_bytes"])
+        run_child("build", {"root": root, "width": width, "depth": p["depth"]}, "hash")
+        age(root)
+        run_child("build", {"root": root, "width": width, "depth": p["depth"]}, "hash")  # records take the aged stat
+    return root
+
+
+def fig_noop_vs_floor(scratch, p):
+    root = built_lattice(scratch, p)
+    args = {"root": root, "width": p["width"], "depth": p["depth"]}
+    return abba(lambda: run_child("build", args, "hash"), lambda: run_child("floor", args, "hash"), p["pairs"])
+
+
+DODO = '''
+import hashlib, os
+ROOT, WIDTH, DEPTH = {root!r}, {width}, {depth}
+
+
+def node(layer, i):
+    return os.path.join(ROOT, f"d{{layer}}-{{i}}.txt")
+
+
+def make(sources, target):
+    h = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    with open(target, "w") as f:
+        f.write(h.hexdigest())
+
+
+def task_node():
+    for layer in range(DEPTH):
+        for i in range(WIDTH):
+            if layer == 0:
+                sources = [os.path.join(ROOT, f"seed-{{i}}.bin")]
+            else:
+                sources = [node(layer - 1, (i + k) % WIDTH) for k in range(3)]
+            yield {{"name": f"{{layer}}-{{i}}", "file_dep": sources, "targets": [node(layer, i)],
+                    "actions": [(make, [sources, node(layer, i)])]}}
+'''
+
+
+def fig_noop_vs_doit(scratch, p):
+    try:
+        import doit  # noqa: F401
+    except ImportError:
+        return {"skipped": "doit is not installed: pip install doit==0.37.0"}
+    hash_root = built_lattice(scratch, p)
+    root = os.path.join(scratch, "doit")
+    make_seeds(root, p["width"], p["seed_bytes"])
+    with open(os.path.join(root, "dodo.py"), "w") as f:
+        f.write(DODO.format(root=root, width=p["width"], depth=p["depth"]))
+    env = dict(os.environ)
+    doit_cmd = [sys.executable, "-m", "doit", "-f", os.path.join(root, "dodo.py"), "--db-file", os.path.join(root, ".doit.db")]
+    run(doit_cmd, env, cwd=root)
+    args = {"root": hash_root, "width": p["width"], "depth": p["depth"]}
+    return abba(lambda: run_child("build", args, "hash"), lambda: run(doit_cmd, env, cwd=root), p["pairs"])
+
+
+HASH_SPEED = '''
+import hashlib, json, sys, time
+sys.path.insert(0, {repo!r})
+import luigi_hashcheck as hc
+path, rounds = {path!r}, {rounds}
+def ours():
+    return hc._hash_file(path, "sha256")["digest"]
+def stdlib():
+    if hasattr(hashlib, "file_digest"):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+assert ours() == stdlib()
+ratios = []
+for _ in range(rounds):
+    t = {{}}
+    for name, fn in (("ours", ours), ("stdlib", stdlib), ("stdlib", stdlib), ("ours", ours)):
+        start = time.perf_counter(); fn(); t.setdefault(name, []).append(time.perf_counter() - start)
+    ratios += [s / o for s, o in zip(t["stdlib"], t["ours"])]
+print(json.dumps(ratios))
+'''
+
+DIR_SPEED = '''
+import hashlib, json, os, sys, time
+sys.path.insert(0, {repo!r})
+import luigi_hashcheck as hc
+path, rounds = {path!r}, {rounds}
+def threaded():
+    hc._digest_cache.clear()
+    return hc._digest_dir(path, "sha256", trust_mtime=False)["digest"]
+def single():
+    hc._digest_cache.clear()
+    h = hashlib.sha256()
+    for rel, full, _link in sorted(hc._list_dir(path)):
+        h.update(f"{{hc._hash_file(full, 'sha256')['digest']}}  {{rel}}\\n".encode())
+    return h.hexdigest()
+assert threaded() == single()
+ratios = []
+for _ in range(rounds):
+    t = {{}}
+    for name, fn in (("threaded", threaded), ("single", single), ("single", single), ("threaded", threaded)):
+        start = time.perf_counter(); fn(); t.setdefault(name, []).append(time.perf_counter() - start)
+    ratios += [s / o for s, o in zip(t["single"], t["threaded"])]
+print(json.dumps(ratios))
+'''
+
+
+def in_process(script):
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    return statistics.median(json.loads(out))
+
+
+def write_random(path, size):
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.writelines(block[: min(len(block), size - offset)] for offset in range(0, size, len(block)))
+
+
+def fig_hashing(scratch, p):
+    big = os.path.join(scratch, "big.bin")
+    write_random(big, p["big_file"])
+    rounds = (p["pairs"] + 1) // 2
+    speed = in_process(HASH_SPEED.format(repo=REPO, path=big, rounds=rounds))
+    rss = run_child("hash_rss", {"path": big})[2]
+    os.remove(big)
+    folder = os.path.join(scratch, "dir")
+    os.makedirs(folder)
+    count, size = p["dir_big"]
+    for i in range(count):
+        write_random(os.path.join(folder, f"big-{i}.bin"), size)
+    count, size = p["dir_small"]
+    for i in range(count):
+        with open(os.path.join(folder, f"small-{i}.bin"), "wb") as f:
+            f.write(os.urandom(size))
+    speedup = in_process(DIR_SPEED.format(repo=REPO, path=folder, rounds=rounds))
+    shutil.rmtree(folder)
+    return {"file_speed": round(speed, 3), "peak_rss_mib": round(rss / 1024, 1), "dir_speedup": round(speedup, 3)}
+
+
+def fig_scaling(scratch, p):
+    widths = p["scaling_widths"]
+    roots = {w: built_lattice(scratch, p, w) for w in widths}
+    samples = {w: [] for w in widths}
+    for _ in range(p["pairs"]):
+        for w in widths:  # interleaved, so drift hits every size alike
+            samples[w].append(run_child("build", {"root": roots[w], "width": w, "depth": p["depth"]}, "hash")[0])
+    t = {w: statistics.median(samples[w]) for w in widths}
+    n = {w: w * p["depth"] for w in widths}
+    small, mid, large = widths
+    low = (t[mid] - t[small]) / (n[mid] - n[small])
+    high = (t[large] - t[mid]) / (n[large] - n[mid])
+    return {
+        "tasks": [n[w] for w in widths], "cpu": [round(t[w], 3) for w in widths],
+        "marginal_ms": [round(low * 1000, 3), round(high * 1000, 3)], "ratio": round(high / low, 3),
+    }
+
+
+def fig_one_seed(scratch, p):
+    roots = {}
+    for name in ("changed", "unchanged"):
+        roots[name] = root = os.path.join(scratch, f"forest-{name}")
+        make_seeds(root, p["chains"], p["seed_bytes"])
+        args = {"root": root, "chains": p["chains"], "depth": p["chain_depth"]}
+        run_child("build", args, "hash")
+        age(root)
+        run_child("build", args, "hash")
+        os.remove(os.path.join(root, "runs.log"))
+    seed = os.path.join(roots["changed"], "seed-1.bin")
+    with open(seed, "r+b") as f:
+        f.write(b"changed")
+    spare = os.path.join(scratch, "spare.bin")
+    write_random(spare, p["seed_bytes"])
+    common = {"chains": p["chains"], "depth": p["chain_depth"]}
+    result = abba(
+        lambda: run_child("check", dict(common, root=roots["changed"], expect_complete=False), "hash"),
+        lambda: run_child("check", dict(common, root=roots["unchanged"], expect_complete=True, hash=spare), "hash"),
+        p["pairs"],
+    )
+    run_child("build", dict(common, root=roots["changed"]), "hash")
+    with open(os.path.join(roots["changed"], "runs.log")) as f:
+        reran = f.read().split()
+    result.update(reran=len(reran), chains_rerun=sorted(set(map(int, reran))))
+    return result
+
+
+###############################################################################
+# Report ######################################################################
+###############################################################################
+
+
+def judge(name, value):
+    how, limit = TARGETS[name]
+    if how == "<=":
+        ok = value <= limit
+    elif how == ">=":
+        ok = value >= limit
+    else:
+        ok = abs(value - 1) <= limit
+    return f"{how} {limit}" if how != "within" else f"1 ± {limit}", "met" if ok else "MISSED"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small graphs, for the tests")
+    parser.add_argument("--pairs", type=int, help="pairs per figure (default 6, quick 2)")
+    args = parser.parse_args(argv)
+    p = dict(QUICK if args.quick else FULL)
+    if args.pairs:
+        p["pairs"] = args.pairs
+    scratch = tempfile.mkdtemp(prefix="luigi_hashcheck_bench_")
+    global CONFIG
+    CONFIG = os.path.join(scratch, "luigi.cfg")
+    with open(CONFIG, "w") as f:
+        f.write("[core]\nautoload_range = false\n")
+    results = {}
+    try:
+        results["full_build"] = fig_full_build(scratch, p, workers=1)
+        results["full_build_workers2"] = fig_full_build(scratch, p, workers=2)
+        results["noop_vs_floor"] = fig_noop_vs_floor(scratch, p)
+        results["noop_vs_doit"] = fig_noop_vs_doit(scratch, p)
+        results["hashing"] = fig_hashing(scratch, p)
+        results["scaling"] = fig_scaling(scratch, p)
+        results["one_seed"] = fig_one_seed(scratch, p)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    rows = [
+        ("full build, workers=1 (CPU vs plain Luigi)", "full_build", results["full_build"]["ratio"]),
+        ("full build, workers=2 (CPU vs plain Luigi)", None, results["full_build_workers2"]["ratio"]),
+        ("no-op rebuild (CPU vs floor walk)", "noop_vs_floor", results["noop_vs_floor"]["ratio"]),
+        ("no-op rebuild (CPU vs doit 0.37)", "noop_vs_doit", results["noop_vs_doit"].get("ratio")),
+        ("hash one file (speed vs hashlib.file_digest)", "hash_file_speed", results["hashing"]["file_speed"]),
+        ("hash a directory (speed vs one thread)", "hash_dir_speedup", results["hashing"]["dir_speedup"]),
+        ("no-op marginal cost per task, large/small", "scaling_marginal", results["scaling"]["ratio"]),
+        ("one seed changed: check vs no-op + one hash", "one_seed_check", results["one_seed"]["ratio"]),
+    ]
+    size = f"{p['width']}x{p['depth']} lattice, {p['chains']}x{p['chain_depth']} forest"
+    print(f"luigi_hashcheck benchmarks ({'quick' if args.quick else 'full'}: {size}; median of {p['pairs']} ABBA pairs)")
+    print(f"{'figure':<48} {'ratio':>7}  {'target':<9} verdict")
+    for label, target, value in rows:
+        if value is None:
+            print(f"{label:<48} {'-':>7}  {'':<9} {results['noop_vs_doit'].get('skipped', '')}")
+            continue
+        goal, verdict = judge(target, value) if target else ("", "")
+        print(f"{label:<48} {value:>7.3f}  {goal:<9} {verdict}")
+    print(f"peak RSS hashing one {p['big_file'] >> 20} MiB file: {results['hashing']['peak_rss_mib']} MiB (target < 64 MiB)")
+    print(f"one seed changed: {results['one_seed']['reran']} tasks reran, in chains {results['one_seed']['chains_rerun']} "
+          f"(expected {p['chain_depth']}, in one chain)")
+    results["machine"] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    results["date"] = time.strftime("%Y-%m-%d")
+    results["quick"] = args.quick
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+CONFIG = None
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child(sys.argv[2:])
+    else:
+        sys.exit(main())
