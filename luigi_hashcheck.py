@@ -145,6 +145,20 @@ class _DamagedRecord(Exception):
 _logged = set()
 
 
+# True while the command line inspects a pipeline: checks then log no hints and write nothing.
+_inspecting = False
+
+
+@contextlib.contextmanager
+def _inspection():
+    global _inspecting
+    outer, _inspecting = _inspecting, True
+    try:
+        yield
+    finally:
+        _inspecting = outer
+
+
 def _log_once(*, key, level, message, enabled=True):
     """Log ``message`` the first time ``key`` is seen in this process."""
     if enabled and key not in _logged:
@@ -250,7 +264,8 @@ def _digest_file(path, algorithm, st, known, trust_mtime):
 
 
 def _list_dir(root):
-    """Yield (relative posix path, absolute path, is_symlinked_dir) for a directory's files.
+    """Yield (relative posix path, absolute path, is_link) for a directory's files, where
+    is_link marks a link to a folder or a dangling link, which count by their target's name.
 
     Skips every ``.luigi_hashes`` folder; does not follow links to directories, so a
     link cycle cannot hang the walk.
@@ -264,8 +279,8 @@ def _list_dir(root):
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name != RECORD_DIR:
                         stack.append(name)
-                elif entry.is_symlink() and entry.is_dir():
-                    yield name, entry.path, True
+                elif entry.is_symlink() and (entry.is_dir() or not os.path.exists(entry.path)):
+                    yield name, entry.path, True  # a link to a folder, or dangling: its target's name counts
                 else:
                     yield name, entry.path, False
 
@@ -370,28 +385,43 @@ def _bytecode_text(obj):
     parts = [f"python{sys.version_info[0]}.{sys.version_info[1]}"]
     for name in sorted(members):
         value = members[name]
-        value = getattr(value, "__func__", getattr(value, "fget", value))
+        # Look through staticmethod, classmethod, property and our own run() wrapper.
+        value = inspect.unwrap(getattr(value, "__func__", getattr(value, "fget", value)))
         code = getattr(value, "__code__", None)
         if code is not None:
-            parts.append(f"{name}:{_code_text(code)}")
+            parts.append(f"{name}:{_code_text(code)}|{value.__defaults__!r}|{value.__kwdefaults__!r}")
         elif isinstance(value, (str, bytes, int, float, bool, type(None), tuple, frozenset)):
             parts.append(f"{name}={value!r}")
     return "\n".join(parts)
 
 
+_sources = {}
+
+
 def _source_text(obj):
+    """The normalised source of a class, function or module, read once per process."""
+    try:
+        return _sources[obj]
+    except (KeyError, TypeError):
+        pass
     name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
     try:
-        return _ast_text(ast.parse(textwrap.dedent(inspect.getsource(obj))))
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        pass
+        text = _ast_text(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+    except (OSError, TypeError, SyntaxError, RecursionError):
+        text = _fallback_text(obj, name)
+    with contextlib.suppress(TypeError):
+        _sources[obj] = text
+    return text
+
+
+def _fallback_text(obj, name):
     try:
         text = _bytecode_text(obj)
     except Exception:  # noqa: BLE001 - the fingerprint must never crash a build
         text = f"{getattr(obj, '__module__', '')}.{name}"
     _log_once(
         key=("nosource", name),
-        level=logging.INFO,
+        level=logging.WARNING,
         message=f"luigi_hashcheck: no source for {name}; its code fingerprint uses bytecode, "
         "which changes between Python versions",
     )
@@ -399,15 +429,13 @@ def _source_text(obj):
 
 
 def _fingerprint(cls):
-    """Digest of ``cls``'s source and its bases' up to HashCheckingTask, its
-    ``code_dependencies`` and its ``code_version``."""
+    """Digest of the source of ``cls`` and of every base it has that HashCheckingTask has
+    not (mixins included, wherever they stand), of its ``code_dependencies`` and of its
+    ``code_version``. Taken when the class is defined, so a file edited after the import
+    cannot lend its new source to the old code."""
     fingerprint = _fingerprints.get(cls)
     if fingerprint is None:
-        parts = []
-        for klass in cls.__mro__:
-            if klass is HashCheckingTask or klass is object:
-                break
-            parts.append(_source_text(klass))
+        parts = [_source_text(klass) for klass in cls.__mro__ if klass not in HashCheckingTask.__mro__]
         parts += [_source_text(dep) for dep in cls.code_dependencies]
         parts.append(repr(cls.code_version))
         fingerprint = _fingerprints[cls] = _text_digest("\n".join(parts))
@@ -619,14 +647,26 @@ def _replace(path, data):
     # means a rebuild, while an fsync per record would double the cost of a build.
 
 
-def _write_record(path, record, settings):
-    """Write ``record`` to the record file ``path`` under its folder's lock."""
+def _write_record(path, record, settings, replacing=None):
+    """Write ``record`` to the record file ``path`` under its folder's lock.
+
+    :param replacing: if given, write only while the record on disk is still this one, so
+        an update never overwrites a record another process wrote meanwhile.
+    :returns: whether the record was written.
+    """
     data = json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
     try:
         folder = _records_folder(os.path.dirname(os.path.dirname(path)))
         with _locked(folder, settings.lock_timeout):
             _clean_leftovers(folder)
+            if replacing is not None:
+                try:
+                    if _read_record(path) != replacing:
+                        return False
+                except _DamagedRecord:
+                    return False
             _replace(path, data)
+            return True
     except HashCheckError:
         raise
     except OSError as exc:
@@ -793,22 +833,22 @@ def _stale(reason, inputs=None):
 def _deps_and_inputs(task):
     """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()``."""
     deps = task.deps()
-    if type(task).input is luigi.Task.input:
+    cls = type(task)
+    if cls.input is luigi.Task.input and cls.deps is luigi.Task.deps and cls._requires is luigi.Task._requires:
         # input() is getpaths(requires()), and flattening it gives the same targets in the
         # same order as flattening each dependency's output: spare a second requires().
         return deps, [target for dep in deps for target in flatten(dep.output())]
     return deps, flatten(task.input())
 
 
-def _check_own(task, settings, build=True):
+def _check_own(task, settings):
     """Check ``task``'s records against its outputs, inputs, parameters and code.
 
     Dependencies are not checked; the verdict lists them, the recorded dynamic ones
     rebuilt, for the caller to check.
 
-    :param build: called from a build, so free to log hints and to rewrite the stat fields
-        of a record whose files were touched but not changed, so the next process can skip
-        hashing them again. The command line passes False: it explains and writes nothing.
+    Outside the command line's inspections, a record whose files were touched but not
+    changed gets its stat fields rewritten, so the next process can skip hashing them.
     """
     _counts["record_checks"] += 1
     outputs = flatten(task.output())
@@ -839,7 +879,7 @@ def _check_own(task, settings, build=True):
             return _stale("output missing", inputs)
         if record is None:
             _log_once(
-                enabled=build,
+                enabled=not _inspecting,
                 key=("norecord", task.task_id),
                 level=logging.WARNING,
                 message=f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
@@ -869,8 +909,8 @@ def _check_own(task, settings, build=True):
         reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic)
         if reason:
             return _stale(reason, inputs)
-        if build and fresh != record:
-            _refresh(_record_path(path), fresh, settings)
+        if fresh != record:
+            _refresh(_record_path(path), fresh, record, settings)
         made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs)
 
@@ -941,10 +981,13 @@ def _stat_refreshed(recorded, current):
     return recorded
 
 
-def _refresh(record_path, fresh, settings):
-    """Rewrite a record whose files were touched but not changed."""
+def _refresh(record_path, fresh, old, settings):
+    """Rewrite a record whose files were touched but not changed, unless another process
+    has rewritten it since it was read."""
+    if _inspecting:
+        return
     try:
-        _write_record(record_path, fresh, settings)
+        _write_record(record_path, fresh, settings, replacing=old)
     except HashCheckError as exc:
         # Only a shortcut is lost: the next check hashes again.
         logger.warning("luigi_hashcheck: could not refresh %s: %s", record_path, exc)
@@ -1035,35 +1078,52 @@ def _is_complete(root, memo, settings):
         if tid in waiting:
             answers[tid] = all(known(dep) for dep in waiting.pop(tid))
             stack.pop()
+            _warn_if_hiding(task, answers[tid])
             continue
-        if not isinstance(task, HashCheckingTask):
-            answers[tid] = bool(task.complete())
-            stack.pop()
-            continue
-        verdict = _check_own(task, settings)
-        if not verdict.ok:
-            logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)
+        if isinstance(task, HashCheckingTask):
+            verdict = _check_own(task, settings)
+            ok, made_ns = verdict.ok, verdict.made_ns
+            if not ok:
+                logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)
+        else:
+            # Any other task is complete by its own rule and, as it may stand between two
+            # HashCheckingTasks, when everything below it is complete too.
+            ok, made_ns = bool(task.complete()), 0
+        if not ok:
             answers[tid] = False
             stack.pop()
             continue
+        deps = verdict.deps if isinstance(task, HashCheckingTask) else task.deps()
         # A task Luigi scheduled in this build whose records were written since the build
         # started ran after Luigi saw its dependencies done; its own records are enough.
-        if memo.answers.get(tid) is False and verdict.made_ns >= memo.started_ns:
+        if memo.answers.get(tid) is False and made_ns >= memo.started_ns:
             answers[tid] = True
             stack.pop()
             continue
-        states = [known(dep) for dep in verdict.deps]
+        states = [known(dep) for dep in deps]
         if False in states:
             answers[tid] = False
             stack.pop()
+            _warn_if_hiding(task, False)
         elif None in states:
-            waiting[tid] = verdict.deps
-            stack.extend(dep for dep, state in zip(verdict.deps, states) if state is None)
+            waiting[tid] = deps
+            stack.extend(dep for dep, state in zip(deps, states) if state is None)
         else:
             answers[tid] = True
             stack.pop()
     memo.answers.update(answers)
     return bool(known(root))
+
+
+def _warn_if_hiding(task, complete):
+    """Warn when a task that is not a HashCheckingTask hides a stale one below it."""
+    if not complete and not isinstance(task, HashCheckingTask) and task.complete():
+        _log_once(
+            key=("hiding", task.task_id),
+            level=logging.WARNING,
+            message=f"luigi_hashcheck: {task} is not a HashCheckingTask and its outputs exist, so Luigi "
+            "will not rebuild the stale tasks below it; make it a HashCheckingTask, or remove its outputs",
+        )
 
 
 def _memo():
@@ -1098,6 +1158,7 @@ def _before_run(task):
         # Its upstream reran and made byte-identical outputs ("early cutoff").
         logger.info("luigi_hashcheck: %s is up to date, its inputs did not change; skipping run()", task)
         memo.answers[task.task_id] = True
+        _confirm(task, settings)
         return None
     # temporary_path() refuses to replace an existing output (luigi issue #2997).
     for output in flatten(task.output()):
@@ -1121,6 +1182,23 @@ def _before_run(task):
             raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
         entries.append(entry)
     return _Run(settings, inputs, entries)
+
+
+def _confirm(task, settings):
+    """Date the records of a task found up to date at run time, as if just written.
+
+    Forked workers do not share their memos; a fresh ``created_ns`` lets their checks
+    take the records on trust (see _is_complete) instead of walking everything below.
+    """
+    for output in flatten(task.output()):
+        if isinstance(output, luigi.LocalTarget):
+            record_path = _record_path(_norm(output.path))
+            try:
+                record = _read_record(record_path)
+                if record:
+                    _write_record(record_path, dict(record, created_ns=time.time_ns()), settings, replacing=record)
+            except (_DamagedRecord, HashCheckError) as exc:
+                logger.warning("luigi_hashcheck: could not confirm %s: %s", record_path, exc)
 
 
 def _snapshot_dynamic(task, requirement, state):
@@ -1185,7 +1263,7 @@ def _record(task, settings, inputs, entries, dynamic):
         named_dynamic = [
             {
                 "family": dep.task_family,
-                "params": dep.to_str_params(only_public=True),
+                "params": dep.to_str_params(),  # all but private ones, which may be secrets
                 "outputs": [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
             }
             for dep, targets, dep_entries in dynamic
@@ -1289,9 +1367,12 @@ class HashCheckingTask(luigi.Task):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        run = cls.__dict__.get("run")
-        if run is not None and not getattr(run, "_hashcheck", False):
+        # Wrap the run() this class will use, its own or one from a mixin, unless a base
+        # already wrapped it.
+        run = cls.run
+        if callable(run) and run is not luigi.Task.run and not getattr(run, "_hashcheck", False):
             cls.run = _wrap_run(run)
+        _fingerprint(cls)
 
     def complete(self):
         """Whether the outputs exist and match their records, and every task this one
@@ -1493,16 +1574,21 @@ def _cmd_verify(args):
 
 def _cmd_forget(args):
     removed = 0
+    failed = 0
     for record_path in _find_records(args.paths):
         folder = os.path.dirname(record_path)
         if os.path.islink(folder):
             raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
         with _locked(folder, _settings().lock_timeout), contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(record_path).st_mode):
+                print(f"cannot forget {_show(_output_of(record_path))}: {_show(record_path)} is a folder")
+                failed += 1
+                continue
             os.unlink(record_path)  # a record that is a link: only the link goes
             removed += 1
             print(f"forgot {_show(_output_of(record_path))}")
     print(f"{removed} records removed; their tasks will run again")
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_accept(args):
@@ -1564,8 +1650,8 @@ def _luigi_task(luigi_args):
             task = stack.enter_context(CmdlineParser.global_instance(luigi_args)).get_task_obj()
         except SystemExit as exc:
             raise _UsageError(f"cannot parse the task: {' '.join(luigi_args)}") from exc
-        except (ImportError, luigi.task_register.TaskClassException) as exc:
-            raise _UsageError(str(exc)) from exc
+        except (ImportError, ValueError, luigi.task_register.TaskClassException, luigi.parameter.ParameterException) as exc:
+            raise _UsageError(f"cannot build the task: {exc}") from exc
         yield task
 
 
@@ -1591,7 +1677,7 @@ def _walk(root, settings):
         if tid in own:
             continue
         if isinstance(task, HashCheckingTask):
-            verdict = _check_own(task, settings, build=False)
+            verdict = _check_own(task, settings)
             children[tid] = verdict.deps if verdict.ok else list(task.deps())
             own[tid] = ("ok", "") if verdict.ok else ("will run", verdict.reason)
         else:
@@ -1608,7 +1694,7 @@ def _walk(root, settings):
 
 
 def _cmd_explain(args):
-    with _luigi_task(args.luigi_args) as root:
+    with _luigi_task(args.luigi_args) as root, _inspection():
         return _explain(root, _settings())
 
 
@@ -1640,13 +1726,15 @@ def _cmd_adopt(args):
 
 
 def _adopt(root, settings, dry_run):
-    order, verdicts, _deps = _walk(root, settings)
+    with _inspection():
+        order, verdicts, _deps = _walk(root, settings)
     left = 0
     verb = "would record" if dry_run else "recorded"
     for task in order:  # dependencies first
         if not isinstance(task, HashCheckingTask) or verdicts[task.task_id][0] == "ok":
             continue
-        verdict = _check_own(task, settings, build=False)
+        with _inspection():
+            verdict = _check_own(task, settings)
         if verdict.ok:
             continue  # stale only through an upstream task, which is adopted before it
         missing = [t for t in flatten(task.output()) if not t.exists()]
@@ -1659,6 +1747,10 @@ def _adopt(root, settings, dry_run):
             left += 1
             continue
         dynamic = _recorded_dynamic(task, settings, cache)
+        if dynamic is None:
+            print(f"left alone {task}: its run() yields dynamic dependencies, which only a run can record")
+            left += 1
+            continue
         if dry_run:
             print(f"{verb} {task}: {verdicts[task.task_id][1]}")
             continue
@@ -1668,24 +1760,35 @@ def _adopt(root, settings, dry_run):
 
 
 def _recorded_dynamic(task, settings, cache):
-    """The dynamic dependencies an earlier record of ``task`` names, with current digests."""
+    """The dynamic dependencies of ``task``, with current digests, for adopt.
+
+    An empty list for a run() that is not a generator. For one that is, the list an earlier
+    record names, or None when there is no such record or one of its dependencies cannot be
+    rebuilt or has lost an output: only a run can say what it yields.
+    """
+    if not inspect.isgeneratorfunction(inspect.unwrap(type(task).run)):
+        return []
     for output in flatten(task.output()):
-        if isinstance(output, luigi.LocalTarget):
-            try:
-                record = _read_record(_record_path(_norm(output.path)))
-            except _DamagedRecord:
-                record = None
-            if record:
-                found = []
-                for dep in record["dynamic"]:
-                    dep_task = _rebuild(dep)
-                    if dep_task is not None:
-                        targets = flatten(dep_task.output())
-                        entries = [_entry(t, settings.algorithm, None, settings, cache) for t in targets]
-                        if None not in entries:
-                            found.append((dep_task, targets, entries))
-                return found
-    return []
+        if not isinstance(output, luigi.LocalTarget):
+            continue
+        try:
+            record = _read_record(_record_path(_norm(output.path)))
+        except _DamagedRecord:
+            return None
+        if record is None:
+            return None
+        found = []
+        for dep in record["dynamic"]:
+            dep_task = _rebuild(dep)
+            if dep_task is None:
+                return None
+            targets = flatten(dep_task.output())
+            entries = [_entry(t, settings.algorithm, None, settings, cache) for t in targets]
+            if None in entries:
+                return None
+            found.append((dep_task, targets, entries))
+        return found
+    return None
 
 
 def _parser():
@@ -1740,7 +1843,7 @@ def main(argv=None):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in ("explain", "adopt"):
             if not rest:
-                parser.parse_args([args.command, "--help"])
+                raise _UsageError(f"{args.command} needs a task: --module MODULE TASK [--param value ...]")
             args.luigi_args = rest
         return args.func(args)
     except SystemExit as exc:  # argparse and Luigi's parser exit; we return codes instead

@@ -1836,7 +1836,12 @@ def test_explain_bad_task_exits_2(cli, capsys):
     code, _, err = cli_main(["explain", "--module", "no_such_module_here", "X"], capsys)
     assert code == 2 and "no_such_module_here" in err
     assert cli_main(["explain", *cli.task("C"), "--no-such-flag", "1"], capsys)[0] == 2
-    assert cli_main(["explain"], capsys)[0] == 0  # prints its help
+    code, _, err = cli_main(["explain"], capsys)
+    assert code == 2 and "needs a task" in err
+    code, _, err = cli_main(["explain", "--module", cli.__name__, f"{cli.__name__}.C"], capsys)  # --root missing
+    assert code == 2 and "root" in err
+    code, out, _ = cli_main(["explain", "--help"], capsys)
+    assert code == 0 and "--module" in out
 
 
 def test_adopt_a_tree_built_by_plain_luigi_then_nothing_runs(tmp_path, monkeypatch, capsys):
