@@ -1607,6 +1607,337 @@ def test_threads_of_one_process_take_turns(tmp_path):
 
 
 ###############################################################################
+# Edges found in review #######################################################
+###############################################################################
+
+
+def test_the_fingerprint_is_taken_when_the_class_is_defined(root):
+    module = load_module(root, CODE, name="fingerprint_at_import")
+    path = module.__file__
+    write(path, CODE.replace('f.write(helper("BODY"))', 'f.write(helper("EDITED"))'))  # edited after import
+    assert build(module.Step(root))
+    recorded = record_of(os.path.join(root, "step.txt"))["code"]
+    write(path, CODE)
+    assert recorded == hc._fingerprint(load_module(root, CODE).Step)  # the code that ran
+
+
+def test_a_mixin_after_hashcheckingtask_is_in_the_fingerprint(root):
+    source = CODE.replace("class Step(HashCheckingTask):", "class Helpers:\n    x = 1\n\n\nclass Step(HashCheckingTask, Helpers):")
+    first = hc._fingerprint(load_module(root, source).Step)
+    assert first == hc._fingerprint(load_module(root, source).Step)
+    assert first != hc._fingerprint(load_module(root, source.replace("x = 1", "x = 2")).Step)
+
+
+class RunsInAMixin:
+    def run(self):
+        note_run(self.root, "Mixed")
+        write(self.output().path, read(self.input().path))
+
+
+class Mixed(RunsInAMixin, HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "mixed.txt"))
+
+
+def test_a_run_inherited_from_a_mixin_is_recorded(root):
+    assert build(Mixed(root))
+    assert build(Mixed(root))
+    assert ran(root) == ["Mixed"]
+    assert record_of(os.path.join(root, "mixed.txt"))["inputs"][0]["path"] == "seed.txt"
+
+
+def test_no_source_fingerprint_sees_an_edit_to_run(tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, luigi
+        from luigi_hashcheck import _fingerprint, HashCheckingTask
+        class Inline(HashCheckingTask):
+            def output(self):
+                return luigi.LocalTarget("inline.txt")
+            def run(self):
+                print("BODY")
+        print(_fingerprint(Inline))
+        """
+    )
+    first = run_python(["-c", script], cwd=tmp_path)
+    again = run_python(["-c", script], cwd=tmp_path)
+    edited = run_python(["-c", script.replace('"BODY"', '"EDITED"')], cwd=tmp_path)
+    assert first.returncode == again.returncode == edited.returncode == 0, first.stderr
+    assert first.stdout == again.stdout != edited.stdout
+
+
+def test_a_syntax_tree_too_deep_to_walk_falls_back(root):
+    branches = "".join(f"        elif x == {i}:\n            pass\n" for i in range(400))
+    source = CODE.replace("    def output(self):", f"    def deep(self, x):\n        if x:\n            pass\n{branches}\n    def output(self):", 1)
+    module = load_module(root, source)
+    assert build(module.Step(root))
+    assert module.Step(root).complete()
+
+
+class Plain(luigi.Task):
+    """A task not yet converted, between two that are."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Upper(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "plain.txt"))
+
+    def run(self):
+        write(self.output().path, read(self.input().path))
+
+
+class AbovePlain(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Plain(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "above.txt"))
+
+    def run(self):
+        write(self.output().path, read(self.input().path))
+
+
+def test_a_plain_task_in_between_does_not_hide_a_stale_one(root, caplog):
+    assert build(AbovePlain(root))
+    assert AbovePlain(root).complete()
+    write(os.path.join(root, "seed.txt"), "world")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not AbovePlain(root).complete()
+    assert any("Plain" in r.getMessage() and "not a HashCheckingTask" in r.getMessage() for r in caplog.records)
+
+
+class ExtraDependency(HashCheckingTask):
+    """A dependency through _requires() that is not an input, as luigi.util.requires allows."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Upper(self.root)
+
+    def _requires(self):
+        return luigi.task.flatten(self.requires()) + [Param(self.root)]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "extra.txt"))
+
+    def run(self):
+        note_run(self.root, "ExtraDependency")
+        write(self.output().path, read(self.input().path))
+
+
+def test_inputs_are_what_input_returns_even_with_extra_dependencies(root):
+    assert build(ExtraDependency(root))
+    assert [e["path"] for e in record_of(os.path.join(root, "extra.txt"))["inputs"]] == ["upper.txt"]
+    assert build(ExtraDependency(root))
+    assert ran(root).count("ExtraDependency") == 1
+
+
+class HiddenLeaf(HashCheckingTask):
+    root = luigi.Parameter()
+    token = luigi.Parameter(visibility=luigi.parameter.ParameterVisibility.HIDDEN)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "hidden-leaf.txt"))
+
+    def run(self):
+        write(self.output().path, self.token)
+
+
+class HiddenTop(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "hidden-top.txt"))
+
+    def run(self):
+        leaf = yield HiddenLeaf(self.root, token="t1")
+        note_run(self.root, "HiddenTop")
+        write(self.output().path, read(leaf.path))
+
+
+def test_a_dynamic_dependency_with_a_hidden_parameter_can_be_rebuilt(root):
+    assert build(HiddenTop(root))
+    assert build(HiddenTop(root))
+    assert ran(root) == ["HiddenTop"]
+
+
+class LinkingFolder(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "linking"))
+
+    def run(self):
+        note_run(self.root, "LinkingFolder")
+        with self.output().temporary_path() as tmp:
+            os.makedirs(tmp)
+            write(os.path.join(tmp, "file.txt"), "x")
+            os.symlink("nowhere", os.path.join(tmp, "dangling"))
+            os.symlink(self.root, os.path.join(tmp, "to-a-folder"))
+
+
+def test_links_in_a_directory_output_count_by_their_target(root):
+    assert build(LinkingFolder(root))
+    assert build(LinkingFolder(root))
+    assert ran(root) == ["LinkingFolder"]
+    os.remove(os.path.join(root, "linking", "dangling"))
+    os.symlink("elsewhere", os.path.join(root, "linking", "dangling"))
+    assert not LinkingFolder(root).complete()
+
+
+def test_explain_under_a_wrapper_task_writes_nothing(tmp_path, capsys, monkeypatch):
+    module = load_lattice(tmp_path, 3, 3)
+    assert build(module.Top(str(tmp_path)))
+    age(tmp_path)  # every record's stat fields are now out of date: a check would refresh them
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = snapshot(tmp_path)
+    args = ["--module", module.__name__, "Top", "--root", str(tmp_path)]
+    assert cli_main(["explain", *args], capsys)[0] == 0
+    assert cli_main(["adopt", "--dry-run", *args], capsys)[0] == 0
+    assert snapshot(tmp_path) == before
+
+
+def test_a_refresh_never_overwrites_a_newer_record(root):
+    assert build(Upper(root))
+    path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
+    newer = read(path)
+    older = dict(json.loads(newer), created_ns=1)
+    assert not hc._write_record(path, dict(older, code="x"), hc._settings(), replacing=older)
+    assert read(path) == newer
+
+
+def test_forget_reports_a_folder_named_like_a_record(cli, capsys):
+    os.mkdir(".luigi_hashes/odd.json")
+    code, out, _ = cli_main(["forget", "."], capsys)
+    assert code == 1 and "is a folder" in out
+    assert os.path.isdir(".luigi_hashes/odd.json") and not os.path.exists(".luigi_hashes/a.txt.json")
+
+
+DYNAMIC_PIPELINE = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+BASE = {base}
+
+
+class Leaf(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "leaf.txt"))
+
+    def run(self):
+        with self.output().open("w") as f:
+            f.write("leaf")
+
+
+class Top(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "top.txt"))
+
+    def run(self):
+        leaf = yield Leaf(self.root)
+        with leaf.open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + "!")
+"""
+
+
+def test_adopt_leaves_a_task_with_dynamic_dependencies_alone(tmp_path, monkeypatch, capsys):
+    ns = f"dyn{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = load_module(tmp_path, DYNAMIC_PIPELINE.format(base="luigi.Task", ns=ns + "p"), name=ns + "p")
+    assert build(plain.Top("."))
+    converted = load_module(tmp_path, DYNAMIC_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    code, out, _ = cli_main(["adopt", "--module", ns, f"{ns}.Top", "--root", "."], capsys)
+    assert code == 1 and "yields dynamic dependencies" in out
+    assert not os.path.exists(".luigi_hashes/top.txt.json")
+    assert build(converted.Top("."))  # a run records what it yields
+    assert len(record_of("top.txt")["dynamic"]) == 1
+    write(".luigi_hashes/ignored", "")
+    code, out, _ = cli_main(["adopt", "--module", ns, f"{ns}.Top", "--root", "."], capsys)
+    assert code == 0  # now everything is recorded
+
+
+def counting_checks(monkeypatch, log):
+    """Count _check_own calls in this process and in forked workers, through a file."""
+    real = hc._check_own
+
+    def counted(task, settings):
+        with open(log, "a") as f:
+            f.write("x")
+        return real(task, settings)
+
+    monkeypatch.setattr(hc, "_check_own", counted)
+
+
+def test_early_cutoff_with_forked_workers_stays_linear(tmp_path, monkeypatch):
+    checks = {}
+    for depth in (20, 40):
+        root = tmp_path / f"chain{depth}"
+        write(root / "seed.txt", "abcde-1")
+        assert build(Chain(str(root), depth - 1), workers=2)
+        write(root / "seed.txt", "abcde-2")  # Chain(0) reruns with the same first 5 bytes
+        log = tmp_path / f"checks{depth}"
+        with monkeypatch.context() as patch:
+            counting_checks(patch, log)
+            assert build(Chain(str(root), depth - 1), workers=2)
+        checks[depth] = len(read(log))
+        assert Chain(str(root), depth - 1).complete()
+    assert checks[40] <= 2.5 * checks[20], checks
+
+
+def add_under_lock(folder, counter, rounds):
+    for _ in range(rounds):
+        with hc._locked(folder, 30):
+            value = int(read(counter))
+            time.sleep(0.001)
+            write(counter, str(value + 1))
+
+
+def test_processes_contending_for_a_lock_lose_no_update(tmp_path):
+    import multiprocessing
+
+    counter = str(tmp_path / "counter")
+    write(counter, "0")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=add_under_lock, args=(str(tmp_path), counter, 40)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert read(counter) == "160"
+
+
+def test_verify_shows_progress_only_on_a_terminal(monkeypatch, capsys):
+    clock = iter(range(100))
+    monkeypatch.setattr(hc.time, "monotonic", lambda: next(clock) * 0.5)
+    monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: True, raising=False)
+    report = hc._progress(10)
+    for done in range(1, 6):
+        report(done)
+    assert "checked 5 records" in capsys.readouterr().err
+    monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: False, raising=False)
+    assert hc._progress(10) is None
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
