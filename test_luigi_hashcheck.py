@@ -994,7 +994,7 @@ def test_a_rewrite_within_one_tick_is_caught(root):
     assert not Upper(root).complete()
 
 
-def lattice(width, depth, pause=0.0):
+def lattice(width, depth, pause=0.0, namespace=None):
     source = f'''
 import hashlib
 import os
@@ -1004,6 +1004,7 @@ from luigi_hashcheck import HashCheckingTask
 
 
 class Node(HashCheckingTask):
+    task_namespace = {namespace!r}
     root = luigi.Parameter()
     layer = luigi.IntParameter()
     i = luigi.IntParameter()
@@ -1026,6 +1027,7 @@ class Node(HashCheckingTask):
 
 
 class Src(luigi.ExternalTask):
+    task_namespace = {namespace!r}
     root = luigi.Parameter()
     i = luigi.IntParameter()
 
@@ -1034,6 +1036,7 @@ class Src(luigi.ExternalTask):
 
 
 class Top(luigi.WrapperTask):
+    task_namespace = {namespace!r}
     root = luigi.Parameter()
 
     def requires(self):
@@ -1043,9 +1046,11 @@ class Top(luigi.WrapperTask):
 
 
 def load_lattice(root, width, depth, pause=0.0):
+    """Write seeds and import a lattice module; its families are namespaced by its name."""
     for i in range(width):
         write(os.path.join(str(root), f"seed-{i}.txt"), f"seed {i}")
-    return load_module(root, lattice(width, depth, pause), name=f"lattice_{uuid.uuid4().hex[:10]}")
+    name = f"lattice_{uuid.uuid4().hex[:10]}"
+    return load_module(root, lattice(width, depth, pause, namespace=name), name=name)
 
 
 def count_build(task, **kwargs):
@@ -1801,7 +1806,7 @@ def test_explain_under_a_wrapper_task_writes_nothing(tmp_path, capsys, monkeypat
     age(tmp_path)  # every record's stat fields are now out of date: a check would refresh them
     monkeypatch.syspath_prepend(str(tmp_path))
     before = snapshot(tmp_path)
-    args = ["--module", module.__name__, "Top", "--root", str(tmp_path)]
+    args = ["--module", module.__name__, f"{module.__name__}.Top", "--root", str(tmp_path)]
     assert cli_main(["explain", *args], capsys)[0] == 0
     assert cli_main(["adopt", "--dry-run", *args], capsys)[0] == 0
     assert snapshot(tmp_path) == before
