@@ -523,16 +523,17 @@ def _read_record(path):
             raise _DamagedRecord("it is a symbolic link") from exc
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise _DamagedRecord("it is not a regular file")
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(_MAX_RECORD_BYTES + 1)
+        if st.st_size > _MAX_RECORD_BYTES:
+            raise _DamagedRecord("it is too large")
+        # One byte more than its size: a record that grew meanwhile reads as truncated JSON.
+        data = os.read(fd, st.st_size + 1)
     finally:
         os.close(fd)
     if not data:
         raise _DamagedRecord("it is empty")
-    if len(data) > _MAX_RECORD_BYTES:
-        raise _DamagedRecord("it is too large")
     try:
         record = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -696,10 +697,14 @@ def _name(target, folder, index):
         return f"{type(target).__name__}[{index}]"
     if folder is None or not isinstance(target, luigi.LocalTarget):
         return os.fspath(path)
+    path = _norm(path)
+    head, tail = os.path.split(path)
+    if head == folder:  # the common case, and relpath is slow
+        return tail
     try:
-        return os.path.relpath(_norm(path), folder).replace(os.sep, "/")
+        return os.path.relpath(path, folder).replace(os.sep, "/")
     except ValueError:  # another drive on Windows
-        return _norm(path)
+        return path
 
 
 def _entry(target, algorithm, known, settings, cache):
@@ -830,6 +835,20 @@ def _stale(reason, inputs=None):
     return _Verdict(False, reason, (), 0, inputs)
 
 
+_param_specs = {}
+
+
+def _params(task):
+    """The significant public parameters as strings: ``task.to_str_params(only_significant=True,
+    only_public=True)``, the ones task_id uses, without Luigi's slow walk of the class."""
+    cls = type(task)
+    spec = _param_specs.get(cls)
+    if spec is None:
+        public = luigi.parameter.ParameterVisibility.PUBLIC
+        spec = _param_specs[cls] = [(n, p) for n, p in cls.get_params() if p.significant and p.visibility == public]
+    return {name: param.serialize(task.param_kwargs[name]) for name, param in spec}
+
+
 def _deps_and_inputs(task):
     """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()``."""
     deps = task.deps()
@@ -889,7 +908,7 @@ def _check_own(task, settings):
             return _stale("no record", inputs)
         records.append((output, path, record))
     family = task.task_family
-    params = task.to_str_params(only_significant=True, only_public=True)
+    params = _params(task)
     code = _fingerprint(type(task))
     cache = {}
     dynamic = {}
@@ -933,14 +952,12 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     names = [_name(target, folder, index) for index, target in enumerate(inputs)]
     if names != [entry["path"] for entry in record["inputs"]]:
         return "inputs changed", None
-    pairs = []
     fresh["inputs"] = []
     for target, recorded in zip(inputs, record["inputs"]):
         reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "input")
         if reason:
             return reason, None
         fresh["inputs"].append(entry)
-        pairs.append([recorded["path"], recorded["digest"]])
     fresh["dynamic"] = []
     for dep in record["dynamic"]:
         dep_task = _rebuild(dep)
@@ -956,11 +973,9 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
             if reason:
                 return reason, None
             entries.append(entry)
-            pairs.append([recorded["path"], recorded["digest"]])
         fresh["dynamic"].append(dict(dep, outputs=entries))
         dynamic[dep_task.task_id] = dep_task
-    if _input_hash(algorithm, family, params, code, pairs) != record["input_hash"]:
-        return "record's input hash does not match its entries", None
+    # input_hash is not recomputed: every field it sums up was compared above.
     return None, fresh
 
 
@@ -1242,7 +1257,7 @@ def _record(task, settings, inputs, entries, dynamic):
     """
     algorithm = settings.algorithm
     family = task.task_family
-    params = task.to_str_params(only_significant=True, only_public=True)
+    params = _params(task)
     code = _fingerprint(type(task))
     outputs = flatten(task.output())
     _require_hashable(task, outputs)
