@@ -850,14 +850,22 @@ def _params(task):
 
 
 def _deps_and_inputs(task):
-    """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()``."""
+    """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()`` per
+    task and build: it makes every dependency anew, which costs more than a record check."""
+    known = _build.graph.get(task.task_id) if _build is not None else None
+    if known is not None:
+        return known
     deps = task.deps()
     cls = type(task)
     if cls.input is luigi.Task.input and cls.deps is luigi.Task.deps and cls._requires is luigi.Task._requires:
         # input() is getpaths(requires()), and flattening it gives the same targets in the
-        # same order as flattening each dependency's output: spare a second requires().
-        return deps, [target for dep in deps for target in flatten(dep.output())]
-    return deps, flatten(task.input())
+        # same order as flattening each dependency's output.
+        found = deps, [target for dep in deps for target in flatten(dep.output())]
+    else:
+        found = deps, flatten(task.input())
+    if _build is not None:
+        _build.graph[task.task_id] = found
+    return found
 
 
 def _check_own(task, settings):
@@ -1031,6 +1039,7 @@ class _Memo:
         # "incomplete" must be looked at again.
         self.running = False
         self.started_ns = time.time_ns()
+        self.graph = {}  # task_id -> (dependencies, inputs), as _deps_and_inputs found them
         self._settings = None
 
     @property
