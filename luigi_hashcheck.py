@@ -289,23 +289,26 @@ def _digest_dir(path, algorithm, trust_mtime):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted."""
     files = sorted(_list_dir(path))
     st = os.stat(path)
+    stats = [None if link else os.stat(full) for _rel, full, link in files]
 
-    def one(item):
-        _rel, full, linked_dir = item
-        if linked_dir:
+    def one(index):
+        _rel, full, link = files[index]
+        if link:
             return "link:" + os.readlink(full)
-        fst = os.stat(full)
-        if not stat.S_ISREG(fst.st_mode):
+        if not stat.S_ISREG(stats[index].st_mode):
             raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
-        return _digest_file(full, algorithm, fst, None, trust_mtime)["digest"]
+        return _digest_file(full, algorithm, stats[index], None, trust_mtime)["digest"]
 
-    big = sum(os.stat(f).st_size for _, f, link in files if not link) > (64 << 20)
-    if big and (os.cpu_count() or 1) > 1:
-        # hashlib releases the GIL on large buffers, so threads use every core.
+    sizes = [fst.st_size if fst else 0 for fst in stats]
+    if sum(sizes) > (64 << 20) and (os.cpu_count() or 1) > 1:
+        # hashlib releases the GIL on large buffers, so threads use every core. The largest
+        # files go first, so no core is left hashing one big file alone at the end.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            digests = list(pool.map(one, files))
+            largest_first = sorted(range(len(files)), key=sizes.__getitem__, reverse=True)
+            futures = {index: pool.submit(one, index) for index in largest_first}
+            digests = [futures[index].result() for index in range(len(files))]
     else:
-        digests = [one(item) for item in files]
+        digests = [one(index) for index in range(len(files))]
     h = hashlib.new(algorithm)
     for (rel, _, _), digest in zip(files, digests):
         h.update(f"{digest}  {rel}\n".encode("utf-8", "surrogateescape"))
