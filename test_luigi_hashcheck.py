@@ -2250,6 +2250,35 @@ def test_python_dash_m_keeps_hashcheck_flags(cli):
     assert json.loads(read(".luigi_hashes/a.txt.json"))["algorithm"] == "md5"
 
 
+def test_explain_adopt_forget_and_accept_as_subprocesses(cli):
+    write("raw.txt", "world")
+    result = run_python(["-m", "luigi_hashcheck", "explain", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 1 and "input raw.txt changed" in result.stdout, result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "accept", "a.txt"], cwd=os.getcwd())
+    assert result.returncode == 0 and "accepted a.txt" in result.stdout, result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "explain", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 0, result.stdout
+    result = run_python(["-m", "luigi_hashcheck", "forget", "c.txt"], cwd=os.getcwd())
+    assert result.returncode == 0 and "forgot c.txt" in result.stdout
+    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 0 and "recorded" in result.stdout and "c.txt" in result.stdout, result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "verify", "--json"], cwd=os.getcwd())
+    assert result.returncode == 0 and json.loads(result.stdout)["counts"]["ok"] == 3
+
+
+def test_a_record_that_is_a_symlink_is_never_written_through(root, tmp_path_factory):
+    assert build(Upper(root))
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "target.json"
+    write(elsewhere, "keep")
+    record_path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
+    record = json.loads(read(record_path))
+    os.remove(record_path)
+    os.symlink(elsewhere, record_path)
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        hc._write_record(record_path, record, hc._settings())
+    assert read(elsewhere) == "keep"
+
+
 def test_console_script_is_the_same_entry_point(cli):
     script = shutil.which("luigi-hashcheck", path=os.path.dirname(sys.executable)) or shutil.which("luigi-hashcheck")
     if script is None:
