@@ -29,6 +29,7 @@ the commands that inspect records without running anything.
 """
 
 __all__ = [
+    "ConfigError",
     "HashCheckError",
     "HashCheckingTask",
     "HashableLocalTarget",
