@@ -1111,46 +1111,16 @@ def test_a_cached_incomplete_is_checked_again_at_run_time(root, config):
     assert sorted(ran(root)) == ["Count", "Head", "Upper"]
 
 
-PIPELINE = '''
-import os
-import luigi
-from luigi_hashcheck import HashCheckingTask
-
-
-class Text(luigi.ExternalTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "seed.txt"))
-
-
-class Shout(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Text(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "shout.txt"))
-
-    def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("Shout\\n")
-        with self.input().open() as src, self.output().open("w") as dst:
-            dst.write(src.read().upper())
-'''
-
-
 def test_the_luigi_command_line_sees_an_edit(tmp_path):
-    load_module(tmp_path, PIPELINE, name="shout_pipeline")
-    write(tmp_path / "seed.txt", "hi")
-    args = ["-m", "luigi", "--module", "shout_pipeline", "Shout", "--root", str(tmp_path), "--local-scheduler"]
-    for text, expected in (("hi", ["Shout"]), ("hi", []), ("ho", ["Shout"])):
-        write(tmp_path / "seed.txt", text)
+    ns = f"cmdline{uuid.uuid4().hex[:8]}"
+    write(tmp_path / ns / "__init__.py", CLI_PIPELINE.format(base="HashCheckingTask", ns=ns))  # never imported here
+    args = ["-m", "luigi", "--module", ns, f"{ns}.A", "--root", str(tmp_path), "--local-scheduler"]
+    for text, expected in (("hi", ["A"]), ("hi", []), ("ho", ["A"])):
+        write(tmp_path / "raw.txt", text)
         result = run_python(args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert ran(str(tmp_path)) == expected, result.stderr
-    assert read(tmp_path / "shout.txt") == "HO"
+    assert read(tmp_path / "a.txt") == "HO"
 
 
 def free_port():
