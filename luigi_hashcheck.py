@@ -474,30 +474,30 @@ def _record_path(path):
     return os.path.join(folder, RECORD_DIR, name + ".json")
 
 
+_LEAVES = {
+    "str": lambda v: type(v) is str and "\0" not in v,
+    "int": lambda v: type(v) is int,
+    "int?": lambda v: v is None or type(v) is int,
+    "params": lambda v: type(v) is dict and all(type(k) is str and type(x) is str for k, x in v.items()),
+}
+_SHAPES = {
+    "task": {"family": "str", "params": "params"},
+    "entry": _ENTRY_FIELDS,
+    "dynamic dependency": {"family": "str", "params": "params", "outputs": "entries"},
+}
+
+
 def _problem(value, kind):
     """Return what is wrong with ``value`` as a record field of ``kind``, or None."""
-    if kind == "str":
-        ok = type(value) is str and "\0" not in value
-    elif kind == "int":
-        ok = type(value) is int
-    elif kind == "int?":
-        ok = value is None or type(value) is int
-    elif kind == "params":
-        ok = type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
-    elif kind == "task":
-        return _fields_problem(value, {"family": "str", "params": "params"})
-    elif kind == "entry":
-        return _fields_problem(value, _ENTRY_FIELDS)
-    elif kind == "entries":
-        if type(value) is not list:
-            return "a list of entries expected"
-        return next(filter(None, (_problem(item, "entry") for item in value)), None)
-    else:  # dynamic
-        if type(value) is not list:
-            return "a list of dynamic dependencies expected"
-        shape = {"family": "str", "params": "params", "outputs": "entries"}
-        return next(filter(None, (_fields_problem(item, shape) for item in value)), None)
-    return None if ok else f"{type(value).__name__} is not a valid {kind}"
+    leaf = _LEAVES.get(kind)
+    if leaf is not None:
+        return None if leaf(value) else f"{type(value).__name__} is not a valid {kind}"
+    if kind in _SHAPES:
+        return _fields_problem(value, _SHAPES[kind])
+    item = "entry" if kind == "entries" else "dynamic dependency"
+    if type(value) is not list:
+        return f"a list of {kind} expected"
+    return next(filter(None, (_fields_problem(x, _SHAPES[item]) for x in value)), None)
 
 
 def _fields_problem(value, fields):
@@ -853,6 +853,17 @@ def _params(task):
     return {name: param.serialize(task.param_kwargs[name]) for name, param in spec}
 
 
+def _outputs(task):
+    """``flatten(task.output())``, made once per task and build: each task's outputs are
+    also the inputs of every task that requires it."""
+    if _build is None:
+        return flatten(task.output())
+    found = _build.outputs.get(task.task_id)
+    if found is None:
+        found = _build.outputs[task.task_id] = flatten(task.output())
+    return found
+
+
 def _deps_and_inputs(task):
     """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()`` per
     task and build: it makes every dependency anew, which costs more than a record check."""
@@ -864,7 +875,7 @@ def _deps_and_inputs(task):
     if cls.input is luigi.Task.input and cls.deps is luigi.Task.deps and cls._requires is luigi.Task._requires:
         # input() is getpaths(requires()), and flattening it gives the same targets in the
         # same order as flattening each dependency's output.
-        found = deps, [target for dep in deps for target in flatten(dep.output())]
+        found = deps, [target for dep in deps for target in _outputs(dep)]
     else:
         found = deps, flatten(task.input())
     if _build is not None:
@@ -882,7 +893,7 @@ def _check_own(task, settings):
     changed gets its stat fields rewritten, so the next process can skip hashing them.
     """
     _counts["record_checks"] += 1
-    outputs = flatten(task.output())
+    outputs = _outputs(task)
     if not outputs:
         warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=3)
         return _stale("task has no outputs")
@@ -1044,6 +1055,7 @@ class _Memo:
         self.running = False
         self.started_ns = time.time_ns()
         self.graph = {}  # task_id -> (dependencies, inputs), as _deps_and_inputs found them
+        self.outputs = {}  # task_id -> flatten(task.output())
         self._settings = None
 
     @property
