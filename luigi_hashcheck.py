@@ -214,7 +214,7 @@ _digest_cache = {}
 
 def _norm(path):
     """Return ``path`` absolute and normalised, so ``out/d/`` and ``out/d`` are one output."""
-    return os.path.normpath(os.path.abspath(os.fspath(path)))
+    return os.path.abspath(path)  # which normalises too
 
 
 def _fresh(entry, st):
@@ -962,8 +962,9 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     algorithm = record["algorithm"]
     folder = os.path.dirname(path)
     fresh = dict(record)
-    output = _entry(luigi.LocalTarget(path), algorithm, record["output"], settings, cache)
-    if output is None:
+    try:
+        output = _digest(path, algorithm, record["output"], settings.trust_mtime)
+    except FileNotFoundError:
         return "output missing", None
     if output["digest"] != record["output"]["digest"]:
         return "output modified", None
