@@ -1103,6 +1103,15 @@ def test_workers_4(tmp_path):
     assert len(ran(str(tmp_path))) == 1 + 3 + 4 + 4 + 4
 
 
+def test_parallel_scheduling_checks_in_a_pool(root):
+    # [core] parallel_scheduling calls complete() in a multiprocessing pool: tasks must pickle.
+    assert build(Count(root), parallel_scheduling=True, workers=2)
+    assert build(Count(root), parallel_scheduling=True, workers=2)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(Count(root), parallel_scheduling=True, workers=2)
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+
+
 def test_a_cached_incomplete_is_checked_again_at_run_time(root, config):
     # With check_complete_on_run, Luigi asks each task again right after its run and each
     # dependency again right before; a remembered "incomplete" would fail the build.
