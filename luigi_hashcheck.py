@@ -93,7 +93,7 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 
 # Counters the tests read to prove the cost stays linear; cheap enough to keep always on.
-_counts = collections.Counter()
+_counts: collections.Counter[str] = collections.Counter()
 
 
 ###############################################################################
@@ -143,7 +143,7 @@ class _DamagedRecord(Exception):
     """A record is unreadable; its task is stale."""
 
 
-_logged = set()
+_logged: set[object] = set()
 
 
 # True while the command line inspects a pipeline: checks then log no hints and write nothing.
@@ -198,7 +198,7 @@ def _check_algorithm(name):
     return name
 
 
-def _settings():
+def _settings() -> _Settings:
     config = hashcheck()
     return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout)
 
@@ -209,15 +209,15 @@ def _settings():
 
 # (path, algorithm) -> entry. Lets a process hash each unchanged file once, however many
 # tasks read it and however many builds run.
-_digest_cache = {}
+_digest_cache: dict[tuple[str, str], dict] = {}
 
 
-def _norm(path):
+def _norm(path: str | os.PathLike) -> str:
     """Return ``path`` absolute and normalised, so ``out/d/`` and ``out/d`` are one output."""
     return os.path.abspath(path)  # which normalises too
 
 
-def _fresh(entry, st):
+def _fresh(entry: dict, st: os.stat_result) -> bool:
     """Whether ``entry`` still vouches for a file whose stat is ``st``."""
     return (
         entry.get("size") == st.st_size
@@ -227,7 +227,7 @@ def _fresh(entry, st):
     )
 
 
-def _hash_file(path, algorithm):
+def _hash_file(path: str, algorithm: str) -> dict:
     """Hash a regular file in blocks; return its entry. Never blocks on a FIFO."""
     with open(os.open(path, os.O_RDONLY | _NONBLOCK | _BINARY), "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
@@ -323,7 +323,7 @@ def _digest_dir(path, algorithm, trust_mtime):
     }
 
 
-def _digest(path, algorithm, known=None, trust_mtime=True):
+def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
     :param path: normalised absolute path.
@@ -347,7 +347,7 @@ def _text_digest(text):
 # Code fingerprints ###########################################################
 ###############################################################################
 
-_fingerprints = {}
+_fingerprints: "dict[type[HashCheckingTask], str]" = {}
 
 
 _DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -399,7 +399,7 @@ def _bytecode_text(obj):
     return "\n".join(parts)
 
 
-_sources = {}
+_sources: dict[object, str] = {}
 
 
 def _source_text(obj):
@@ -432,7 +432,7 @@ def _fallback_text(obj, name):
     return text
 
 
-def _fingerprint(cls):
+def _fingerprint(cls: "type[HashCheckingTask]") -> str:
     """Digest of the source of ``cls`` and of every base it has that HashCheckingTask has
     not (mixins included, wherever they stand), of its ``code_dependencies`` and of its
     ``code_version``. Taken when the class is defined, so a file edited after the import
@@ -468,7 +468,7 @@ _RECORD_FIELDS = {
 }
 
 
-def _record_path(path):
+def _record_path(path: str) -> str:
     """Return the record's path for an output at normalised ``path``."""
     folder, name = os.path.split(path)
     return os.path.join(folder, RECORD_DIR, name + ".json")
@@ -512,7 +512,7 @@ def _fields_problem(value, fields):
     return None
 
 
-def _read_record(path):
+def _read_record(path: str) -> dict | None:
     """Return the record at ``path``, or None if there is none.
 
     :raises _DamagedRecord: if the record is empty, truncated, not a JSON object, of an
@@ -567,7 +567,7 @@ def _records_folder(output_folder):
     return folder
 
 
-_thread_locks = collections.defaultdict(threading.Lock)
+_thread_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
 
 @contextlib.contextmanager
@@ -602,7 +602,7 @@ def _locked(folder, timeout):
 # a dead writer's leftover from a live writer's file.
 _HOST = socket.gethostname().replace("~", "-").replace(os.sep, "-") or "localhost"
 _LEFTOVER_AGE_NS = 600 * 10**9  # far longer than writing a record could take
-_cleaned = set()
+_cleaned: set[str] = set()
 
 
 def _clean_leftovers(folder):
@@ -652,7 +652,7 @@ def _replace(path, data):
     # means a rebuild, while an fsync per record would double the cost of a build.
 
 
-def _write_record(path, record, settings, replacing=None):
+def _write_record(path: str, record: dict, settings: _Settings, replacing: dict | None = None) -> bool:
     """Write ``record`` to the record file ``path`` under its folder's lock.
 
     :param replacing: if given, write only while the record on disk is still this one, so
@@ -688,7 +688,7 @@ def _remove_record(path, settings):
         os.unlink(path)
 
 
-def _input_hash(algorithm, family, params, code, pairs):
+def _input_hash(algorithm: str, family: str, params: dict, code: str, pairs: list) -> str:
     """The one digest over a task's identity, code and (input name, input digest) pairs."""
     payload = json.dumps([family, params, code, pairs], sort_keys=True, separators=(",", ":"))
     return hashlib.new(algorithm, payload.encode("utf-8")).hexdigest()
@@ -748,14 +748,14 @@ class HashableTarget(luigi.Target):
     """
 
     @abc.abstractmethod
-    def hash_content(self):
+    def hash_content(self) -> str:
         """Return the hex digest of the target's content.
 
         :rtype: str
         """
 
     @abc.abstractmethod
-    def get_current_input_hash(self):
+    def get_current_input_hash(self) -> str | None:
         """Return the input hash recorded for the task that made this target, or None
         when there is no usable record.
 
@@ -763,7 +763,7 @@ class HashableTarget(luigi.Target):
         """
 
     @abc.abstractmethod
-    def store_input_hash(self, input_hash):
+    def store_input_hash(self, input_hash: str) -> None:
         """Record ``input_hash`` for this target.
 
         :param str input_hash: the digest returned by the task's input hash.
@@ -777,18 +777,18 @@ class HashableLocalTarget(luigi.LocalTarget, HashableTarget):
     :class:`HashCheckingTask`; this class adds the :class:`HashableTarget` methods.
     """
 
-    def hash_content(self):
+    def hash_content(self) -> str:
         settings = _settings()
         return _digest(_norm(self.path), settings.algorithm, trust_mtime=settings.trust_mtime)["digest"]
 
-    def get_current_input_hash(self):
+    def get_current_input_hash(self) -> str | None:
         try:
             record = _read_record(_record_path(_norm(self.path)))
         except _DamagedRecord:
             return None
-        return record and record["input_hash"]
+        return record["input_hash"] if record else None
 
-    def store_input_hash(self, input_hash):
+    def store_input_hash(self, input_hash: str) -> None:
         settings = _settings()
         path = _norm(self.path)
         record_path = _record_path(path)
@@ -839,7 +839,7 @@ def _stale(reason, inputs=None):
     return _Verdict(False, reason, (), 0, inputs)
 
 
-_param_specs = {}
+_param_specs: dict[type, list] = {}
 
 
 def _params(task):
@@ -1089,8 +1089,8 @@ def _track_builds(method, running):
 
 
 if not getattr(luigi.worker.Worker.add, "_hashcheck", False):
-    luigi.worker.Worker.add = _track_builds(luigi.worker.Worker.add, running=False)
-    luigi.worker.Worker.run = _track_builds(luigi.worker.Worker.run, running=True)
+    luigi.worker.Worker.add = _track_builds(luigi.worker.Worker.add, running=False)  # type: ignore[method-assign]
+    luigi.worker.Worker.run = _track_builds(luigi.worker.Worker.run, running=True)  # type: ignore[method-assign]
 
 
 def _is_complete(root, memo, settings):
@@ -1186,7 +1186,7 @@ class _Run:
         self.dynamic = []  # (task, outputs, entries) of each dynamic dependency handed back
 
 
-_running = set()  # ids of tasks inside their wrapped run(), so super().run() is not wrapped twice
+_running: set[int] = set()  # ids of tasks inside their wrapped run(), so super().run() is not wrapped twice
 
 
 def _before_run(task):
@@ -1402,9 +1402,9 @@ class HashCheckingTask(luigi.Task):
     """
 
     #: Change to force a rerun, for a change the fingerprint cannot see.
-    code_version = None
+    code_version: object = None
     #: Functions, classes or modules whose source joins the code fingerprint.
-    code_dependencies = ()
+    code_dependencies: "tuple[object, ...] | list[object]" = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -1415,7 +1415,7 @@ class HashCheckingTask(luigi.Task):
             cls.run = _wrap_run(run)
         _fingerprint(cls)
 
-    def complete(self):
+    def complete(self) -> bool:
         """Whether the outputs exist and match their records, and every task this one
         depends on, recursively, is complete too."""
         memo = _memo()
@@ -1871,7 +1871,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run the ``luigi-hashcheck`` command line and return its exit code.
 
     :param argv: the arguments, without the program name; ``sys.argv[1:]`` by default.
