@@ -87,7 +87,7 @@ _BLOCK = 1 << 20
 # A file rewritten within one timestamp tick keeps its mtime (SCons issue #2760), so a
 # digest only vouches for a stat taken at least this long after the file's mtime.
 _TICK_NS = 2_000_000_000
-_MAX_RECORD_BYTES = 16 << 20
+_MAX_RECORD_BYTES = 256 << 20  # a folder of a million files lists them all
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
@@ -199,7 +199,10 @@ def _check_algorithm(name):
 
 
 def _settings() -> _Settings:
-    config = hashcheck()
+    try:
+        config = hashcheck()
+    except (ValueError, luigi.parameter.ParameterException) as exc:
+        raise ConfigError(f"[hashcheck] {exc}") from exc
     return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout)
 
 
@@ -286,19 +289,28 @@ def _list_dir(root):
                     yield name, entry.path, False
 
 
-def _digest_dir(path, algorithm, trust_mtime):
-    """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted."""
+def _digest_dir(path, algorithm, trust_mtime, known=None):
+    """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
+
+    The entry lists each file as [relative path, digest, size, mtime_ns, inode, hashed_ns],
+    so a later check can skip hashing the files whose stat still matches, as for one file.
+    """
     files = sorted(_list_dir(path))
     st = os.stat(path)
     stats = [None if link else os.stat(full) for _rel, full, link in files]
+    recorded = {}
+    if known and known.get("kind") == "dir":
+        for rel, digest, size, mtime_ns, inode, hashed_ns in known.get("files", ()):
+            recorded[rel] = {"kind": "file", "digest": digest, "size": size, "mtime_ns": mtime_ns, "inode": inode, "hashed_ns": hashed_ns}
 
     def one(index):
-        _rel, full, link = files[index]
+        rel, full, link = files[index]
         if link:
-            return "link:" + os.readlink(full)
+            return [rel, "link:" + os.readlink(full), None, None, None, 0]
         if not stat.S_ISREG(stats[index].st_mode):
             raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
-        return _digest_file(full, algorithm, stats[index], None, trust_mtime)["digest"]
+        entry = _digest_file(full, algorithm, stats[index], recorded.get(rel), trust_mtime)
+        return [rel, entry["digest"], entry["size"], entry["mtime_ns"], entry["inode"], entry["hashed_ns"]]
 
     sizes = [fst.st_size if fst else 0 for fst in stats]
     if sum(sizes) > (64 << 20) and (os.cpu_count() or 1) > 1:
@@ -307,11 +319,11 @@ def _digest_dir(path, algorithm, trust_mtime):
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             largest_first = sorted(range(len(files)), key=sizes.__getitem__, reverse=True)
             futures = {index: pool.submit(one, index) for index in largest_first}
-            digests = [futures[index].result() for index in range(len(files))]
+            listed = [futures[index].result() for index in range(len(files))]
     else:
-        digests = [one(index) for index in range(len(files))]
+        listed = [one(index) for index in range(len(files))]
     h = hashlib.new(algorithm)
-    for (rel, _, _), digest in zip(files, digests):
+    for rel, digest, *_stat in listed:
         h.update(f"{digest}  {rel}\n".encode("utf-8", "surrogateescape"))
     return {
         "kind": "dir",
@@ -320,6 +332,7 @@ def _digest_dir(path, algorithm, trust_mtime):
         "mtime_ns": st.st_mtime_ns,
         "inode": st.st_ino,
         "hashed_ns": time.time_ns(),
+        "files": listed,
     }
 
 
@@ -328,12 +341,12 @@ def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: b
 
     :param path: normalised absolute path.
     :param known: a recorded entry for the same path; its digest is reused while the
-        file's size, mtime and inode still match it.
+        file's size, mtime and inode still match it (for a folder, file by file).
     :raises FileNotFoundError: if nothing is at ``path``.
     """
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
-        return _digest_dir(path, algorithm, trust_mtime)
+        return _digest_dir(path, algorithm, trust_mtime, known)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
     return _digest_file(path, algorithm, st, known, trust_mtime)
@@ -378,8 +391,23 @@ def _ast_text(node):
     return f"{type(node).__name__}({','.join(fields)})"
 
 
+def _stable_repr(value):
+    """repr() that does not depend on the hash seed or on memory addresses."""
+    if hasattr(value, "co_code"):
+        return _code_text(value)
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({sorted(map(_stable_repr, value))})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(sorted(f"{_stable_repr(k)}: {_stable_repr(v)}" for k, v in value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}({[_stable_repr(v) for v in value]})"
+    if isinstance(value, (str, bytes, int, float, complex, bool, type(None))):
+        return repr(value)
+    return f"<{type(value).__qualname__}>"
+
+
 def _code_text(code):
-    consts = [_code_text(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    consts = [_stable_repr(c) for c in code.co_consts]
     return f"{code.co_code.hex()}|{consts}|{code.co_names}"
 
 
@@ -394,8 +422,8 @@ def _bytecode_text(obj):
         code = getattr(value, "__code__", None)
         if code is not None:
             parts.append(f"{name}:{_code_text(code)}|{value.__defaults__!r}|{value.__kwdefaults__!r}")
-        elif isinstance(value, (str, bytes, int, float, bool, type(None), tuple, frozenset)):
-            parts.append(f"{name}={value!r}")
+        elif not callable(value) and not name.startswith("__"):
+            parts.append(f"{name}={_stable_repr(value)}")
     return "\n".join(parts)
 
 
@@ -413,8 +441,9 @@ def _source_text(obj):
         text = _ast_text(ast.parse(textwrap.dedent(inspect.getsource(obj))))
     except (OSError, TypeError, SyntaxError, RecursionError):
         text = _fallback_text(obj, name)
-    with contextlib.suppress(TypeError):
-        _sources[obj] = text
+    if not inspect.ismodule(obj):  # importlib.reload() changes a module in place
+        with contextlib.suppress(TypeError):
+            _sources[obj] = text
     return text
 
 
@@ -493,11 +522,25 @@ def _problem(value, kind):
     if leaf is not None:
         return None if leaf(value) else f"{type(value).__name__} is not a valid {kind}"
     if kind in _SHAPES:
-        return _fields_problem(value, _SHAPES[kind])
+        problem = _fields_problem(value, _SHAPES[kind])
+        if problem is None and kind == "entry" and "files" in value:
+            problem = _files_problem(value["files"])
+        return problem
     item = "entry" if kind == "entries" else "dynamic dependency"
     if type(value) is not list:
         return f"a list of {kind} expected"
     return next(filter(None, (_fields_problem(x, _SHAPES[item]) for x in value)), None)
+
+
+def _files_problem(value):
+    """What is wrong with a folder entry's list of files, or None."""
+    if type(value) is not list:
+        return "files: a list expected"
+    kinds = ("str", "str", "int?", "int?", "int?", "int")
+    for item in value:
+        if type(item) is not list or len(item) != len(kinds) or not all(_LEAVES[k](v) for v, k in zip(item, kinds)):
+            return "files: each file must be [path, digest, size, mtime_ns, inode, hashed_ns]"
+    return None
 
 
 def _fields_problem(value, fields):
@@ -856,18 +899,20 @@ def _params(task):
 def _outputs(task):
     """``flatten(task.output())``, made once per task and build: each task's outputs are
     also the inputs of every task that requires it."""
-    if _build is None:
+    build = _build()
+    if build is None:
         return flatten(task.output())
-    found = _build.outputs.get(task.task_id)
+    found = build.outputs.get(task.task_id)
     if found is None:
-        found = _build.outputs[task.task_id] = flatten(task.output())
+        found = build.outputs[task.task_id] = flatten(task.output())
     return found
 
 
 def _deps_and_inputs(task):
     """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()`` per
     task and build: it makes every dependency anew, which costs more than a record check."""
-    known = _build.graph.get(task.task_id) if _build is not None else None
+    build = _build()
+    known = build.graph.get(task.task_id) if build is not None else None
     if known is not None:
         return known
     deps = task.deps()
@@ -878,8 +923,8 @@ def _deps_and_inputs(task):
         found = deps, [target for dep in deps for target in _outputs(dep)]
     else:
         found = deps, flatten(task.input())
-    if _build is not None:
-        _build.graph[task.task_id] = found
+    if build is not None:
+        build.graph[task.task_id] = found
     return found
 
 
@@ -1014,9 +1059,15 @@ def _compare_entry(target, recorded, algorithm, settings, cache, what):
 
 def _stat_refreshed(recorded, current):
     """The recorded entry with the current stat fields, when those would let the next
-    process skip the hash; otherwise the recorded entry unchanged."""
-    if current["kind"] == "file" and current is not recorded and current["hashed_ns"] - current["mtime_ns"] >= _TICK_NS:
+    process skip a hash; otherwise the recorded entry unchanged."""
+    if current is recorded or current["kind"] != recorded["kind"]:
+        return recorded
+    if current["kind"] == "file" and current["hashed_ns"] - current["mtime_ns"] >= _TICK_NS:
         return dict(current, path=recorded["path"])
+    if current["kind"] == "dir":
+        before = {item[0]: item for item in recorded.get("files", ())}
+        if any(item != before.get(item[0]) and item[5] - (item[3] or 0) >= _TICK_NS for item in current["files"]):
+            return dict(current, path=recorded["path"])
     return recorded
 
 
@@ -1068,21 +1119,27 @@ class _Memo:
         return self._settings
 
 
-_build = None
+# The memo of the build running in this thread, if any. Per thread, as Luigi allows builds in
+# threads; forked workers inherit their parent's.
+_local = threading.local()
+
+
+def _build():
+    return getattr(_local, "build", None)
+
 
 
 def _track_builds(method, running):
     @functools.wraps(method)
     def wrapper(worker, *args, **kwargs):
-        global _build
         memo = worker.__dict__.setdefault("_hashcheck_memo", _Memo())
-        outer, was_running = _build, memo.running
-        _build = memo
+        outer, was_running = _build(), memo.running
+        _local.build = memo
         memo.running = running or was_running
         try:
             return method(worker, *args, **kwargs)
         finally:
-            _build, memo.running = outer, was_running
+            _local.build, memo.running = outer, was_running
 
     wrapper._hashcheck = True
     return wrapper
@@ -1168,7 +1225,7 @@ def _warn_if_hiding(task, complete):
 
 
 def _memo():
-    return _build if _build is not None else _Memo()
+    return _build() or _Memo()
 
 
 ###############################################################################
@@ -1414,6 +1471,15 @@ class HashCheckingTask(luigi.Task):
         if callable(run) and run is not luigi.Task.run and not getattr(run, "_hashcheck", False):
             cls.run = _wrap_run(run)
         _fingerprint(cls)
+        # Not cls.batch_param_names(): ABCMeta has not finished making the class yet.
+        params = (value for klass in cls.__mro__ for value in vars(klass).values())
+        if any(isinstance(value, luigi.Parameter) and value._is_batchable() for value in params):
+            _log_once(
+                key=("batch", cls),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: {cls.__name__} has batch_method parameters, which luigi_hashcheck "
+                "does not support: only the task a batch runs as gets records, so the others run again",
+            )
 
     def complete(self) -> bool:
         """Whether the outputs exist and match their records, and every task this one
@@ -1439,7 +1505,10 @@ class _UsageError(HashCheckError):
 
 def _show(path):
     """A path as the user will read it: relative to the current folder when inside it."""
-    relative = os.path.relpath(path)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
     return path if relative.startswith("..") else relative
 
 
@@ -1465,7 +1534,7 @@ def _find_records(paths):
                         print(f"luigi-hashcheck: skipping {_show(records)}: a symbolic link", file=sys.stderr)
                         continue
                     for name in sorted(os.listdir(records)):
-                        if name.endswith(".json") and not name.startswith("."):
+                        if name.endswith(".json"):  # not .lock, nor a temporary .tmp
                             found.append(os.path.join(records, name))
         elif os.path.lexists(path):
             raise _UsageError(f"{given} has no record and is not a folder")
@@ -1595,7 +1664,8 @@ def _progress(total):
 def _cmd_verify(args):
     records = _find_records(args.paths or ["."])
     progress = None if args.quiet else _progress(len(records))
-    results = _Verification(not args.no_trust_mtime, progress).run(records)
+    trust_mtime = not args.no_trust_mtime and _settings().trust_mtime
+    results = _Verification(trust_mtime, progress).run(records)
     if progress:
         print("\r\033[K", end="", file=sys.stderr)
     counts = collections.Counter(status for _, status, _ in results)
@@ -1846,7 +1916,7 @@ def _parser():
     verify.add_argument("paths", nargs="*", metavar="PATH", help="an output, or a folder to search (default: .)")
     verify.add_argument("--json", action="store_true", help="print one JSON document")
     verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    verify.add_argument("--no-trust-mtime", action="store_true", help="hash every file, whatever its stat says")
+    verify.add_argument("--no-trust-mtime", action="store_true", help="hash every file, whatever its stat says (as [hashcheck] trust_mtime = false does)")
     verify.set_defaults(func=_cmd_verify)
 
     for name, func, text in (
@@ -1889,7 +1959,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as exc:  # argparse and Luigi's parser exit; we return codes instead
         return 0 if exc.code in (0, None) else 2
-    except _UsageError as exc:
+    except (_UsageError, ConfigError) as exc:
         print(f"luigi-hashcheck: {exc}", file=sys.stderr)
         return 2
     except HashCheckError as exc:

@@ -1807,6 +1807,138 @@ def test_forget_reports_a_folder_named_like_a_record(cli, capsys):
     assert os.path.isdir(".luigi_hashes/odd.json") and not os.path.exists(".luigi_hashes/a.txt.json")
 
 
+def test_a_reloaded_helper_module_changes_the_fingerprint(root, monkeypatch):
+    import importlib
+
+    helper_name = f"helpers_{uuid.uuid4().hex[:8]}"
+    write(os.path.join(root, helper_name + ".py"), "def clean(text):\n    return text.strip()\n")
+    monkeypatch.syspath_prepend(root)
+    helper = importlib.import_module(helper_name)
+    pipeline = CODE.replace("code_dependencies = (helper,)", f"code_dependencies = (__import__({helper_name!r}),)")
+    first = hc._fingerprint(load_module(root, pipeline).Step)
+    write(helper.__file__, "def clean(text):\n    return text.strip().lower()\n")
+    importlib.reload(helper)  # as a notebook user would, then run the cell defining Step again
+    assert hc._fingerprint(load_module(root, pipeline).Step) != first
+
+
+def test_no_source_fingerprint_is_stable_across_hash_seeds_and_sees_attributes(tmp_path):
+    script = textwrap.dedent(
+        """
+        import luigi
+        from luigi_hashcheck import _fingerprint, HashCheckingTask
+        class Inline(HashCheckingTask):
+            COLUMNS = ["a", "b"]
+            def output(self):
+                return luigi.LocalTarget("inline.txt")
+            def run(self):
+                return {"x", "y", "z", "w"}
+        print(_fingerprint(Inline))
+        """
+    )
+    seeds = {run_python(["-c", script], cwd=tmp_path, env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(seeds) == 1
+    edited = run_python(["-c", script.replace('["a", "b"]', '["a", "c"]')], cwd=tmp_path, env={"PYTHONHASHSEED": "1"})
+    assert edited.stdout not in seeds
+
+
+class Gate(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "gate.txt"))
+
+    def run(self):
+        gates[self.root][0].set()
+        gates[self.root][1].wait(30)
+        write(self.output().path, "opened")
+
+
+gates = {}
+
+
+def test_a_build_in_another_thread_leaves_this_one_alone(root, config):
+    config("worker", "no_install_shutdown_handler", "true")  # signals only work in the main thread
+    gates[root] = (threading.Event(), threading.Event())
+    thread = threading.Thread(target=build, args=(Gate(root),))
+    thread.start()
+    try:
+        assert gates[root][0].wait(30)
+        assert hc._build() is None  # that thread's build, not this thread's
+        assert not Upper(root).complete()
+    finally:
+        gates[root][1].set()
+        thread.join(30)
+    assert Gate(root).complete()
+
+
+def test_verify_follows_trust_mtime_in_luigi_cfg(cli, capsys, config):
+    age(".")
+    cli_main(["accept", "."], capsys)
+    st = os.stat("a.txt")
+    with open("a.txt", "r+") as f:
+        f.write("J")
+    os.utime("a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    config("hashcheck", "trust_mtime", "false")
+    code, out, _ = cli_main(["verify", "a.txt"], capsys)
+    assert code == 1 and out.startswith("modified")
+
+
+class Marker(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, ".done"))
+
+    def run(self):
+        write(self.output().path, "done")
+
+
+def test_verify_and_forget_find_outputs_whose_names_start_with_a_dot(root, capsys):
+    assert build(Marker(root))
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 0 and out.startswith("1 outputs")
+    write(os.path.join(root, ".done"), "changed")
+    assert cli_main(["verify", root], capsys)[0] == 1
+    cli_main(["forget", root], capsys)
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", ".done.json"))
+
+
+@pytest.mark.parametrize("flag", [["--hashcheck-algorithm", "sha257"], ["--hashcheck-lock-timeout", "soon"], ["--hashcheck-trust-mtime", "maybe"]])
+def test_bad_configuration_on_the_command_line_exits_2(cli, capsys, flag):
+    code, _, err = cli_main(["explain", *cli.task("C"), *flag], capsys)
+    assert code == 2 and err.startswith("luigi-hashcheck:")
+
+
+def test_batch_method_parameters_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+
+        class Batched(HashCheckingTask):
+            day = luigi.Parameter(batch_method=",".join)
+
+    assert any("batch_method" in r.getMessage() and "Batched" in r.getMessage() for r in caplog.records)
+
+
+def test_files_in_a_directory_are_not_hashed_again(root):
+    assert build(Folder(root))
+    age(root)
+    assert build(Folder(root))  # re-hashes the aged files once and refreshes the record
+    assert [f[0] for f in record_of(os.path.join(root, "folder"))["output"]["files"]] == ["one.txt", "sub/two.txt"]
+    hc._digest_cache.clear()  # as a new process would start
+    hc._counts.clear()
+    assert Folder(root).complete()
+    assert hc._counts["reads"] == 0
+    write(os.path.join(root, "folder", "one.txt"), "9")  # same size, new mtime: hashed, and seen
+    assert not Folder(root).complete()
+
+
+def test_show_keeps_a_path_on_another_drive(monkeypatch):
+    def other_drive(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(hc.os.path, "relpath", other_drive)
+    assert hc._show("/data/x") == "/data/x"
+
+
 DYNAMIC_PIPELINE = """
 import os
 import luigi
