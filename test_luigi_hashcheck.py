@@ -4,6 +4,7 @@ import contextlib
 import errno
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -2042,7 +2043,7 @@ def test_processes_contending_for_a_lock_lose_no_update(tmp_path):
 
 
 def test_verify_shows_progress_only_on_a_terminal(monkeypatch, capsys):
-    clock = iter(range(100))
+    clock = itertools.count()
     monkeypatch.setattr(hc.time, "monotonic", lambda: next(clock) * 0.5)
     monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: True, raising=False)
     report = hc._progress(10)
