@@ -395,15 +395,16 @@ def _stable_repr(value):
     """repr() that does not depend on the hash seed or on memory addresses."""
     if hasattr(value, "co_code"):
         return _code_text(value)
+    if hasattr(value, "__code__"):  # a function, a lambda
+        return _code_text(value.__code__)
     if isinstance(value, (set, frozenset)):
         return f"{type(value).__name__}({sorted(map(_stable_repr, value))})"
     if isinstance(value, dict):
         return "{" + ", ".join(sorted(f"{_stable_repr(k)}: {_stable_repr(v)}" for k, v in value.items())) + "}"
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__}({[_stable_repr(v) for v in value]})"
-    if isinstance(value, (str, bytes, int, float, complex, bool, type(None))):
-        return repr(value)
-    return f"<{type(value).__qualname__}>"
+    text = repr(value)
+    return f"<{type(value).__qualname__}>" if " at 0x" in text else text
 
 
 def _code_text(code):
@@ -421,7 +422,7 @@ def _bytecode_text(obj):
         value = inspect.unwrap(getattr(value, "__func__", getattr(value, "fget", value)))
         code = getattr(value, "__code__", None)
         if code is not None:
-            parts.append(f"{name}:{_code_text(code)}|{value.__defaults__!r}|{value.__kwdefaults__!r}")
+            parts.append(f"{name}:{_code_text(code)}|{_stable_repr(value.__defaults__)}|{_stable_repr(value.__kwdefaults__)}")
         elif not callable(value) and not name.startswith("__"):
             parts.append(f"{name}={_stable_repr(value)}")
     return "\n".join(parts)
@@ -529,7 +530,7 @@ def _problem(value, kind):
     item = "entry" if kind == "entries" else "dynamic dependency"
     if type(value) is not list:
         return f"a list of {kind} expected"
-    return next(filter(None, (_fields_problem(x, _SHAPES[item]) for x in value)), None)
+    return next(filter(None, (_problem(x, item) for x in value)), None)
 
 
 def _files_problem(value):
@@ -1258,8 +1259,18 @@ def _before_run(task):
         memo.answers[task.task_id] = True
         _confirm(task, settings)
         return None
+    inputs = verdict.inputs if verdict.inputs is not None else _deps_and_inputs(task)[1]
+    cache = {}
+    entries = []
+    for index, target in enumerate(inputs):
+        entry = _entry(target, settings.algorithm, None, settings, cache)
+        if entry is None:
+            raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
+        entries.append(entry)
+    outputs = flatten(task.output())
+    _refuse_nesting(task, outputs, inputs)
     # temporary_path() refuses to replace an existing output (luigi issue #2997).
-    for output in flatten(task.output()):
+    for output in outputs:
         if isinstance(output, luigi.LocalTarget):
             path = _norm(output.path)
             if os.path.lexists(path):
@@ -1271,15 +1282,23 @@ def _before_run(task):
             _remove_record(_record_path(path), settings)
         elif output.exists() and callable(getattr(output, "remove", None)):
             output.remove()
-    inputs = verdict.inputs if verdict.inputs is not None else _deps_and_inputs(task)[1]
-    cache = {}
-    entries = []
-    for index, target in enumerate(inputs):
-        entry = _entry(target, settings.algorithm, None, settings, cache)
-        if entry is None:
-            raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
-        entries.append(entry)
     return _Run(settings, inputs, entries)
+
+
+def _refuse_nesting(task, outputs, inputs):
+    """Before a rerun clears its folder outputs, make sure they hold nothing of others: no
+    input of the task, and no other output with records of its own."""
+    for output in outputs:
+        path = _norm(output.path) if isinstance(output, luigi.LocalTarget) else None
+        if path is None or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        inside = [t.path for t in inputs if isinstance(t, luigi.LocalTarget) and _norm(t.path).startswith(path + os.sep)]
+        inside += [os.path.join(root, RECORD_DIR) for root, dirs, _files in os.walk(path) if RECORD_DIR in dirs]
+        if inside:
+            raise HashCheckError(
+                f"{inside[0]} lies inside {path}, the folder output of {task}, which a rerun would remove; "
+                "an output may not lie inside another task's folder output"
+            )
 
 
 def _confirm(task, settings):

@@ -856,6 +856,7 @@ DAMAGE = {
     "mistyped entry": lambda text: json.dumps(dict(json.loads(text), inputs=[{"path": 1}])),
     "unknown algorithm": lambda text: text.replace('"sha256"', '"rot13"'),
     "huge number": lambda text: json.dumps(dict(json.loads(text), format=10**400)),
+    "mistyped files of an input": lambda text: json.dumps(dict(json.loads(text), inputs=[dict(json.loads(text)["inputs"][0], files=[1, 2])])),
 }
 
 
@@ -1938,6 +1939,58 @@ def test_show_keeps_a_path_on_another_drive(monkeypatch):
 
     monkeypatch.setattr(hc.os.path, "relpath", other_drive)
     assert hc._show("/data/x") == "/data/x"
+
+
+def fallback_fingerprint(source):
+    """The fingerprint of class A in ``source``, compiled with no file behind it."""
+    namespace = {"HashCheckingTask": HashCheckingTask}
+    exec(compile(textwrap.dedent(source), "<no file>", "exec"), namespace)  # noqa: S102 - test code
+    return hc._fingerprint(namespace["A"])
+
+
+def test_no_source_fingerprint_sees_attribute_values_and_defaults():
+    dated = "import datetime\nclass A(HashCheckingTask):\n    cutoff = datetime.date({})\n"
+    assert fallback_fingerprint(dated.format("2024, 1, 1")) != fallback_fingerprint(dated.format("2025, 6, 30"))
+    keyed = "class A(HashCheckingTask):\n    def run(self, key=lambda x: x{}):\n        pass\n"
+    assert fallback_fingerprint(keyed.format("")) == fallback_fingerprint(keyed.format(""))
+    assert fallback_fingerprint(keyed.format("")) != fallback_fingerprint(keyed.format(" + 1"))
+
+
+class Inner(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "outer", "inner.txt"))
+
+    def run(self):
+        write(self.output().path, "inner")
+
+
+class Outer(HashCheckingTask):
+    """A folder output that would swallow the output of a task it requires."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Inner(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "outer"))
+
+    def run(self):
+        write(os.path.join(self.output().path, "more.txt"), "more")
+
+
+def test_a_folder_output_holding_another_output_is_refused_before_anything_is_removed(root):
+    failures = []
+    handler = Outer.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
+    try:
+        assert not build(Outer(root))
+    finally:
+        Outer._event_callbacks[Outer][luigi.Event.FAILURE].discard(handler)
+    assert "inner.txt" in str(failures[0]) and "folder output of Outer" in str(failures[0])
+    assert read(os.path.join(root, "outer", "inner.txt")) == "inner"
+    assert Inner(root).complete()
 
 
 DYNAMIC_PIPELINE = """
