@@ -723,13 +723,21 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
 
 
 def _remove_record(path, settings):
+    """Remove the record file ``path``, under its folder's lock; return whether it was there.
+    A record that is a link goes, not what it points to."""
     folder = os.path.dirname(path)
     if not os.path.lexists(path):
-        return
+        return False
     if os.path.islink(folder):
         raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
-    with _locked(folder, settings.lock_timeout), contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    with _locked(folder, settings.lock_timeout):
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise HashCheckError(f"{path} is a folder, not a record")
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _input_hash(algorithm: str, family: str, params: dict, code: str, pairs: list) -> str:
@@ -1286,8 +1294,9 @@ def _before_run(task):
 
 
 def _refuse_nesting(task, outputs, inputs):
-    """Before a rerun clears its folder outputs, make sure they hold nothing of others: no
-    input of the task, and no other output with records of its own."""
+    """Make sure ``task``'s folder outputs hold nothing of others: no input of the task, and no
+    other output with records of its own. Checked before a rerun clears them, and again
+    before their records are written."""
     for output in outputs:
         path = _norm(output.path) if isinstance(output, luigi.LocalTarget) else None
         if path is None or not os.path.isdir(path) or os.path.islink(path):
@@ -1296,7 +1305,7 @@ def _refuse_nesting(task, outputs, inputs):
         inside += [os.path.join(root, RECORD_DIR) for root, dirs, _files in os.walk(path) if RECORD_DIR in dirs]
         if inside:
             raise HashCheckError(
-                f"{inside[0]} lies inside {path}, the folder output of {task}, which a rerun would remove; "
+                f"{inside[0]} lies inside {path}, the folder output of {task}; "
                 "an output may not lie inside another task's folder output"
             )
 
@@ -1337,15 +1346,12 @@ def _after_run(task, state):
     settings = state.settings
     algorithm = settings.algorithm
     cache = {}
-    for index, (target, before) in enumerate(zip(state.inputs, state.entries)):
+    read = list(zip(state.inputs, state.entries))
+    read += [pair for _dep, targets, entries in state.dynamic for pair in zip(targets, entries)]
+    for index, (target, before) in enumerate(read):
         after = _entry(target, algorithm, before, settings, cache)
-        if after is None or after["digest"] != before["digest"]:
+        if before is None or after is None or after["digest"] != before["digest"]:
             raise InputChangedError(task, _name(target, None, index))
-    for dep, targets, entries in state.dynamic:
-        for index, (target, before) in enumerate(zip(targets, entries)):
-            after = _entry(target, algorithm, before, settings, cache)
-            if before is None or after is None or after["digest"] != before["digest"]:
-                raise InputChangedError(task, _name(target, None, index))
     _record(task, settings, state.inputs, state.entries, state.dynamic)
     _memo().answers[task.task_id] = True
 
@@ -1363,6 +1369,7 @@ def _record(task, settings, inputs, entries, dynamic):
     code = _fingerprint(type(task))
     outputs = flatten(task.output())
     _require_hashable(task, outputs)
+    _refuse_nesting(task, outputs, inputs)
     written = []
     for output in outputs:
         if not isinstance(output, luigi.LocalTarget):
@@ -1388,13 +1395,6 @@ def _record(task, settings, inputs, entries, dynamic):
         pairs = [[e["path"], e["digest"]] for e in named_inputs]
         pairs += [[e["path"], e["digest"]] for dep in named_dynamic for e in dep["outputs"]]
         output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
-        if output_entry["kind"] == "dir":
-            for root, dirs, _files in os.walk(path):
-                if RECORD_DIR in dirs:
-                    raise HashCheckError(
-                        f"{os.path.join(root, RECORD_DIR)} lies inside {path}, the directory output of {task}; "
-                        "an output may not lie inside another task's directory output"
-                    )
         record = {
             "format": _FORMAT,
             "algorithm": algorithm,
@@ -1703,20 +1703,20 @@ def _cmd_verify(args):
 
 
 def _cmd_forget(args):
+    settings = _settings()
     removed = 0
     failed = 0
     for record_path in _find_records(args.paths):
-        folder = os.path.dirname(record_path)
-        if os.path.islink(folder):
-            raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
-        with _locked(folder, _settings().lock_timeout), contextlib.suppress(FileNotFoundError):
-            if stat.S_ISDIR(os.lstat(record_path).st_mode):
-                print(f"cannot forget {_show(_output_of(record_path))}: {_show(record_path)} is a folder")
-                failed += 1
-                continue
-            os.unlink(record_path)  # a record that is a link: only the link goes
-            removed += 1
-            print(f"forgot {_show(_output_of(record_path))}")
+        output = _show(_output_of(record_path))
+        try:
+            if _remove_record(record_path, settings):
+                removed += 1
+                print(f"forgot {output}")
+        except HashCheckError as exc:
+            if os.path.islink(os.path.dirname(record_path)):
+                raise
+            print(f"cannot forget {output}: {exc}")
+            failed += 1
     print(f"{removed} records removed; their tasks will run again")
     return 1 if failed else 0
 
