@@ -746,6 +746,12 @@ def _input_hash(algorithm: str, family: str, params: dict, code: str, pairs: lis
     return hashlib.new(algorithm, payload.encode("utf-8")).hexdigest()
 
 
+def _pairs(inputs, dynamic):
+    """The (name, digest) pairs a local record's input hash covers: its inputs, then the
+    outputs of its dynamic dependencies."""
+    return [[e["path"], e["digest"]] for e in inputs + [e for dep in dynamic for e in dep["outputs"]]]
+
+
 def _name(target, folder, index):
     """Name an input in a record: a path relative to the output's folder, so trees can move."""
     path = getattr(target, "path", None)
@@ -1392,8 +1398,7 @@ def _record(task, settings, inputs, entries, dynamic):
             }
             for dep, targets, dep_entries in dynamic
         ]
-        pairs = [[e["path"], e["digest"]] for e in named_inputs]
-        pairs += [[e["path"], e["digest"]] for dep in named_dynamic for e in dep["outputs"]]
+        pairs = _pairs(named_inputs, named_dynamic)
         output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
         record = {
             "format": _FORMAT,
@@ -1755,8 +1760,7 @@ def _cmd_accept(args):
         record["inputs"] = [fresh[id(e)] for e in record["inputs"]]
         for dep in record["dynamic"]:
             dep["outputs"] = [fresh[id(e)] for e in dep["outputs"]]
-        pairs = [[e["path"], e["digest"]] for e in record["inputs"]]
-        pairs += [[e["path"], e["digest"]] for dep in record["dynamic"] for e in dep["outputs"]]
+        pairs = _pairs(record["inputs"], record["dynamic"])
         record["input_hash"] = _input_hash(algorithm, record["task"]["family"], record["task"]["params"], record["code"], pairs)
         record["created_ns"] = time.time_ns()
         _write_record(record_path, record, settings)
