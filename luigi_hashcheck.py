@@ -61,7 +61,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,7 +75,7 @@ if __name__ == "__main__":
 
 import luigi
 import luigi.worker
-from luigi.task import flatten
+from luigi.task import flatten, getpaths
 from luigi.task_register import Register
 
 logger = logging.getLogger("luigi-interface")
@@ -220,13 +219,18 @@ def _norm(path: str | os.PathLike) -> str:
     return os.path.abspath(path)  # which normalises too
 
 
-def _fresh(entry: dict, st: os.stat_result) -> bool:
-    """Whether ``entry`` still vouches for a file whose stat is ``st``."""
+def _fresh(entry: dict, st: os.stat_result, rechecked: bool = False) -> bool:
+    """Whether ``entry`` still vouches for a file whose stat is ``st``.
+
+    A file written less than a tick before it was hashed may have changed since without
+    changing its stat, so its entry vouches for it only when ``rechecked``: when the
+    file will be hashed again after the task has read it, as run() inputs are.
+    """
     return (
         entry.get("size") == st.st_size
         and entry.get("mtime_ns") == st.st_mtime_ns
         and entry.get("inode") == st.st_ino
-        and entry["hashed_ns"] - st.st_mtime_ns >= _TICK_NS
+        and (rechecked or entry["hashed_ns"] - st.st_mtime_ns >= _TICK_NS)
     )
 
 
@@ -255,12 +259,12 @@ def _hash_file(path: str, algorithm: str) -> dict:
     }
 
 
-def _digest_file(path, algorithm, st, known, trust_mtime):
+def _digest_file(path, algorithm, st, known, trust_mtime, rechecked=False):
     if trust_mtime:
-        if known and known.get("kind") == "file" and _fresh(known, st):
+        if known and known.get("kind") == "file" and _fresh(known, st, rechecked):
             return dict(known)
         cached = _digest_cache.get((path, algorithm))
-        if cached and _fresh(cached, st):
+        if cached and _fresh(cached, st, rechecked):
             return dict(cached)
     entry = _hash_file(path, algorithm)
     _digest_cache[(path, algorithm)] = entry
@@ -289,7 +293,7 @@ def _list_dir(root):
                     yield name, entry.path, False
 
 
-def _digest_dir(path, algorithm, trust_mtime, known=None):
+def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
 
     The entry lists each file as [relative path, digest, size, mtime_ns, inode, hashed_ns],
@@ -309,7 +313,7 @@ def _digest_dir(path, algorithm, trust_mtime, known=None):
             return [rel, "link:" + os.readlink(full), None, None, None, 0]
         if not stat.S_ISREG(stats[index].st_mode):
             raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
-        entry = _digest_file(full, algorithm, stats[index], recorded.get(rel), trust_mtime)
+        entry = _digest_file(full, algorithm, stats[index], recorded.get(rel), trust_mtime, rechecked)
         return [rel, entry["digest"], entry["size"], entry["mtime_ns"], entry["inode"], entry["hashed_ns"]]
 
     sizes = [fst.st_size if fst else 0 for fst in stats]
@@ -336,20 +340,21 @@ def _digest_dir(path, algorithm, trust_mtime, known=None):
     }
 
 
-def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True) -> dict:
+def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
     :param path: normalised absolute path.
     :param known: a recorded entry for the same path; its digest is reused while the
         file's size, mtime and inode still match it (for a folder, file by file).
+    :param rechecked: the caller hashes the path again later (see ``_fresh``).
     :raises FileNotFoundError: if nothing is at ``path``.
     """
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
-        return _digest_dir(path, algorithm, trust_mtime, known)
+        return _digest_dir(path, algorithm, trust_mtime, known, rechecked)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
-    return _digest_file(path, algorithm, st, known, trust_mtime)
+    return _digest_file(path, algorithm, st, known, trust_mtime, rechecked)
 
 
 def _text_digest(text):
@@ -604,9 +609,13 @@ def _read_record(path: str) -> dict | None:
 def _records_folder(output_folder):
     """Create ``.luigi_hashes`` in ``output_folder``; refuse one that is a symbolic link."""
     folder = os.path.join(output_folder, RECORD_DIR)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(folder)
-    if os.path.islink(folder) or not os.path.isdir(folder):
+    try:
+        mode = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        mode = os.lstat(folder).st_mode
+    if not stat.S_ISDIR(mode):  # lstat: a link to a folder is not a folder
         raise HashCheckError(f"{folder} is a symbolic link or not a folder; refusing to write records through it")
     return folder
 
@@ -680,7 +689,7 @@ def _replace(path, data):
     if os.path.islink(path):
         raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}~{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:12]}.tmp")
+    tmp = os.path.join(folder, f".{name}~{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     try:
         with open(fd, "wb") as f:
@@ -696,6 +705,13 @@ def _replace(path, data):
     # means a rebuild, while an fsync per record would double the cost of a build.
 
 
+def _dump(record):
+    """The record as JSON, one top-level key per line: readable, and made by json's C
+    encoder, which ``indent`` would replace with one several times slower."""
+    lines = (f"{json.dumps(key)}: {json.dumps(record[key], sort_keys=True)}" for key in sorted(record))
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
+
+
 def _write_record(path: str, record: dict, settings: _Settings, replacing: dict | None = None) -> bool:
     """Write ``record`` to the record file ``path`` under its folder's lock.
 
@@ -703,7 +719,7 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
         an update never overwrites a record another process wrote meanwhile.
     :returns: whether the record was written.
     """
-    data = json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
+    data = _dump(record)
     try:
         folder = _records_folder(os.path.dirname(os.path.dirname(path)))
         with _locked(folder, settings.lock_timeout):
@@ -769,15 +785,15 @@ def _name(target, folder, index):
         return path
 
 
-def _entry(target, algorithm, known, settings, cache):
+def _entry(target, algorithm, known, settings, cache, rechecked=False):
     """Return ``target``'s current entry, or None if it does not exist. ``cache`` spares a
-    second look at a target within one check."""
+    second look at a target within one check; ``rechecked`` is as for ``_digest``."""
     local = isinstance(target, luigi.LocalTarget)
     key = (_norm(target.path) if local else id(target), algorithm)
     if key not in cache:
         if local:
             try:
-                cache[key] = _digest(key[0], algorithm, known, settings.trust_mtime)
+                cache[key] = _digest(key[0], algorithm, known, settings.trust_mtime, rechecked)
             except FileNotFoundError:
                 cache[key] = None
         elif target.exists():
@@ -924,20 +940,32 @@ def _outputs(task):
 
 
 def _deps_and_inputs(task):
-    """``task.deps()`` and ``flatten(task.input())``, with one call to ``requires()`` per
-    task and build: it makes every dependency anew, which costs more than a record check."""
+    """Return ``task.deps()``, ``flatten(task.input())`` and, when both come from
+    ``requires()`` alone, a function giving ``task.input()``.
+
+    ``requires()`` is called once per task and build: it makes every dependency anew,
+    which costs more than a record check, and Luigi would call it three times.
+    """
     build = _build()
     known = build.graph.get(task.task_id) if build is not None else None
     if known is not None:
         return known
-    deps = task.deps()
     cls = type(task)
-    if cls.input is luigi.Task.input and cls.deps is luigi.Task.deps and cls._requires is luigi.Task._requires:
-        # input() is getpaths(requires()), and flattening it gives the same targets in the
-        # same order as flattening each dependency's output.
-        found = deps, [target for dep in deps for target in _outputs(dep)]
+    # Past HashCheckingTask's deps() and input(), which answer from this very memo.
+    base = super(HashCheckingTask, task) if isinstance(task, HashCheckingTask) else task
+    find_deps = base.deps if cls.deps is HashCheckingTask.deps else task.deps
+    find_input = base.input if cls.input is HashCheckingTask.input else task.input
+    plain = (getattr(find_deps, "__func__", None), getattr(find_input, "__func__", None)) == (luigi.Task.deps, luigi.Task.input)
+    if plain and cls._requires is luigi.Task._requires:
+        # deps() is flatten(requires()) and input() getpaths(requires()); flattening that
+        # gives the same targets in the same order as flattening each dependency's output.
+        required = task.requires()
+        if required is not None and not isinstance(required, (luigi.Task, dict, list, tuple)):
+            required = list(required)  # a generator would serve only once
+        deps = flatten(required)
+        found = deps, [target for dep in deps for target in _outputs(dep)], functools.partial(getpaths, required)
     else:
-        found = deps, flatten(task.input())
+        found = find_deps(), flatten(find_input()), None
     if build is not None:
         build.graph[task.task_id] = found
     return found
@@ -957,7 +985,7 @@ def _check_own(task, settings):
     if not outputs:
         warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=3)
         return _stale("task has no outputs")
-    deps, inputs = _deps_and_inputs(task)
+    deps, inputs, _paths = _deps_and_inputs(task)
     _require_hashable(task, outputs + inputs)
     records = []
     for output in outputs:
@@ -1277,11 +1305,11 @@ def _before_run(task):
     cache = {}
     entries = []
     for index, target in enumerate(inputs):
-        entry = _entry(target, settings.algorithm, None, settings, cache)
+        entry = _entry(target, settings.algorithm, None, settings, cache, rechecked=True)
         if entry is None:
             raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
         entries.append(entry)
-    outputs = flatten(task.output())
+    outputs = _outputs(task)
     _refuse_nesting(task, outputs, inputs)
     # temporary_path() refuses to replace an existing output (luigi issue #2997).
     for output in outputs:
@@ -1322,7 +1350,7 @@ def _confirm(task, settings):
     Forked workers do not share their memos; a fresh ``created_ns`` lets their checks
     take the records on trust (see _is_complete) instead of walking everything below.
     """
-    for output in flatten(task.output()):
+    for output in _outputs(task):
         if isinstance(output, luigi.LocalTarget):
             record_path = _record_path(_norm(output.path))
             try:
@@ -1343,7 +1371,7 @@ def _snapshot_dynamic(task, requirement, state):
     for dep in deps:
         targets = flatten(dep.output())
         _require_hashable(dep, targets)
-        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache) for t in targets]
+        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache, rechecked=True) for t in targets]
         state.dynamic.append((dep, targets, entries))
 
 
@@ -1354,11 +1382,17 @@ def _after_run(task, state):
     cache = {}
     read = list(zip(state.inputs, state.entries))
     read += [pair for _dep, targets, entries in state.dynamic for pair in zip(targets, entries)]
+    after = []
     for index, (target, before) in enumerate(read):
-        after = _entry(target, algorithm, before, settings, cache)
-        if before is None or after is None or after["digest"] != before["digest"]:
+        entry = _entry(target, algorithm, before, settings, cache)
+        if before is None or entry is None or entry["digest"] != before["digest"]:
             raise InputChangedError(task, _name(target, None, index))
-    _record(task, settings, state.inputs, state.entries, state.dynamic)
+        after.append(entry)
+    # The later entries: the older a file was when hashed, the likelier its stat lets the
+    # next check skip hashing it.
+    rest = iter(after[len(state.inputs):])
+    dynamic = [(dep, targets, [next(rest) for _ in targets]) for dep, targets, _entries in state.dynamic]
+    _record(task, settings, state.inputs, after[: len(state.inputs)], dynamic)
     _memo().answers[task.task_id] = True
 
 
@@ -1373,7 +1407,7 @@ def _record(task, settings, inputs, entries, dynamic):
     family = task.task_family
     params = _params(task)
     code = _fingerprint(type(task))
-    outputs = flatten(task.output())
+    outputs = _outputs(task)
     _require_hashable(task, outputs)
     _refuse_nesting(task, outputs, inputs)
     written = []
@@ -1510,6 +1544,19 @@ class HashCheckingTask(luigi.Task):
         depends on, recursively, is complete too."""
         memo = _memo()
         return _is_complete(self, memo, memo.settings)
+
+    def deps(self) -> list:
+        """As ``luigi.Task.deps()``; within one build, from the one call to ``requires()``
+        made for the checks (Luigi asks again before ``run()``)."""
+        if _build() is None or type(self).deps is not HashCheckingTask.deps:
+            return super().deps()
+        return list(_deps_and_inputs(self)[0])
+
+    def input(self):
+        """As ``luigi.Task.input()``; within one build, from the one call to ``requires()``
+        made for the checks."""
+        paths = _deps_and_inputs(self)[2] if _build() is not None and type(self).input is HashCheckingTask.input else None
+        return super().input() if paths is None else paths()
 
 
 TaskWithCheckingInputHash = HashCheckingTask
