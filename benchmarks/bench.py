@@ -123,14 +123,11 @@ def run(cmd, env, cwd=None):
 ###############################################################################
 
 
-def abba(a, b, pairs, prepare_a=None, prepare_b=None):
+def abba(a, b, pairs):
     """Run ``a`` and ``b`` as A B B A until there are ``pairs`` pairs; return medians."""
     times = {"a": [], "b": []}
     for _ in range((pairs + 1) // 2):
         for side in "abba":
-            prepare = prepare_a if side == "a" else prepare_b
-            if prepare:
-                prepare()
             times[side].append((a if side == "a" else b)())
     cpu = [x[0] / y[0] for x, y in zip(times["a"], times["b"])]
     wall = [x[1] / y[1] for x, y in zip(times["a"], times["b"])]
@@ -151,18 +148,6 @@ def make_seeds(root, count, size):
         os.utime(os.path.join(root, f"seed-{i}.bin"), (old, old))
 
 
-def reset(root):
-    """Remove everything a build made, keeping the seeds."""
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith("seed-"):
-            continue
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
 def age(root):
     """Date every file an hour back, so records written a moment ago can be trusted."""
     old = time.time() - 3600
@@ -177,14 +162,30 @@ def age(root):
 
 
 def fig_full_build(scratch, p, workers):
-    roots = {kind: os.path.join(scratch, f"full-{kind}-{workers}") for kind in ("hash", "plain")}
-    for root in roots.values():
-        make_seeds(root, p["width"], p["seed_bytes"])
+    seeds = os.path.join(scratch, "seeds")
+    if not os.path.exists(seeds):
+        make_seeds(seeds, p["width"], p["seed_bytes"])
+    builds = iter(range(1 << 30))
+
+    def fresh_root(kind):
+        # Every build gets a new folder, and nothing is deleted before the end: on ext4 without
+        # a journal, each new file costs time for every file deleted in the last minutes, and
+        # a build that creates twice as many files would pay that twice.
+        root = os.path.join(scratch, f"full-{workers}-{kind}-{next(builds)}")
+        os.makedirs(root)
+        for i in range(p["width"]):
+            seed, link = os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin")
+            try:
+                os.link(seed, link)
+            except OSError:  # no hard links here
+                shutil.copy2(seed, link)
+        return root
+
     args = {"width": p["width"], "depth": p["depth"], "workers": workers}
     return abba(
-        lambda: run_child("build", dict(args, root=roots["hash"]), "hash"),
-        lambda: run_child("build", dict(args, root=roots["plain"]), "plain"),
-        p["pairs"], lambda: reset(roots["hash"]), lambda: reset(roots["plain"]),
+        lambda: run_child("build", dict(args, root=fresh_root("hash")), "hash"),
+        lambda: run_child("build", dict(args, root=fresh_root("plain")), "plain"),
+        p["pairs"],
     )
 
 
