@@ -216,7 +216,14 @@ _digest_cache: dict[tuple[str, str], dict] = {}
 
 def _norm(path: str | os.PathLike) -> str:
     """Return ``path`` absolute and normalised, so ``out/d/`` and ``out/d`` are one output."""
-    return os.path.abspath(path)  # which normalises too
+    path = os.fspath(path)
+    # A check normalises each path several times; a relative one depends on the current folder.
+    return _norm_absolute(path) if os.path.isabs(path) else os.path.abspath(path)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _norm_absolute(path):
+    return os.path.abspath(path)
 
 
 def _fresh(entry: dict, st: os.stat_result, rechecked: bool = False) -> bool:
@@ -555,6 +562,9 @@ def _fields_problem(value, fields):
     for key, kind in fields.items():
         if key not in value:
             return f"key {key!r} missing"
+        leaf = _LEAVES.get(kind)
+        if leaf is not None and leaf(value[key]):
+            continue  # the common case, without a call to _problem
         problem = _problem(value[key], kind)
         if problem:
             return f"{key}: {problem}"
@@ -705,10 +715,14 @@ def _replace(path, data):
     # means a rebuild, while an fsync per record would double the cost of a build.
 
 
+# One encoder for every record: json.dumps() makes a new one per call when given options,
+# and ``indent`` would swap json's C encoder for a Python one several times slower.
+_encode = json.JSONEncoder(sort_keys=True).encode
+
+
 def _dump(record):
-    """The record as JSON, one top-level key per line: readable, and made by json's C
-    encoder, which ``indent`` would replace with one several times slower."""
-    lines = (f"{json.dumps(key)}: {json.dumps(record[key], sort_keys=True)}" for key in sorted(record))
+    """The record as JSON, one top-level key per line."""
+    lines = (f"{_encode(key)}: {_encode(record[key])}" for key in sorted(record))
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
 
@@ -756,9 +770,12 @@ def _remove_record(path, settings):
     return True
 
 
+_encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def _input_hash(algorithm: str, family: str, params: dict, code: str, pairs: list) -> str:
     """The one digest over a task's identity, code and (input name, input digest) pairs."""
-    payload = json.dumps([family, params, code, pairs], sort_keys=True, separators=(",", ":"))
+    payload = _encode_canonical([family, params, code, pairs])
     return hashlib.new(algorithm, payload.encode("utf-8")).hexdigest()
 
 
@@ -788,17 +805,24 @@ def _name(target, folder, index):
 def _entry(target, algorithm, known, settings, cache, rechecked=False):
     """Return ``target``'s current entry, or None if it does not exist. ``cache`` spares a
     second look at a target within one check; ``rechecked`` is as for ``_digest``."""
-    local = isinstance(target, luigi.LocalTarget)
-    key = (_norm(target.path) if local else id(target), algorithm)
+    if isinstance(target, luigi.LocalTarget):
+        return _local_entry(_norm(target.path), algorithm, known, settings, cache, rechecked)
+    key = (id(target), algorithm)
     if key not in cache:
-        if local:
-            try:
-                cache[key] = _digest(key[0], algorithm, known, settings.trust_mtime, rechecked)
-            except FileNotFoundError:
-                cache[key] = None
-        elif target.exists():
-            cache[key] = {"kind": "custom", "digest": target.hash_content(), "size": None, "mtime_ns": None, "inode": None, "hashed_ns": time.time_ns()}
-        else:
+        entry = None
+        if target.exists():
+            entry = {"kind": "custom", "digest": target.hash_content(), "size": None, "mtime_ns": None, "inode": None, "hashed_ns": time.time_ns()}
+        cache[key] = (target, entry)  # holding the target keeps its id from being reused
+    return cache[key][1]
+
+
+def _local_entry(path, algorithm, known, settings, cache, rechecked=False):
+    """``_entry`` of the file or folder at the normalised ``path``."""
+    key = (path, algorithm)
+    if key not in cache:
+        try:
+            cache[key] = _digest(path, algorithm, known, settings.trust_mtime, rechecked)
+        except FileNotFoundError:
             cache[key] = None
     return cache[key]
 
@@ -971,11 +995,12 @@ def _deps_and_inputs(task):
     return found
 
 
-def _check_own(task, settings):
+def _check_own(task, settings, cache=None):
     """Check ``task``'s records against its outputs, inputs, parameters and code.
 
     Dependencies are not checked; the verdict lists them, the recorded dynamic ones
-    rebuilt, for the caller to check.
+    rebuilt, for the caller to check. ``cache`` (see ``_entry``) may be shared by the
+    checks of one walk, which then look at each file once, as an output and as an input.
 
     Outside the command line's inspections, a record whose files were touched but not
     changed gets its stat fields rewritten, so the next process can skip hashing them.
@@ -1005,9 +1030,9 @@ def _check_own(task, settings):
                 message=f"luigi_hashcheck: damaged record {record_path} ({exc}); {task} will be rebuilt",
             )
             return _stale("record damaged", inputs)
-        if not os.path.exists(path):
-            return _stale("output missing", inputs)
         if record is None:
+            if not os.path.exists(path):  # with a record, _compare finds this out
+                return _stale("output missing", inputs)
             _log_once(
                 enabled=not _inspecting,
                 key=("norecord", task.task_id),
@@ -1021,7 +1046,7 @@ def _check_own(task, settings):
     family = task.task_family
     params = _params(task)
     code = _fingerprint(type(task))
-    cache = {}
+    cache = {} if cache is None else cache
     dynamic = {}
     made_ns = None
     for output, path, record in records:
@@ -1050,9 +1075,8 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     algorithm = record["algorithm"]
     folder = os.path.dirname(path)
     fresh = dict(record)
-    try:
-        output = _digest(path, algorithm, record["output"], settings.trust_mtime)
-    except FileNotFoundError:
+    output = _local_entry(path, algorithm, record["output"], settings, cache)
+    if output is None:
         return "output missing", None
     if output["digest"] != record["output"]["digest"]:
         return "output modified", None
@@ -1200,6 +1224,7 @@ def _is_complete(root, memo, settings):
     Python's recursion limit, and asks each task once per build.
     """
     answers = {}
+    cache: dict = {}  # one look at each file in this walk
 
     def known(task):
         tid = task.task_id
@@ -1222,7 +1247,7 @@ def _is_complete(root, memo, settings):
             _warn_if_hiding(task, answers[tid])
             continue
         if isinstance(task, HashCheckingTask):
-            verdict = _check_own(task, settings)
+            verdict = _check_own(task, settings, cache)
             ok, made_ns = verdict.ok, verdict.made_ns
             if not ok:
                 logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)

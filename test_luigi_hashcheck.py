@@ -2156,10 +2156,10 @@ def counting_checks(monkeypatch, log):
     """Count _check_own calls in this process and in forked workers, through a file."""
     real = hc._check_own
 
-    def counted(task, settings):
+    def counted(task, settings, cache=None):
         with open(log, "a") as f:
             f.write("x")
-        return real(task, settings)
+        return real(task, settings, cache)
 
     monkeypatch.setattr(hc, "_check_own", counted)
 
