@@ -103,6 +103,9 @@ def child(argv):
 def run_child(command, args, kind="plain"):
     """Run a child command; return (cpu seconds, wall seconds, peak RSS in KiB)."""
     env = dict(os.environ, BENCH_KIND=kind, PYTHONPATH=os.pathsep.join([REPO, HERE]), LUIGI_CONFIG_PATH=CONFIG)
+    # Steady state: pip installs Luigi compiled, so with PYTHONDONTWRITEBYTECODE set only the
+    # module under test would be compiled again by every command.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return run([sys.executable, os.path.abspath(__file__), "_child", command, json.dumps(args)], env)
 
 
