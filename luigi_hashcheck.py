@@ -820,6 +820,7 @@ def _local_entry(path, algorithm, known, settings, cache, rechecked=False):
     """``_entry`` of the file or folder at the normalised ``path``."""
     key = (path, algorithm)
     if key not in cache:
+        _counts["looks"] += 1
         try:
             cache[key] = _digest(path, algorithm, known, settings.trust_mtime, rechecked)
         except FileNotFoundError:

@@ -1168,6 +1168,16 @@ def count_build(task, **kwargs):
     return hc._counts["record_checks"], hc._counts["reads"]
 
 
+def test_one_check_looks_at_each_file_once(tmp_path):
+    module = load_lattice(tmp_path, 4, 5)
+    assert build(module.Top(str(tmp_path)))
+    hc._counts.clear()
+    assert module.Node(str(tmp_path), 4, 0).complete()
+    # It reaches 1 + 3 + 4 + 4 + 4 tasks; each output is also the input of up to 3 of them.
+    assert hc._counts["record_checks"] == 16
+    assert hc._counts["looks"] == 16 + 4  # their outputs, and the seeds
+
+
 def test_cost_grows_linearly_with_the_lattice(tmp_path):
     costs = {}
     for depth in (5, 10, 20):
