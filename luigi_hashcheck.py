@@ -1126,17 +1126,31 @@ def _compare_entry(target, recorded, algorithm, settings, cache, what):
 
 
 def _stat_refreshed(recorded, current):
-    """The recorded entry with the current stat fields, when those would let the next
+    """The recorded entry with the current stat fields, when only those would let the next
     process skip a hash; otherwise the recorded entry unchanged."""
     if current is recorded or current["kind"] != recorded["kind"]:
         return recorded
-    if current["kind"] == "file" and current["hashed_ns"] - current["mtime_ns"] >= _TICK_NS:
-        return dict(current, path=recorded["path"])
+    if current["kind"] == "file":
+        fields = ("size", "mtime_ns", "inode", "hashed_ns")
+        if _worth_refreshing([recorded[k] for k in fields], [current[k] for k in fields]):
+            return dict(current, path=recorded["path"])
     if current["kind"] == "dir":
-        before = {item[0]: item for item in recorded.get("files", ())}
-        if any(item != before.get(item[0]) and item[5] - (item[3] or 0) >= _TICK_NS for item in current["files"]):
+        before = {item[0]: item[2:] for item in recorded.get("files", ())}
+        if any(_worth_refreshing(before.get(item[0]), item[2:]) for item in current["files"]):
             return dict(current, path=recorded["path"])
     return recorded
+
+
+def _worth_refreshing(old, new):
+    """Whether the stat fields ``new`` ([size, mtime_ns, inode, hashed_ns]) would spare the
+    next process a hash that ``old`` (as recorded, or None) would not. Two entries that both
+    vouch for the same file differ only in when it was hashed: rewriting a record for that
+    would make no-op builds write."""
+
+    def vouches(fields):
+        return fields is not None and fields[1] is not None and fields[3] - fields[1] >= _TICK_NS
+
+    return vouches(new) and not (vouches(old) and list(old[:3]) == list(new[:3]))
 
 
 def _refresh(record_path, fresh, old, settings):
