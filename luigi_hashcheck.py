@@ -516,11 +516,11 @@ def _record_path(path: str) -> str:
     return os.path.join(folder, RECORD_DIR, name + ".json")
 
 
+# Each leaf kind: the types it allows, and whether a NUL is barred (strings become paths).
 _LEAVES = {
-    "str": lambda v: type(v) is str and "\0" not in v,
-    "int": lambda v: type(v) is int,
-    "int?": lambda v: v is None or type(v) is int,
-    "params": lambda v: type(v) is dict and all(type(k) is str and type(x) is str for k, x in v.items()),
+    "str": ((str,), True),
+    "int": ((int,), False),
+    "int?": ((int, type(None)), False),
 }
 _SHAPES = {
     "task": {"family": "str", "params": "params"},
@@ -529,11 +529,19 @@ _SHAPES = {
 }
 
 
+def _leaf_ok(value, leaf):
+    types, no_nul = leaf
+    return type(value) in types and not (no_nul and "\0" in value)
+
+
 def _problem(value, kind):
     """Return what is wrong with ``value`` as a record field of ``kind``, or None."""
     leaf = _LEAVES.get(kind)
     if leaf is not None:
-        return None if leaf(value) else f"{type(value).__name__} is not a valid {kind}"
+        return None if _leaf_ok(value, leaf) else f"{type(value).__name__} is not a valid {kind}"
+    if kind == "params":
+        ok = type(value) is dict and all(type(k) is str and type(x) is str for k, x in value.items())
+        return None if ok else "params must map strings to strings"
     if kind in _SHAPES:
         problem = _fields_problem(value, _SHAPES[kind])
         if problem is None and kind == "entry" and "files" in value:
@@ -551,7 +559,7 @@ def _files_problem(value):
         return "files: a list expected"
     kinds = ("str", "str", "int?", "int?", "int?", "int")
     for item in value:
-        if type(item) is not list or len(item) != len(kinds) or not all(_LEAVES[k](v) for v, k in zip(item, kinds)):
+        if type(item) is not list or len(item) != len(kinds) or not all(_leaf_ok(v, _LEAVES[k]) for v, k in zip(item, kinds)):
             return "files: each file must be [path, digest, size, mtime_ns, inode, hashed_ns]"
     return None
 
@@ -562,10 +570,11 @@ def _fields_problem(value, fields):
     for key, kind in fields.items():
         if key not in value:
             return f"key {key!r} missing"
+        item = value[key]
         leaf = _LEAVES.get(kind)
-        if leaf is not None and leaf(value[key]):
-            continue  # the common case, without a call to _problem
-        problem = _problem(value[key], kind)
+        if leaf is not None and type(item) in leaf[0] and not (leaf[1] and "\0" in item):
+            continue  # _leaf_ok, inline: most fields are leaves, and most records are sound
+        problem = _problem(item, kind)
         if problem:
             return f"{key}: {problem}"
     return None
@@ -1131,8 +1140,8 @@ def _stat_refreshed(recorded, current):
     if current is recorded or current["kind"] != recorded["kind"]:
         return recorded
     if current["kind"] == "file":
-        fields = ("size", "mtime_ns", "inode", "hashed_ns")
-        if _worth_refreshing([recorded[k] for k in fields], [current[k] for k in fields]):
+        old = (recorded["size"], recorded["mtime_ns"], recorded["inode"], recorded["hashed_ns"])
+        if _worth_refreshing(old, (current["size"], current["mtime_ns"], current["inode"], current["hashed_ns"])):
             return dict(current, path=recorded["path"])
     if current["kind"] == "dir":
         before = {item[0]: item[2:] for item in recorded.get("files", ())}
@@ -1150,7 +1159,7 @@ def _worth_refreshing(old, new):
     def vouches(fields):
         return fields is not None and fields[1] is not None and fields[3] - fields[1] >= _TICK_NS
 
-    return vouches(new) and not (vouches(old) and list(old[:3]) == list(new[:3]))
+    return vouches(new) and not (vouches(old) and tuple(old[:3]) == tuple(new[:3]))
 
 
 def _refresh(record_path, fresh, old, settings):
