@@ -217,8 +217,9 @@ _digest_cache: dict[tuple[str, str], dict] = {}
 def _norm(path: str | os.PathLike) -> str:
     """Return ``path`` absolute and normalised, so ``out/d/`` and ``out/d`` are one output."""
     path = os.fspath(path)
-    # A check normalises each path several times; a relative one depends on the current folder.
-    return _norm_absolute(path) if os.path.isabs(path) else os.path.abspath(path)
+    # A check normalises each path several times. A relative path depends on the current
+    # folder, and on Windows a rooted one (\\x) on the current drive.
+    return _norm_absolute(path) if os.sep == "/" and os.path.isabs(path) else os.path.abspath(path)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -990,19 +991,37 @@ def _deps_and_inputs(task):
     find_deps = base.deps if cls.deps is HashCheckingTask.deps else task.deps
     find_input = base.input if cls.input is HashCheckingTask.input else task.input
     plain = (getattr(find_deps, "__func__", None), getattr(find_input, "__func__", None)) == (luigi.Task.deps, luigi.Task.input)
-    if plain and cls._requires is luigi.Task._requires:
-        # deps() is flatten(requires()) and input() getpaths(requires()); flattening that
-        # gives the same targets in the same order as flattening each dependency's output.
-        required = task.requires()
-        if required is not None and not isinstance(required, (luigi.Task, dict, list, tuple)):
-            required = list(required)  # a generator would serve only once
-        deps = flatten(required)
-        found = deps, [target for dep in deps for target in _outputs(dep)], functools.partial(getpaths, required)
-    else:
-        found = find_deps(), flatten(find_input()), None
+    _finding.add(id(task))  # a deps() or input() of its own may call the other one
+    try:
+        if plain and cls._requires is luigi.Task._requires:
+            # deps() is flatten(requires()) and input() getpaths(requires()); flattening that
+            # gives the same targets in the same order as flattening each dependency's output.
+            required = task.requires()
+            if required is not None and not isinstance(required, (luigi.Task, dict, list, tuple)):
+                required = list(required)  # a generator would serve only once
+            deps = flatten(required)
+            # An iterator deeper down served flatten() and is spent: input() calls requires().
+            paths = functools.partial(getpaths, required) if _shallow(required) else None
+            found = deps, [target for dep in deps for target in _outputs(dep)], paths
+        else:
+            found = find_deps(), flatten(find_input()), None
+    finally:
+        _finding.discard(id(task))
     if build is not None:
         build.graph[task.task_id] = found
     return found
+
+
+_finding: set[int] = set()  # ids of tasks inside _deps_and_inputs, whose deps() and input() must not use it
+
+
+def _shallow(required):
+    """Whether ``required`` is a task, or a list, tuple or dict of tasks, which can be walked
+    more than once."""
+    if isinstance(required, luigi.Task):
+        return True
+    items = required.values() if isinstance(required, dict) else required if isinstance(required, (list, tuple)) else None
+    return items is not None and all(isinstance(item, luigi.Task) for item in items)
 
 
 def _check_own(task, settings, cache=None):
@@ -1059,6 +1078,7 @@ def _check_own(task, settings, cache=None):
     cache = {} if cache is None else cache
     dynamic = {}
     made_ns = None
+    refreshes = []
     for output, path, record in records:
         if path is None:  # a third-party HashableTarget: the input hash is all there is
             pairs = []
@@ -1075,8 +1095,10 @@ def _check_own(task, settings, cache=None):
         if reason:
             return _stale(reason, inputs)
         if fresh != record:
-            _refresh(_record_path(path), fresh, record, settings)
+            refreshes.append((_record_path(path), fresh, record))
         made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
+    for record_path, fresh, record in refreshes:  # a stale task's records are about to go
+        _refresh(record_path, fresh, record, settings)
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs)
 
 
@@ -1597,14 +1619,15 @@ class HashCheckingTask(luigi.Task):
     def deps(self) -> list:
         """As ``luigi.Task.deps()``; within one build, from the one call to ``requires()``
         made for the checks (Luigi asks again before ``run()``)."""
-        if _build() is None or type(self).deps is not HashCheckingTask.deps:
+        if _build() is None or type(self).deps is not HashCheckingTask.deps or id(self) in _finding:
             return super().deps()
         return list(_deps_and_inputs(self)[0])
 
     def input(self):
         """As ``luigi.Task.input()``; within one build, from the one call to ``requires()``
         made for the checks."""
-        paths = _deps_and_inputs(self)[2] if _build() is not None and type(self).input is HashCheckingTask.input else None
+        ours = _build() is not None and type(self).input is HashCheckingTask.input and id(self) not in _finding
+        paths = _deps_and_inputs(self)[2] if ours else None
         return super().input() if paths is None else paths()
 
 

@@ -1030,6 +1030,26 @@ def test_a_no_op_build_writes_nothing_when_records_saw_a_file_at_different_times
     assert ran(root) == ["Upper", "Head", "Count"]
 
 
+class TwoOutputs(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return [luigi.LocalTarget(os.path.join(self.root, name)) for name in ("a.txt", "b.txt")]
+
+    def run(self):
+        for target in self.output():
+            write(target.path, "x")
+
+
+def test_a_stale_task_gets_no_record_refreshed(root):
+    assert build(TwoOutputs(root))
+    age(root)  # both outputs touched: same bytes, a stat their records could take
+    os.remove(os.path.join(root, "b.txt"))
+    before = read(os.path.join(root, ".luigi_hashes", "a.txt.json"))
+    assert not TwoOutputs(root).complete()
+    assert read(os.path.join(root, ".luigi_hashes", "a.txt.json")) == before
+
+
 def test_trust_mtime_false_hashes_every_time(root, config):
     assert build(Count(root))
     age(root)
@@ -1118,6 +1138,70 @@ def test_a_task_with_deps_and_input_of_its_own_gets_what_it_defines(root):
     assert build(OwnDeps(root))
     assert ran(root) == ["Upper", "OwnDeps"]
     assert read(os.path.join(root, "own-deps.txt")) == "WORLD"
+
+
+class Parts(HashCheckingTask):
+    """requires() holds a one-shot iterator below the top level."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return {"parts": (Seed(self.root, f"part{n}.txt") for n in range(3))}
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "joined.txt"))
+
+    def run(self):
+        write(self.output().path, "".join(read(t.path) for t in self.input()["parts"]))
+
+
+def test_an_iterator_inside_requires_still_reaches_run(root):
+    for n in range(3):
+        write(os.path.join(root, f"part{n}.txt"), str(n))
+    assert build(Parts(root))
+    assert read(os.path.join(root, "joined.txt")) == "012"
+    assert len(record_of(os.path.join(root, "joined.txt"))["inputs"]) == 3
+
+
+class InputFromDeps(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def input(self):
+        return [dep.output() for dep in self.deps()]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "input-from-deps.txt"))
+
+    def run(self):
+        write(self.output().path, read(self.input()[0].path))
+
+
+class DepsFromInput(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def deps(self):
+        assert self.input().exists()
+        return super().deps()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "deps-from-input.txt"))
+
+    def run(self):
+        write(self.output().path, read(self.input().path))
+
+
+@pytest.mark.parametrize("task", [InputFromDeps, DepsFromInput])
+def test_deps_and_input_of_its_own_may_call_each_other(root, task):
+    assert build(task(root))  # no RecursionError
+    assert read(task(root).output().path) == "hello"
+    assert build(task(root))
+    assert task(root).complete()
 
 
 def lattice(width, depth, pause=0.0, namespace=None):
