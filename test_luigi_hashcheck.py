@@ -59,6 +59,17 @@ def build(*tasks, **kwargs):
     return luigi.build(list(tasks), **kwargs)
 
 
+def failures_of(cls, *tasks):
+    """Build ``tasks``, which must fail; return the exceptions tasks of ``cls`` failed with."""
+    failures = []
+    handler = cls.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
+    try:
+        assert not build(*tasks)
+    finally:
+        cls._event_callbacks[cls][luigi.Event.FAILURE].discard(handler)
+    return failures
+
+
 def write(path, text):
     folder = os.path.dirname(str(path))
     if folder:
@@ -800,13 +811,8 @@ class Editor(HashCheckingTask):
 
 
 def test_an_input_edited_during_run_fails_the_task_and_records_nothing(root):
-    failures = []
-    handler = Editor.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
     write(os.path.join(root, "edit-during-run"), "")
-    try:
-        assert not build(Editor(root))
-    finally:
-        Editor._event_callbacks[Editor][luigi.Event.FAILURE].discard(handler)
+    failures = failures_of(Editor, Editor(root))
     assert isinstance(failures[0], hc.InputChangedError)
     assert "seed.txt" in str(failures[0])
     assert not os.path.exists(os.path.join(root, ".luigi_hashes", "edited.txt.json"))
@@ -841,12 +847,7 @@ class SameStatEditor(HashCheckingTask):
 def test_an_input_rewritten_during_run_with_the_same_stat_is_caught(root):
     # Before run() the input's digest may come from when Upper recorded it; only hashing
     # it again after run() can tell that it changed.
-    failures = []
-    handler = SameStatEditor.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
-    try:
-        assert not build(SameStatEditor(root))
-    finally:
-        SameStatEditor._event_callbacks[SameStatEditor][luigi.Event.FAILURE].discard(handler)
+    failures = failures_of(SameStatEditor, SameStatEditor(root))
     assert isinstance(failures[0], hc.InputChangedError)
     assert "upper.txt" in str(failures[0])
     assert not os.path.exists(os.path.join(root, ".luigi_hashes", "same-stat.txt.json"))
@@ -948,12 +949,7 @@ def test_a_write_that_fails_names_the_record_and_leaves_nothing_half_written(roo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hc.os, "fsync", full_disk)  # Luigi's own writes never fsync
-    failures = []
-    handler = Upper.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
-    try:
-        assert not build(Upper(root))
-    finally:
-        Upper._event_callbacks[Upper][luigi.Event.FAILURE].discard(handler)
+    failures = failures_of(Upper, Upper(root))
     monkeypatch.undo()
     assert "upper.txt.json" in str(failures[0]) and "No space left" in str(failures[0])
     assert os.listdir(os.path.join(root, ".luigi_hashes")) == [".lock"]
@@ -1752,12 +1748,7 @@ def failing(error, when):
 )
 def test_an_unwritable_records_folder_fails_the_task_naming_the_record(root, monkeypatch, name, error, when):
     monkeypatch.setattr(hc.os, name, failing(error, when)(getattr(os, name)))
-    failures = []
-    handler = Upper.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
-    try:
-        assert not build(Upper(root))
-    finally:
-        Upper._event_callbacks[Upper][luigi.Event.FAILURE].discard(handler)
+    failures = failures_of(Upper, Upper(root))
     monkeypatch.undo()
     assert os.path.join(root, ".luigi_hashes", "upper.txt.json") in str(failures[0])
     assert os.strerror(error) in str(failures[0])
@@ -2202,12 +2193,7 @@ class Outer(HashCheckingTask):
 
 
 def test_a_folder_output_holding_another_output_is_refused_before_anything_is_removed(root):
-    failures = []
-    handler = Outer.event_handler(luigi.Event.FAILURE)(lambda task, exc: failures.append(exc))
-    try:
-        assert not build(Outer(root))
-    finally:
-        Outer._event_callbacks[Outer][luigi.Event.FAILURE].discard(handler)
+    failures = failures_of(Outer, Outer(root))
     assert "inner.txt" in str(failures[0]) and "folder output of Outer" in str(failures[0])
     assert read(os.path.join(root, "outer", "inner.txt")) == "inner"
     assert Inner(root).complete()
