@@ -571,11 +571,7 @@ def _fields_problem(value, fields):
     for key, kind in fields.items():
         if key not in value:
             return f"key {key!r} missing"
-        item = value[key]
-        leaf = _LEAVES.get(kind)
-        if leaf is not None and type(item) in leaf[0] and not (leaf[1] and "\0" in item):
-            continue  # _leaf_ok, inline: most fields are leaves, and most records are sound
-        problem = _problem(item, kind)
+        problem = _problem(value[key], kind)
         if problem:
             return f"{key}: {problem}"
     return None
