@@ -168,14 +168,12 @@ def fig_full_build(scratch, p, workers):
     seeds = os.path.join(scratch, "seeds")
     if not os.path.exists(seeds):
         make_seeds(seeds, p["width"], p["seed_bytes"])
-    builds = iter(range(1 << 30))
 
     def fresh_root(kind):
         # Every build gets a new folder, and nothing is deleted before the end: on ext4 without
         # a journal, each new file costs time for every file deleted in the last minutes, and
         # a build that creates twice as many files would pay that twice.
-        root = os.path.join(scratch, f"full-{workers}-{kind}-{next(builds)}")
-        os.makedirs(root)
+        root = tempfile.mkdtemp(prefix=f"full-{workers}-{kind}-", dir=scratch)
         for i in range(p["width"]):
             seed, link = os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin")
             try:
