@@ -516,7 +516,6 @@ def _record_path(path: str) -> str:
     folder, name = os.path.split(path)
     return os.path.join(folder, RECORD_DIR, name + ".json")
 
-
 # Each leaf kind: the types it allows, and whether a NUL is barred (strings become paths).
 _LEAVES = {
     "str": ((str,), True),
@@ -528,53 +527,91 @@ _SHAPES = {
     "entry": _ENTRY_FIELDS,
     "dynamic dependency": {"family": "str", "params": "params", "outputs": "entries"},
 }
+_FILE_FIELDS = ("str", "str", "int?", "int?", "int?", "int")  # [path, digest, size, mtime_ns, inode, hashed_ns]
+_ABSENT = object()
 
 
-def _leaf_ok(value, leaf):
-    types, no_nul = leaf
-    return type(value) in types and not (no_nul and "\0" in value)
+def _leaf_problem(value, kind):
+    types, no_nul = _LEAVES[kind]
+    if type(value) in types and not (no_nul and "\0" in value):
+        return None
+    return f"{type(value).__name__} is not a valid {kind}"
 
 
-def _problem(value, kind):
-    """Return what is wrong with ``value`` as a record field of ``kind``, or None."""
-    leaf = _LEAVES.get(kind)
-    if leaf is not None:
-        return None if _leaf_ok(value, leaf) else f"{type(value).__name__} is not a valid {kind}"
-    if kind == "params":
-        ok = type(value) is dict and all(type(k) is str and type(x) is str for k, x in value.items())
-        return None if ok else "params must map strings to strings"
-    if kind in _SHAPES:
-        problem = _fields_problem(value, _SHAPES[kind])
-        if problem is None and kind == "entry" and "files" in value:
-            problem = _files_problem(value["files"])
-        return problem
-    item = "entry" if kind == "entries" else "dynamic dependency"
-    if type(value) is not list:
-        return f"a list of {kind} expected"
-    return next(filter(None, (_problem(x, item) for x in value)), None)
+def _params_problem(value):
+    # map() keeps this loop in C: every record has params, and a no-op build reads them all.
+    ok = type(value) is dict and set(map(type, value)) <= {str} and set(map(type, value.values())) <= {str}
+    return None if ok else "params must map strings to strings"
 
 
 def _files_problem(value):
     """What is wrong with a folder entry's list of files, or None."""
     if type(value) is not list:
         return "files: a list expected"
-    kinds = ("str", "str", "int?", "int?", "int?", "int")
     for item in value:
-        if type(item) is not list or len(item) != len(kinds) or not all(_leaf_ok(v, _LEAVES[k]) for v, k in zip(item, kinds)):
+        if type(item) is not list or len(item) != len(_FILE_FIELDS) or any(map(_leaf_problem, item, _FILE_FIELDS)):
             return "files: each file must be [path, digest, size, mtime_ns, inode, hashed_ns]"
     return None
 
 
-def _fields_problem(value, fields):
-    if type(value) is not dict:
-        return f"an object expected, found {type(value).__name__}"
-    for key, kind in fields.items():
-        if key not in value:
-            return f"key {key!r} missing"
-        problem = _problem(value[key], kind)
-        if problem:
-            return f"{key}: {problem}"
-    return None
+def _shape_checker(fields, files=False):
+    """Return a function that says what is wrong with an object of ``fields`` (and of an
+    optional list of ``files``, for folder entries), or None.
+
+    Made once per shape, with the leaf checks inline: a no-op build reads every record,
+    and one function call per field would cost more than reading the record.
+    """
+    leaves = [(key, kind, *_LEAVES[kind]) for key, kind in fields.items() if kind in _LEAVES]
+    inner = [(key, kind) for key, kind in fields.items() if kind not in _LEAVES]
+
+    def check(value):
+        if type(value) is not dict:
+            return f"an object expected, found {type(value).__name__}"
+        for key, kind, types, no_nul in leaves:
+            item = value.get(key, _ABSENT)
+            if type(item) not in types or no_nul and "\0" in item:
+                return f"key {key!r} missing" if item is _ABSENT else f"{key}: {_leaf_problem(item, kind)}"
+        for key, kind in inner:
+            if key not in value:
+                return f"key {key!r} missing"
+            problem = _CHECKS[kind](value[key])
+            if problem:
+                return f"{key}: {problem}"
+        if files and "files" in value:
+            return _files_problem(value["files"])
+        return None
+
+    return check
+
+
+def _list_checker(kind, item_kind):
+    def check(value):
+        if type(value) is not list:
+            return f"a list of {kind} expected"
+        item_check = _CHECKS[item_kind]
+        for item in value:
+            problem = item_check(item)
+            if problem:
+                return problem
+        return None
+
+    return check
+
+
+# kind -> a function saying what is wrong with a value of that kind, or None.
+_CHECKS: dict[str, collections.abc.Callable[[object], str | None]] = {kind: functools.partial(_leaf_problem, kind=kind) for kind in _LEAVES}
+_CHECKS.update({kind: _shape_checker(fields, files=kind == "entry") for kind, fields in _SHAPES.items()})
+_CHECKS.update(
+    params=_params_problem,
+    entries=_list_checker("entries", "entry"),
+    dynamic=_list_checker("dynamic", "dynamic dependency"),
+    record=_shape_checker(_RECORD_FIELDS),
+)
+
+
+def _problem(value, kind):
+    """Return what is wrong with ``value`` as a record field of ``kind``, or None."""
+    return _CHECKS[kind](value)
 
 
 def _read_record(path: str) -> dict | None:
@@ -611,7 +648,7 @@ def _read_record(path: str) -> dict | None:
         raise _DamagedRecord("it is not a JSON object")
     if record.get("format") != _FORMAT:
         raise _DamagedRecord(f"unknown format {record.get('format')!r}")
-    problem = _fields_problem(record, _RECORD_FIELDS)
+    problem = _problem(record, "record")
     if problem is None:
         try:
             _check_algorithm(record["algorithm"])

@@ -1616,6 +1616,44 @@ def settle(root, record_path, data):
     return answer, status
 
 
+ENTRY = {"path": "a", "kind": "file", "digest": "d", "size": 1, "mtime_ns": 2, "inode": None, "hashed_ns": 3}
+
+
+@pytest.mark.parametrize(
+    "kind, value, ok",
+    [
+        ("str", "a b", True),
+        ("str", "a\0b", False),  # would become a path
+        ("str", b"a", False),
+        ("int", 5, True),
+        ("int", True, False),  # JSON true is not a number
+        ("int", 5.0, False),
+        ("int", None, False),
+        ("int?", None, True),
+        ("params", {"a": "1", "b": "\0"}, True),  # values are data, not paths
+        ("params", {"a": 1}, False),
+        ("params", ["a"], False),
+        ("entry", ENTRY, True),
+        ("entry", {k: v for k, v in ENTRY.items() if k != "hashed_ns"}, False),
+        ("entry", dict(ENTRY, size="1"), False),
+        ("entry", dict(ENTRY, kind="dir", files=[["f", "d", 1, 2, 3, 4]]), True),
+        ("entry", dict(ENTRY, kind="dir", files=[["f", "d", 1, 2, 3]]), False),
+        ("entry", dict(ENTRY, kind="dir", files=[["f\0", "d", 1, 2, 3, 4]]), False),
+        ("entry", dict(ENTRY, kind="dir", files={}), False),
+        ("entries", [ENTRY, ENTRY], True),
+        ("entries", [ENTRY, dict(ENTRY, path=None)], False),
+        ("entries", ENTRY, False),
+        ("task", {"family": "T", "params": {}}, True),
+        ("task", {"family": "T"}, False),
+        ("dynamic", [{"family": "T", "params": {"x": "1"}, "outputs": [ENTRY]}], True),
+        ("dynamic", [{"family": "T", "params": {"x": "1"}, "outputs": [dict(ENTRY, digest=7)]}], False),
+    ],
+)
+def test_record_field_kinds(kind, value, ok):
+    problem = hc._problem(value, kind)
+    assert (problem is None) == ok, problem
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2048))
 def test_fuzzed_bytes_mean_rebuild(built, data):
