@@ -244,19 +244,28 @@ def _fresh(entry: dict, st: os.stat_result, rechecked: bool = False) -> bool:
 
 def _hash_file(path: str, algorithm: str) -> dict:
     """Hash a regular file in blocks; return its entry. Never blocks on a FIFO."""
-    with open(os.open(path, os.O_RDONLY | _NONBLOCK | _BINARY), "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK | _BINARY)
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
         hashed_ns = time.time_ns()
         _counts["reads"] += 1
         h = hashlib.new(algorithm)
-        # Most outputs are small: zero-filling a whole block for each would cost more than
-        # hashing them. One byte over the size lets a file that grew still be read in full.
-        buf = bytearray(min(_BLOCK, st.st_size + 1))
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
+        if st.st_size < _BLOCK:
+            # Most outputs are small: plain reads, without a file object or a buffer to fill.
+            # One byte over the size lets a file that grew still be read in full.
+            while data := os.read(fd, st.st_size + 1):
+                h.update(data)
+        else:
+            # One buffer for every block, so memory does not grow with the file.
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                buf = bytearray(_BLOCK)
+                view = memoryview(buf)
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+    finally:
+        os.close(fd)
     return {
         "kind": "file",
         "digest": h.hexdigest(),
@@ -745,10 +754,14 @@ def _replace(path, data):
     tmp = os.path.join(folder, f".{name}~{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            # os.write, not a file object: nothing is buffered, so nothing needs a flush.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1254,6 +1267,7 @@ class _Memo:
         self.started_ns = time.time_ns()
         self.graph = {}  # task_id -> (dependencies, inputs), as _deps_and_inputs found them
         self.outputs = {}  # task_id -> flatten(task.output())
+        self.unnested = set()  # folders whose outputs were found not to lie in a folder output
         self._settings = None
 
     @property
@@ -1556,6 +1570,11 @@ def _record(task, settings, inputs, entries, dynamic):
 
 def _check_not_nested(path):
     """Refuse an output that lies inside another task's directory output."""
+    # Once per folder and build: a folder output cannot get records later in the build
+    # around outputs that have theirs (see _refuse_nesting).
+    build = _build()
+    if build is not None and os.path.dirname(path) in build.unnested:
+        return
     inner = path
     parent = os.path.dirname(inner)
     while parent != inner:
@@ -1568,6 +1587,8 @@ def _check_not_nested(path):
             if record and record["output"]["kind"] == "dir":
                 raise HashCheckError(f"{path} lies inside {inner}, the directory output of {record['task']['family']}; an output may not lie inside another task's directory output")
         inner, parent = parent, os.path.dirname(parent)
+    if build is not None:
+        build.unnested.add(os.path.dirname(path))
 
 
 def _drive(task, generator, state):

@@ -545,6 +545,28 @@ def test_output_inside_a_directory_output_is_an_error(root):
         hc._check_not_nested(hc._norm(os.path.join(root, "folder", "inside.txt")))
 
 
+class Beside(HashCheckingTask):
+    """Writes into a folder output without requiring its task."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "folder", self.name))
+
+    def run(self):
+        note_run(self.root, self.name)
+        write(self.output().path, "beside")
+
+
+def test_every_output_inside_a_directory_output_is_an_error(root):
+    assert build(Folder(root))
+    # The check is made once per folder and build: a refused folder must stay refused.
+    assert not build(Beside(root, "a.txt"), Beside(root, "b.txt"))
+    assert sorted(ran(root)) == ["Folder", "a.txt", "b.txt"]
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
+
+
 def test_recorded_digest_is_what_sha256sum_prints(root):
     assert build(Upper(root))
     digest = record_of(os.path.join(root, "upper.txt"))["output"]["digest"]
@@ -552,6 +574,15 @@ def test_recorded_digest_is_what_sha256sum_prints(root):
     if shutil.which("sha256sum"):
         out = subprocess.run(["sha256sum", os.path.join(root, "upper.txt")], capture_output=True, text=True, check=True).stdout
         assert out.split()[0] == digest
+
+
+@pytest.mark.parametrize("size", [0, 1, hc._BLOCK - 1, hc._BLOCK, hc._BLOCK + 1, 3 * hc._BLOCK + 5])
+def test_hashing_reads_every_byte_whatever_the_size(tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    entry = hc._hash_file(str(tmp_path / "f"), "sha256")
+    assert entry["digest"] == hashlib.sha256(data).hexdigest()
+    assert entry["size"] == size
 
 
 class Relative(HashCheckingTask):
