@@ -849,7 +849,7 @@ def _name(target, folder, index):
     if folder is None or not isinstance(target, luigi.LocalTarget):
         return os.fspath(path)
     path = _norm(path)
-    head, tail = os.path.split(path)
+    head, _sep, tail = path.rpartition(os.sep)
     if head == folder:  # the common case, and relpath is slow
         return tail
     try:
