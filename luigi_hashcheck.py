@@ -650,7 +650,8 @@ def _read_record(path: str) -> dict | None:
     if not data:
         raise _DamagedRecord("it is empty")
     try:
-        record = json.loads(data)
+        # We write records as ASCII; decoding them here spares json its encoding detection.
+        record = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise _DamagedRecord("it is not JSON") from exc
     if type(record) is not dict:
