@@ -525,6 +525,7 @@ def _record_path(path: str) -> str:
     folder, name = os.path.split(path)
     return os.path.join(folder, RECORD_DIR, name + ".json")
 
+
 # Each leaf kind: the types it allows, and whether a NUL is barred (strings become paths).
 _LEAVES = {
     "str": ((str,), True),
