@@ -1567,13 +1567,16 @@ def _record(task, settings, inputs, entries, dynamic):
         }
         _write_record(_record_path(path), record, settings)
         written.append(path)
+        build = _build()
+        if output_entry["kind"] == "dir" and build is not None:
+            build.unnested.clear()  # an output found outside folder outputs may now be inside one
     return written
 
 
 def _check_not_nested(path):
     """Refuse an output that lies inside another task's directory output."""
-    # Once per folder and build: a folder output cannot get records later in the build
-    # around outputs that have theirs (see _refuse_nesting).
+    # Once per folder and build: _record forgets these folders whenever it writes the
+    # record of a folder output.
     build = _build()
     if build is not None and os.path.dirname(path) in build.unnested:
         return

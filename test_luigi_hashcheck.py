@@ -576,6 +576,45 @@ def test_recorded_digest_is_what_sha256sum_prints(root):
         assert out.split()[0] == digest
 
 
+class FileAndFolder(HashCheckingTask):
+    """A file inside its own folder output, listed first."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return [luigi.LocalTarget(os.path.join(self.root, "folder", "x.txt")), luigi.LocalTarget(os.path.join(self.root, "folder"))]
+
+    def run(self):
+        write(os.path.join(self.root, "folder", "x.txt"), "x")
+
+
+class Between(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return FileAndFolder(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "between.txt"))
+
+    def run(self):
+        write(self.output().path, "between")
+
+
+class BesideLater(Beside):
+    def requires(self):
+        return Between(self.root)
+
+
+def test_an_output_inside_a_folder_output_written_in_the_same_build_is_an_error(root):
+    # The folder was found to hold no folder output's files when x.txt got its record; then
+    # it got a record as a folder output itself, and y.txt, later in the build, lies inside it.
+    assert not build(BesideLater(root, "y.txt"))
+    assert ran(root) == ["y.txt"]
+    assert record_of(os.path.join(root, "folder"))["output"]["kind"] == "dir"
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes", "y.txt.json"))
+
+
 @pytest.mark.parametrize("size", [0, 1, hc._BLOCK - 1, hc._BLOCK, hc._BLOCK + 1, 3 * hc._BLOCK + 5])
 def test_hashing_reads_every_byte_whatever_the_size(tmp_path, size):
     data = os.urandom(size)
