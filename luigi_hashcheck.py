@@ -1567,8 +1567,7 @@ def _record(task, settings, inputs, entries, dynamic):
         }
         _write_record(_record_path(path), record, settings)
         written.append(path)
-        build = _build()
-        if output_entry["kind"] == "dir" and build is not None:
+        if output_entry["kind"] == "dir" and (build := _build()) is not None:
             build.unnested.clear()  # an output found outside folder outputs may now be inside one
     return written
 
