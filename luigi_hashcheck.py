@@ -382,9 +382,6 @@ def _text_digest(text):
 # Code fingerprints ###########################################################
 ###############################################################################
 
-_fingerprints: "dict[type[HashCheckingTask], str]" = {}
-
-
 _DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -484,19 +481,53 @@ def _fallback_text(obj, name):
     return text
 
 
+# module -> (its top-level functions and classes, its normalised source). A module is read
+# again only once importlib.reload() has re-executed it, which makes those objects anew;
+# its file on disk alone never counts (inspect.getsource would read an edited file through
+# linecache, and lend new source to old code). Holding the objects keeps their ids unique.
+_module_texts: dict[object, tuple[tuple, str]] = {}
+
+
+def _module_text(module):
+    members = tuple(
+        value
+        for _name, value in sorted(vars(module).items())
+        if (inspect.isfunction(value) or inspect.isclass(value)) and getattr(value, "__module__", None) == module.__name__
+    ) + (getattr(module, "__spec__", None),)  # reload() finds the spec anew, too
+    known = _module_texts.get(module)
+    if known is None or len(known[0]) != len(members) or any(a is not b for a, b in zip(known[0], members)):
+        known = _module_texts[module] = (members, _source_text(module))
+    return known[1]
+
+
+def _code_dependencies(cls):
+    """``code_dependencies`` of ``cls`` and of every base, in MRO order, each once."""
+    found: dict[int, object] = {}
+    for klass in cls.__mro__:
+        for dep in vars(klass).get("code_dependencies", ()):
+            found.setdefault(id(dep), dep)
+    return list(found.values())
+
+
 def _fingerprint(cls: "type[HashCheckingTask]") -> str:
     """Digest of the source of ``cls`` and of every base it has that HashCheckingTask has
     not (mixins included, wherever they stand), of its ``code_dependencies`` and of its
-    ``code_version``. Taken when the class is defined, so a file edited after the import
-    cannot lend its new source to the old code."""
-    fingerprint = _fingerprints.get(cls)
+    ``code_version``.
+
+    The classes' source is read when the class is defined, so a file edited after the
+    import cannot lend its new source to the old code; a module in ``code_dependencies``
+    is read again after ``importlib.reload()``; ``code_version`` is read at every build.
+    """
+    build = _build()
+    fingerprint = build.fingerprints.get(cls) if build is not None else None
     if fingerprint is None:
         parts = [_source_text(klass) for klass in cls.__mro__ if klass not in HashCheckingTask.__mro__]
-        parts += [_source_text(dep) for dep in cls.code_dependencies]
+        parts += [_module_text(dep) if inspect.ismodule(dep) else _source_text(dep) for dep in _code_dependencies(cls)]
         parts.append(repr(cls.code_version))
-        fingerprint = _fingerprints[cls] = _text_digest("\n".join(parts))
+        fingerprint = _text_digest("\n".join(parts))
+        if build is not None:
+            build.fingerprints[cls] = fingerprint
     return fingerprint
-
 
 
 ###############################################################################
@@ -1166,8 +1197,19 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     if record["code"] != code:
         return "code changed", None
     names = [_name(target, folder, index) for index, target in enumerate(inputs)]
-    if names != [entry["path"] for entry in record["inputs"]]:
-        return "inputs changed", None
+    recorded_names = [entry["path"] for entry in record["inputs"]]
+    if names != recorded_names:
+        if sorted(names) != sorted(recorded_names):
+            return "inputs changed", None
+        # Order stays significant (a run() may concatenate its inputs), but the likely cause
+        # is a requires() built from a set, whose order changes with every interpreter.
+        _log_once(
+            key=("reordered", task.task_family),
+            level=logging.WARNING,
+            message=f"luigi_hashcheck: {task} has the same inputs as recorded, in another order, so it "
+            "will run again; if requires() iterates over a set or a dict built from one, sort it",
+        )
+        return "inputs reordered", None
     fresh["inputs"] = []
     for target, recorded in zip(inputs, record["inputs"]):
         reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "input")
@@ -1266,10 +1308,12 @@ class _Memo:
         # Inside Worker.run tasks finish, here or in forked children, so a remembered
         # "incomplete" must be looked at again.
         self.running = False
+        self.finished = False  # a Worker.run of this build has ended
         self.started_ns = time.time_ns()
         self.graph = {}  # task_id -> (dependencies, inputs), as _deps_and_inputs found them
         self.outputs = {}  # task_id -> flatten(task.output())
         self.unnested = set()  # folders whose outputs were found not to lie in a folder output
+        self.fingerprints = {}  # class -> code fingerprint; code_version is read once per build
         self._settings = None
 
     @property
@@ -1294,7 +1338,11 @@ def _build():
 def _track_builds(method, running):
     @functools.wraps(method)
     def wrapper(worker, *args, **kwargs):
-        memo = worker.__dict__.setdefault("_hashcheck_memo", _Memo())
+        memo = worker.__dict__.get("_hashcheck_memo")
+        if memo is None or (memo.finished and not memo.running):
+            # A Worker kept open for another add()/run() cycle starts a new build: files
+            # may have changed since its last run() ended.
+            memo = worker.__dict__["_hashcheck_memo"] = _Memo()
         outer, was_running = _build(), memo.running
         _local.build = memo
         memo.running = running or was_running
@@ -1302,6 +1350,7 @@ def _track_builds(method, running):
             return method(worker, *args, **kwargs)
         finally:
             _local.build, memo.running = outer, was_running
+            memo.finished = memo.finished or (running and not was_running)
 
     wrapper._hashcheck = True
     return wrapper
@@ -1341,7 +1390,7 @@ def _is_complete(root, memo, settings):
             stack.pop()
             _warn_if_hiding(task, answers[tid])
             continue
-        if isinstance(task, HashCheckingTask):
+        if _checked(task):
             verdict = _check_own(task, settings, cache)
             ok, made_ns = verdict.ok, verdict.made_ns
             if not ok:
@@ -1354,7 +1403,7 @@ def _is_complete(root, memo, settings):
             answers[tid] = False
             stack.pop()
             continue
-        deps = verdict.deps if isinstance(task, HashCheckingTask) else task.deps()
+        deps = verdict.deps if _checked(task) else task.deps()
         # A task Luigi scheduled in this build whose records were written since the build
         # started ran after Luigi saw its dependencies done; its own records are enough.
         if memo.answers.get(tid) is False and made_ns >= memo.started_ns:
@@ -1376,9 +1425,15 @@ def _is_complete(root, memo, settings):
     return bool(known(root))
 
 
+def _checked(task):
+    """Whether ``task`` is judged by its records: a HashCheckingTask, unless it is also an
+    ExternalTask, which is complete when its outputs exist (and hashed as an input below)."""
+    return isinstance(task, HashCheckingTask) and not luigi.worker._is_external(task)
+
+
 def _warn_if_hiding(task, complete):
     """Warn when a task that is not a HashCheckingTask hides a stale one below it."""
-    if not complete and not isinstance(task, HashCheckingTask) and task.complete():
+    if not complete and not _checked(task) and task.complete():
         _log_once(
             key=("hiding", task.task_id),
             level=logging.WARNING,
@@ -1512,8 +1567,11 @@ def _after_run(task, state):
     # next check skip hashing it.
     rest = iter(after[len(state.inputs):])
     dynamic = [(dep, targets, [next(rest) for _ in targets]) for dep, targets, _entries in state.dynamic]
-    _record(task, settings, state.inputs, after[: len(state.inputs)], dynamic)
-    _memo().answers[task.task_id] = True
+    written = _record(task, settings, state.inputs, after[: len(state.inputs)], dynamic)
+    # Complete only with a record for every output: check_complete_on_run must see a
+    # missing output as plain Luigi would.
+    if len(written) == len(_outputs(task)):
+        _memo().answers[task.task_id] = True
 
 
 def _record(task, settings, inputs, entries, dynamic):
@@ -1605,7 +1663,7 @@ def _drive(task, generator, state):
     while True:
         _running.add(id(task))
         try:
-            requirement = generator.send(reply)
+            requirement = _listed(generator.send(reply))
         except StopIteration:
             break
         finally:
@@ -1614,6 +1672,37 @@ def _drive(task, generator, state):
         # Luigi sends the paths back only once these dependencies are complete.
         _snapshot_dynamic(task, requirement, state)
     _after_run(task, state)
+
+
+def _listed(value):
+    """``value`` with every iterator in it, at any depth, replaced by a list.
+
+    Luigi flattens a yielded value to schedule it and maps it to paths to send back, so an
+    iterator would be spent by the first and give the second, and our record, nothing.
+    Tasks, dicts, lists and tuples that hold no iterator are returned as they are.
+    """
+    if isinstance(value, luigi.DynamicRequirements):
+        listed = _listed(value.requirements)
+        if listed is not value.requirements:
+            value.requirements = listed
+            value._flat_requirements = value._paths = None  # Luigi's caches, made of the iterator
+        return value
+    if value is None or isinstance(value, (luigi.Task, str)):
+        return value
+    if isinstance(value, dict):
+        items = {key: _listed(item) for key, item in value.items()}
+        same = all(items[key] is item for key, item in value.items())
+        return value if same else type(value)(items)
+    if isinstance(value, (list, tuple)):
+        listed = [_listed(item) for item in value]
+        if all(new is old for new, old in zip(listed, value)):
+            return value
+        return type(value)(*listed) if hasattr(value, "_fields") else type(value)(listed)
+    try:
+        items = iter(value)
+    except TypeError:
+        return value  # not a structure: Luigi will say what is wrong with it
+    return [_listed(item) for item in items]
 
 
 def _wrap_run(run):
@@ -1671,6 +1760,8 @@ class HashCheckingTask(luigi.Task):
     def complete(self) -> bool:
         """Whether the outputs exist and match their records, and every task this one
         depends on, recursively, is complete too."""
+        if luigi.worker._is_external(self):  # data made outside Luigi: it has no record
+            return super().complete()
         memo = _memo()
         return _is_complete(self, memo, memo.settings)
 
@@ -1987,7 +2078,7 @@ def _walk(root, settings):
             continue
         if tid in own:
             continue
-        if isinstance(task, HashCheckingTask):
+        if _checked(task):
             verdict = _check_own(task, settings)
             children[tid] = verdict.deps if verdict.ok else list(task.deps())
             own[tid] = ("ok", "") if verdict.ok else ("will run", verdict.reason)
@@ -2042,7 +2133,7 @@ def _adopt(root, settings, dry_run):
     left = 0
     verb = "would record" if dry_run else "recorded"
     for task in order:  # dependencies first
-        if not isinstance(task, HashCheckingTask) or verdicts[task.task_id][0] == "ok":
+        if not _checked(task) or verdicts[task.task_id][0] == "ok":
             continue
         with _inspection():
             verdict = _check_own(task, settings)

@@ -354,6 +354,83 @@ def test_a_chain_1000_deep_needs_no_python_recursion(root):
         sys.setrecursionlimit(limit)
 
 
+class RawChecked(HashCheckingTask, luigi.ExternalTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "seed.txt"))
+
+
+class CheckedRaw(luigi.ExternalTask, HashCheckingTask):
+    """The same, with the bases the other way round."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "seed.txt"))
+
+
+class OverExternal(HashCheckingTask):
+    root = luigi.Parameter()
+    external = luigi.TaskParameter()
+
+    def requires(self):
+        return self.external(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"over-{self.external.__name__}.txt"))
+
+    def run(self):
+        note_run(self.root, "OverExternal")
+        write(self.output().path, read(self.input().path).upper())
+
+
+@pytest.mark.parametrize("external", [RawChecked, CheckedRaw])
+def test_a_hashcheckingtask_that_is_an_external_task_is_external_data(root, external):
+    assert external(root).complete()  # its output exists, and external data has no record
+    assert build(OverExternal(root, external))
+    assert build(OverExternal(root, external))
+    assert ran(root) == ["OverExternal"]
+    write(os.path.join(root, "seed.txt"), "world")  # hashed as an input downstream
+    assert build(OverExternal(root, external))
+    assert ran(root) == ["OverExternal"]
+    os.remove(os.path.join(root, "seed.txt"))
+    assert not external(root).complete()
+
+
+ORDER = ["a", "b", "c"]
+
+
+class Reads(HashCheckingTask):
+    """Its inputs in the order ORDER gives, as a requires() built from a set would be."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return [Seed(self.root, f"{name}.src") for name in ORDER]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "reads.txt"))
+
+    def run(self):
+        note_run(self.root, "Reads")
+        write(self.output().path, "".join(read(t.path) for t in self.input()))
+
+
+def test_inputs_in_another_order_rerun_with_a_hint_to_sort_them(root, monkeypatch, caplog, capsys):
+    for name in ORDER:
+        write(os.path.join(root, f"{name}.src"), name)
+    assert build(Reads(root))
+    monkeypatch.setattr(sys.modules[__name__], "ORDER", ["c", "a", "b"])
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert hc._explain(Reads(root), hc._settings()) == 1
+    assert "Reads(" in capsys.readouterr().out.split("inputs reordered")[0]
+    assert "in another order" in caplog.text and "sort it" in caplog.text
+    assert build(Reads(root))
+    assert ran(root) == ["Reads", "Reads"]
+    assert read(os.path.join(root, "reads.txt")) == "cab"
+
+
 ###############################################################################
 # Code fingerprints ###########################################################
 ###############################################################################
@@ -446,6 +523,90 @@ def test_no_source_falls_back_to_a_stable_fingerprint(tmp_path):
     second = run_python(["-c", script], cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert first.stdout.split()[-1] == second.stdout.split()[-1]
+
+
+def test_code_dependencies_are_the_union_over_the_mro(root):
+    source = """
+        import luigi
+        from luigi_hashcheck import HashCheckingTask
+
+        def first(text):
+            return text + "FIRST"
+
+        def second(text):
+            return text + "SECOND"
+
+        class Parent(HashCheckingTask):
+            code_dependencies = (first,)
+
+        class Child(Parent):
+            code_dependencies = (second,)
+    """
+    before = load_module(root, source)
+    after = load_module(root, source.replace('"FIRST"', '"FIRST2"'))
+    assert hc._fingerprint(before.Child) != hc._fingerprint(after.Child)
+    assert hc._fingerprint(before.Child) == hc._fingerprint(load_module(root, source).Child)
+
+
+HELPED = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+import {helper}
+
+
+class Helped(HashCheckingTask):
+    root = luigi.Parameter()
+    code_dependencies = ({helper},)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "helped.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("Helped\\n")
+        with self.output().open("w") as f:
+            f.write({helper}.clean(" Text "))
+"""
+
+
+@pytest.fixture
+def helped(root, monkeypatch):
+    """A pipeline whose Helped task lists a helper module in code_dependencies."""
+    name = f"helper_{uuid.uuid4().hex[:8]}"
+    write(os.path.join(root, name + ".py"), "def clean(text):\n    return text.strip()\n")
+    monkeypatch.syspath_prepend(root)
+    pipeline = load_module(root, HELPED.format(helper=name))
+    return pipeline, sys.modules[name]
+
+
+def test_a_reloaded_helper_module_reruns_in_the_same_process(root, helped):
+    import importlib
+
+    pipeline, helper = helped
+    task = pipeline.Helped(root)
+    assert build(task)
+    assert ran(root) == ["Helped"]
+    # Edited on disk but not reloaded: the code that runs is still the old one.
+    write(helper.__file__, "def clean(text):\n    return text.strip().lower()\n")
+    assert build(task)
+    assert ran(root) == []
+    importlib.reload(helper)
+    assert build(task)
+    assert ran(root) == ["Helped"]
+    assert read(os.path.join(root, "helped.txt")) == "text"
+    assert build(task)
+    assert ran(root) == []
+
+
+def test_code_version_changed_at_run_time_reruns(root, helped):
+    pipeline, _helper = helped
+    task = pipeline.Helped(root)
+    assert build(task)
+    pipeline.Helped.code_version = "2"
+    assert build(task)
+    assert build(task)
+    assert ran(root) == ["Helped", "Helped"]
 
 
 ###############################################################################
@@ -809,6 +970,31 @@ def test_check_complete_on_run(root, config):
     assert ran(root) == ["Upper", "Head", "Count"] * 2
 
 
+class HalfWritten(luigi.Task):
+    """Writes only the first of its two outputs; ``base`` picks plain Luigi or ours."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return [luigi.LocalTarget(os.path.join(self.root, f"{type(self).__name__}-{n}.txt")) for n in (1, 2)]
+
+    def run(self):
+        note_run(self.root, type(self).__name__)
+        write(self.output()[0].path, "one")
+
+
+class HalfWrittenChecked(HashCheckingTask, HalfWritten):
+    pass
+
+
+def test_check_complete_on_run_fails_a_task_that_left_an_output_unwritten(root, config, caplog):
+    config("worker", "check_complete_on_run", "true")
+    assert not build(HalfWritten(root))  # plain Luigi: "complete() is still returning false"
+    assert not build(HalfWrittenChecked(root))
+    assert ran(root) == ["HalfWritten", "HalfWrittenChecked"]
+    assert "without writing its output" in caplog.text
+
+
 class Leaf(HashCheckingTask):
     root = luigi.Parameter()
     name = luigi.Parameter()
@@ -857,6 +1043,48 @@ def test_dynamic_dependencies_are_recorded_and_checked(root):
     assert build(Dynamic(root))
     assert ran(root) == ["Leaf-a", "Dynamic"]
     assert build(Dynamic(root))
+    assert ran(root) == []
+
+
+class IteratorDynamic(HashCheckingTask):
+    """Yields its dynamic dependencies in the shape ``shape`` names, iterators included."""
+
+    root = luigi.Parameter()
+    shape = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"iter-{self.shape}.txt"))
+
+    def run(self):
+        names = ["a", "b"]
+        shapes = {
+            "generator": lambda: (Leaf(self.root, n) for n in names),
+            "map": lambda: map(lambda n: Leaf(self.root, n), names),
+            "nested": lambda: [map(lambda n: Leaf(self.root, n), names)],
+            "dict": lambda: {"leaves": (Leaf(self.root, n) for n in names)},
+            "requirements": lambda: luigi.DynamicRequirements(Leaf(self.root, n) for n in names),
+        }
+        got = yield shapes[self.shape]()
+        note_run(self.root, "IteratorDynamic")
+        targets = luigi.task.flatten(got)
+        write(self.output().path, "".join(read(t.path) for t in targets))
+
+
+@pytest.mark.parametrize("shape", ["generator", "map", "nested", "dict", "requirements"])
+def test_dynamic_dependencies_yielded_as_iterators_are_recorded(root, shape):
+    write(os.path.join(root, "a.src"), "a")
+    write(os.path.join(root, "b.src"), "b")
+    assert build(IteratorDynamic(root, shape))
+    # run() gets the real paths back, where plain Luigi would send [] for a spent iterator.
+    assert read(os.path.join(root, f"iter-{shape}.txt")) == "AB"
+    record = record_of(os.path.join(root, f"iter-{shape}.txt"))
+    assert [d["params"]["name"] for d in record["dynamic"]] == ["a", "b"]
+    ran(root)
+    write(os.path.join(root, "b.src"), "B2")
+    assert build(IteratorDynamic(root, shape))
+    assert ran(root) == ["Leaf-b", "IteratorDynamic"]
+    assert read(os.path.join(root, f"iter-{shape}.txt")) == "AB2"
+    assert build(IteratorDynamic(root, shape))
     assert ran(root) == []
 
 
@@ -1406,6 +1634,20 @@ def test_a_cached_incomplete_is_checked_again_at_run_time(root, config):
     config("worker", "check_complete_on_run", "true")
     assert build(Count(root), workers=2)
     assert sorted(ran(root)) == ["Count", "Head", "Upper"]
+
+
+def test_a_worker_kept_open_sees_an_edit_between_runs(root):
+    # The scheduler would not rerun a task within 10 s of it finishing.
+    with luigi.worker.Worker(scheduler=luigi.scheduler.Scheduler(stable_done_cooldown_secs=0)) as worker:
+        assert worker.add(Count(root))
+        assert worker.run()
+        write(os.path.join(root, "seed.txt"), "world")
+        assert worker.add(Count(root))
+        assert worker.run()
+        assert worker.add(Count(root))
+        assert worker.run()
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+    assert read(os.path.join(root, "upper.txt")) == "WORLD"
 
 
 def test_the_luigi_command_line_sees_an_edit(tmp_path):
