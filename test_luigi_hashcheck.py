@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -1059,8 +1060,8 @@ class IteratorDynamic(HashCheckingTask):
         names = ["a", "b"]
         shapes = {
             "generator": lambda: (Leaf(self.root, n) for n in names),
-            "map": lambda: map(lambda n: Leaf(self.root, n), names),
-            "nested": lambda: [map(lambda n: Leaf(self.root, n), names)],
+            "map": lambda: map(functools.partial(Leaf, self.root), names),
+            "nested": lambda: [map(functools.partial(Leaf, self.root), names)],
             "dict": lambda: {"leaves": (Leaf(self.root, n) for n in names)},
             "requirements": lambda: luigi.DynamicRequirements(Leaf(self.root, n) for n in names),
         }
