@@ -3033,3 +3033,17 @@ def test_benchmark_quick_mode_runs(tmp_path):
         assert figures[name]["pairs" if name != "scaling" else "tasks"]
     assert figures["one_seed"]["reran"] == 6 and figures["one_seed"]["chains_rerun"] == [1]
     assert figures["hashing"]["peak_rss_mib"] < 64
+
+
+def test_benchmark_against_another_checkout_runs(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(os.path.join(HERE, "luigi_hashcheck.py"), old)  # the script's own smoke test: against itself
+    result = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "bench.py"), "--quick", "--against", str(old)],
+                            capture_output=True, text=True, check=False, timeout=600, env=dict(os.environ, PYTHONPATH=HERE))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["full_build"]["pairs"] and figures["noop"]["pairs"] and figures["against"] == str(old)
+    missing = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "bench.py"), "--quick", "--against", str(tmp_path)],
+                             capture_output=True, text=True, check=False, timeout=60)
+    assert missing.returncode != 0 and "no luigi_hashcheck.py" in missing.stderr

@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py            # the full set: some minutes, over 2 GiB of scratch
     python benchmarks/bench.py --quick    # small graphs, seconds: what the tests run
+    python benchmarks/bench.py --against ../old   # this module against the one in ../old
 
 Every figure is a ratio of two commands run alternately, A B B A, in this one call; the
 median of the pairs is quoted. A command is a whole process, and its cost is CPU seconds
@@ -54,7 +55,7 @@ TARGETS = {
 def child(argv):
     """Run one timed command in this (fresh) process."""
     command, args = argv[0], json.loads(argv[1])
-    sys.path[:0] = [REPO, HERE]
+    sys.path[:0] = [os.environ.get("BENCH_MODULE", REPO), HERE]
     if command == "build":
         import luigi
         import pipelines
@@ -100,9 +101,12 @@ def child(argv):
     raise SystemExit(f"unknown child command {command}")
 
 
-def run_child(command, args, kind="plain"):
-    """Run a child command; return (cpu seconds, wall seconds, peak RSS in KiB)."""
-    env = dict(os.environ, BENCH_KIND=kind, PYTHONPATH=os.pathsep.join([REPO, HERE]), LUIGI_CONFIG_PATH=CONFIG)
+def run_child(command, args, kind="plain", module=REPO):
+    """Run a child command; return (cpu seconds, wall seconds, peak RSS in KiB).
+
+    :param module: the folder whose luigi_hashcheck.py the command imports.
+    """
+    env = dict(os.environ, BENCH_KIND=kind, BENCH_MODULE=module, PYTHONPATH=os.pathsep.join([module, HERE]), LUIGI_CONFIG_PATH=CONFIG)
     # Steady state: pip installs Luigi compiled, so with PYTHONDONTWRITEBYTECODE set only the
     # module under test would be compiled again by every command.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -383,6 +387,60 @@ def fig_one_seed(scratch, p):
     return result
 
 
+def fig_against(scratch, p, old):
+    """This module against the one in ``old``: a full build and a no-op, A B B A."""
+    seeds = os.path.join(scratch, "seeds")
+    make_seeds(seeds, p["width"], p["seed_bytes"])
+    args = {"width": p["width"], "depth": p["depth"]}
+
+    def fresh_root(side):
+        root = tempfile.mkdtemp(prefix=f"against-{side}-", dir=scratch)  # deleted at the end only
+        for i in range(p["width"]):
+            os.link(os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin"))
+        return root
+
+    full = abba(
+        lambda: run_child("build", dict(args, root=fresh_root("new")), "hash"),
+        lambda: run_child("build", dict(args, root=fresh_root("old")), "hash", module=old),
+        p["pairs"],
+    )
+    noop_roots = {}
+    for side, module in (("new", REPO), ("old", old)):
+        noop_roots[side] = root = fresh_root(f"noop-{side}")
+        run_child("build", dict(args, root=root), "hash", module=module)
+        age(root)
+        run_child("build", dict(args, root=root), "hash", module=module)  # records take the aged stat
+    noop = abba(
+        lambda: run_child("build", dict(args, root=noop_roots["new"]), "hash"),
+        lambda: run_child("build", dict(args, root=noop_roots["old"]), "hash", module=old),
+        p["pairs"],
+    )
+    return {"full_build": full, "noop": noop}
+
+
+def main_against(p, old, quick):
+    """Print how this module's full build and no-op compare with the module in ``old``."""
+    old = os.path.abspath(old)
+    if not os.path.isfile(os.path.join(old, "luigi_hashcheck.py")):
+        raise SystemExit(f"--against {old}: no luigi_hashcheck.py there; give a checkout of the old commit")
+    scratch = tempfile.mkdtemp(prefix="luigi_hashcheck_bench_")
+    global CONFIG
+    CONFIG = os.path.join(scratch, "luigi.cfg")
+    with open(CONFIG, "w") as f:
+        f.write("[core]\nautoload_range = false\n")
+    try:
+        results = fig_against(scratch, p, old)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"luigi_hashcheck {REPO} against {old} ({p['width']}x{p['depth']} lattice; median of {p['pairs']} ABBA pairs)")
+    print(f"{'figure':<36} {'ratio':>7}  {'new CPU s':>9} {'old CPU s':>9}  verdict (within 5%)")
+    for label, key in (("full build, workers=1 (CPU new/old)", "full_build"), ("no-op rebuild (CPU new/old)", "noop")):
+        r = results[key]
+        print(f"{label:<36} {r['ratio']:>7.3f}  {r['a_cpu']:>9.3f} {r['b_cpu']:>9.3f}  {'met' if r['ratio'] <= 1.05 else 'MISSED'}")
+    print(json.dumps(dict(results, against=old, quick=quick), sort_keys=True))
+    return 0
+
+
 ###############################################################################
 # Report ######################################################################
 ###############################################################################
@@ -403,10 +461,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small graphs, for the tests")
     parser.add_argument("--pairs", type=int, help="pairs per figure (default 6, quick 2)")
+    parser.add_argument("--against", metavar="PATH", help="time this module against the luigi_hashcheck.py in PATH, a checkout of an older commit")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     if args.pairs:
         p["pairs"] = args.pairs
+    if args.against:
+        return main_against(p, args.against, args.quick)
     scratch = tempfile.mkdtemp(prefix="luigi_hashcheck_bench_")
     global CONFIG
     CONFIG = os.path.join(scratch, "luigi.cfg")
