@@ -290,7 +290,8 @@ def _digest_file(path, algorithm, st, known, trust_mtime, rechecked=False):
 
 def _list_dir(root):
     """Yield (relative posix path, absolute path, is_link) for a directory's files, where
-    is_link marks a link to a folder or a dangling link, which count by their target's name.
+    is_link marks a link to a folder, a dangling link or a link loop, which count by their
+    target's name.
 
     Skips every ``.luigi_hashes`` folder; does not follow links to directories, so a
     link cycle cannot hang the walk.
@@ -304,10 +305,26 @@ def _list_dir(root):
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name != RECORD_DIR:
                         stack.append(name)
-                elif entry.is_symlink() and (entry.is_dir() or not os.path.exists(entry.path)):
-                    yield name, entry.path, True  # a link to a folder, or dangling: its target's name counts
+                elif entry.is_symlink() and _counts_by_name(entry):
+                    yield name, entry.path, True  # a link to a folder, dangling or looping: its target's name counts
                 else:
                     yield name, entry.path, False
+
+
+# A link that leads nowhere: to itself through other links, or through a file as if a folder.
+_UNRESOLVED = (errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
+def _counts_by_name(link):
+    """Whether the link at the ``os.DirEntry`` ``link`` counts by its target's name: a link
+    to a folder, or one that leads to no file (dangling, or a loop such as ``a -> b``,
+    ``b -> a``, which would otherwise raise ELOOP at every build)."""
+    try:
+        return link.is_dir() or not os.path.exists(link.path)
+    except OSError as exc:
+        if exc.errno in _UNRESOLVED:
+            return True
+        raise
 
 
 def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False):

@@ -849,6 +849,60 @@ def test_an_unhashable_target_names_task_class_and_fix(root):
     assert not build(MockedInput(root))
 
 
+class LoopFolder(HashCheckingTask):
+    """A folder output holding a symbolic link loop, ``a -> b`` and ``b -> a``."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "looped"))
+
+    def run(self):
+        note_run(self.root, "LoopFolder")
+        with self.output().temporary_path() as tmp:
+            os.makedirs(tmp)
+            write(os.path.join(tmp, "file.txt"), "x")
+            os.symlink("b", os.path.join(tmp, "a"))
+            os.symlink("a", os.path.join(tmp, "b"))
+
+
+class ReadLoopFolder(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root, "raw")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "listing.txt"))
+
+    def run(self):
+        note_run(self.root, "ReadLoopFolder")
+        write(self.output().path, " ".join(sorted(os.listdir(self.input().path))))
+
+
+def test_a_symlink_loop_in_a_folder_output_or_input_counts_by_its_target(root, capsys):
+    write(os.path.join(root, "raw", "x.csv"), "1")
+    os.symlink("loop2", os.path.join(root, "raw", "loop1"))
+    os.symlink("loop1", os.path.join(root, "raw", "loop2"))
+    assert build(LoopFolder(root), ReadLoopFolder(root))
+    assert sorted(ran(root)) == ["LoopFolder", "ReadLoopFolder"]
+    files = {item[0]: item[1] for item in record_of(os.path.join(root, "looped"))["output"]["files"]}
+    assert files == {"a": "link:b", "b": "link:a", "file.txt": hashlib.sha256(b"x").hexdigest()}
+    assert build(LoopFolder(root), ReadLoopFolder(root))
+    assert ran(root) == []
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 0 and out.startswith("2 outputs: 2 ok"), out
+    # Pointing a looped link elsewhere changes its name, and so the digest.
+    os.remove(os.path.join(root, "raw", "loop2"))
+    os.symlink("nowhere", os.path.join(root, "raw", "loop2"))
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 1 and "stale" in out and "listing.txt" in out, out
+    code, out, _ = cli_main(["accept", os.path.join(root, "listing.txt")], capsys)
+    assert code == 0 and "accepted" in out, out
+    assert build(LoopFolder(root), ReadLoopFolder(root))
+    assert ran(root) == []
+
+
 ###############################################################################
 # HashableTarget contract #####################################################
 ###############################################################################
