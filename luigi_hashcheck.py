@@ -288,20 +288,24 @@ def _digest_file(path, algorithm, st, known, trust_mtime, rechecked=False):
     return dict(entry)
 
 
-def _list_dir(root):
+def _list_dir(root, excluded=()):
     """Yield (relative posix path, absolute path, is_link) for a directory's files, where
     is_link marks a link to a folder, a dangling link or a link loop, which count by their
     target's name.
 
-    Skips every ``.luigi_hashes`` folder; does not follow links to directories, so a
-    link cycle cannot hang the walk.
+    Skips every ``.luigi_hashes`` folder, and the files and folders whose relative paths
+    are ``excluded``; does not follow links to directories, so a link cycle cannot hang
+    the walk.
     """
+    skip = set(excluded)
     stack = [""]
     while stack:
         rel = stack.pop()
         with os.scandir(os.path.join(root, rel) if rel else root) as entries:
             for entry in entries:
                 name = f"{rel}/{entry.name}" if rel else entry.name
+                if skip and name in skip:
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name != RECORD_DIR:
                         stack.append(name)
@@ -327,13 +331,14 @@ def _counts_by_name(link):
         raise
 
 
-def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False):
+def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False, excluded=()):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
 
     The entry lists each file as [relative path, digest, size, mtime_ns, inode, hashed_ns],
-    so a later check can skip hashing the files whose stat still matches, as for one file.
+    so a later check can skip hashing the files whose stat still matches, as for one file,
+    and the ``excluded`` relative paths, if any, that the digest leaves out.
     """
-    files = sorted(_list_dir(path))
+    files = sorted(_list_dir(path, excluded))
     st = os.stat(path)
     stats = [None if link else os.stat(full) for _rel, full, link in files]
     recorded = {}
@@ -363,7 +368,7 @@ def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False):
     h = hashlib.new(algorithm)
     for rel, digest, *_stat in listed:
         h.update(f"{digest}  {rel}\n".encode("utf-8", "surrogateescape"))
-    return {
+    entry = {
         "kind": "dir",
         "digest": h.hexdigest(),
         "size": None,
@@ -372,20 +377,24 @@ def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False):
         "hashed_ns": time.time_ns(),
         "files": listed,
     }
+    if excluded:
+        entry["excluded"] = list(excluded)
+    return entry
 
 
-def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False) -> dict:
+def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded=()) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
     :param path: normalised absolute path.
     :param known: a recorded entry for the same path; its digest is reused while the
         file's size, mtime and inode still match it (for a folder, file by file).
     :param rechecked: the caller hashes the path again later (see ``_fresh``).
+    :param excluded: for a folder, relative posix paths below it to leave out.
     :raises FileNotFoundError: if nothing is at ``path``.
     """
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
-        return _digest_dir(path, algorithm, trust_mtime, known, rechecked)
+        return _digest_dir(path, algorithm, trust_mtime, known, rechecked, excluded)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
     return _digest_file(path, algorithm, st, known, trust_mtime, rechecked)
@@ -612,9 +621,16 @@ def _files_problem(value):
     return None
 
 
+def _excluded_problem(value):
+    """What is wrong with a folder input's optional list of ``excluded`` paths, or None."""
+    if type(value) is not list or any(_leaf_problem(item, "str") for item in value):
+        return "excluded: a list of relative paths expected"
+    return None
+
+
 def _shape_checker(fields, files=False):
-    """Return a function that says what is wrong with an object of ``fields`` (and of an
-    optional list of ``files``, for folder entries), or None.
+    """Return a function that says what is wrong with an object of ``fields`` (and of the
+    optional ``files`` and ``excluded`` lists, for folder entries), or None.
 
     Made once per shape, with the leaf checks inline: a no-op build reads every record,
     and one function call per field would cost more than reading the record.
@@ -635,6 +651,8 @@ def _shape_checker(fields, files=False):
             problem = _CHECKS[kind](value[key])
             if problem:
                 return f"{key}: {problem}"
+        if files and "excluded" in value and _excluded_problem(value["excluded"]):
+            return _excluded_problem(value["excluded"])
         if files and "files" in value:
             return _files_problem(value["files"])
         return None
@@ -908,11 +926,13 @@ def _name(target, folder, index):
         return path
 
 
-def _entry(target, algorithm, known, settings, cache, rechecked=False):
+def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
     """Return ``target``'s current entry, or None if it does not exist. ``cache`` spares a
-    second look at a target within one check; ``rechecked`` is as for ``_digest``."""
+    second look at a target within one check; ``rechecked`` is as for ``_digest``; ``own``
+    holds the normalised paths of the reading task's outputs (see ``_excluded``)."""
     if isinstance(target, luigi.LocalTarget):
-        return _local_entry(_norm(target.path), algorithm, known, settings, cache, rechecked)
+        path = _norm(target.path)
+        return _local_entry(path, algorithm, known, settings, cache, rechecked, _excluded(path, own) if own else ())
     key = (id(target), algorithm)
     if key not in cache:
         entry = None
@@ -922,16 +942,49 @@ def _entry(target, algorithm, known, settings, cache, rechecked=False):
     return cache[key][1]
 
 
-def _local_entry(path, algorithm, known, settings, cache, rechecked=False):
+def _local_entry(path, algorithm, known, settings, cache, rechecked=False, excluded=()):
     """``_entry`` of the file or folder at the normalised ``path``."""
-    key = (path, algorithm)
+    key = (path, algorithm, excluded) if excluded else (path, algorithm)
     if key not in cache:
         _counts["looks"] += 1
         try:
-            cache[key] = _digest(path, algorithm, known, settings.trust_mtime, rechecked)
+            cache[key] = _digest(path, algorithm, known, settings.trust_mtime, rechecked, excluded)
         except FileNotFoundError:
             cache[key] = None
     return cache[key]
+
+
+def _own_paths(task):
+    """The normalised paths of ``task``'s local outputs, which its folder inputs leave out."""
+    return tuple(_norm(t.path) for t in _outputs(task) if isinstance(t, luigi.LocalTarget))
+
+
+def _excluded(folder, own):
+    """The outputs ``own`` of a task that lie inside its input ``folder``, as sorted relative
+    posix paths, or ().
+
+    They are left out of the folder's digest, or the task's own run() would change its
+    input, and listed in the input's entry, so ``verify`` and ``accept`` leave them out too.
+    Nothing is left out of another task's recorded folder output: no output may lie inside one.
+    """
+    prefix = folder.rstrip(os.sep) + os.sep
+    inside = [path for path in own if path.startswith(prefix)]
+    if not inside or _folder_record(folder) is not None:
+        return ()
+    return tuple(sorted({os.path.relpath(path, folder).replace(os.sep, "/") for path in inside}))
+
+
+def _folder_record(path):
+    """The record of the output at ``path`` if it is a folder output; else None, as for a
+    damaged record."""
+    record_path = _record_path(path)
+    if not os.path.exists(record_path):
+        return None
+    try:
+        record = _read_record(record_path)
+    except _DamagedRecord:
+        return None
+    return record if record and record["output"]["kind"] == "dir" else None
 
 
 def _named(entry, name):
@@ -1175,11 +1228,12 @@ def _check_own(task, settings, cache=None):
     dynamic = {}
     made_ns = None
     refreshes = []
+    own = tuple(path for _output, path, _record in records if path is not None)
     for output, path, record in records:
         if path is None:  # a third-party HashableTarget: the input hash is all there is
             pairs = []
             for index, target in enumerate(inputs):
-                entry = _entry(target, settings.algorithm, None, settings, cache)
+                entry = _entry(target, settings.algorithm, None, settings, cache, own=own)
                 if entry is None:
                     return _stale(f"input {_name(target, None, index)} is missing", inputs)
                 pairs.append([_name(target, None, index), entry["digest"]])
@@ -1187,7 +1241,7 @@ def _check_own(task, settings, cache=None):
                 return _stale("input hash changed", inputs)
             made_ns = 0
             continue
-        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic)
+        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own)
         if reason:
             return _stale(reason, inputs)
         if fresh != record:
@@ -1198,7 +1252,7 @@ def _check_own(task, settings, cache=None):
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs)
 
 
-def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic):
+def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own=()):
     """Compare one output's record with the world; return (reason or None, refreshed record)."""
     algorithm = record["algorithm"]
     folder = os.path.dirname(path)
@@ -1229,7 +1283,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         return "inputs reordered", None
     fresh["inputs"] = []
     for target, recorded in zip(inputs, record["inputs"]):
-        reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "input")
+        reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "input", own)
         if reason:
             return reason, None
         fresh["inputs"].append(entry)
@@ -1244,7 +1298,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
             return f"dynamic dependency {dep_task} changed its outputs", None
         entries = []
         for target, recorded in zip(targets, dep["outputs"]):
-            reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "dynamic input")
+            reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "dynamic input", own)
             if reason:
                 return reason, None
             entries.append(entry)
@@ -1254,10 +1308,12 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     return None, fresh
 
 
-def _compare_entry(target, recorded, algorithm, settings, cache, what):
-    entry = _entry(target, algorithm, recorded, settings, cache)
+def _compare_entry(target, recorded, algorithm, settings, cache, what, own=()):
+    entry = _entry(target, algorithm, recorded, settings, cache, own=own)
     if entry is None:
         return f"{what} {recorded['path']} is missing", None
+    if entry.get("excluded", []) != recorded.get("excluded", []):
+        return f"{what} {recorded['path']} changed (the outputs left out of it)", None
     if entry["digest"] != recorded["digest"]:
         return f"{what} {recorded['path']} changed ({recorded['digest'][:8]} -> {entry['digest'][:8]})", None
     return None, _stat_refreshed(recorded, entry)
@@ -1496,8 +1552,9 @@ def _before_run(task):
     inputs = verdict.inputs if verdict.inputs is not None else _deps_and_inputs(task)[1]
     cache = {}
     entries = []
+    own = _own_paths(task)
     for index, target in enumerate(inputs):
-        entry = _entry(target, settings.algorithm, None, settings, cache, rechecked=True)
+        entry = _entry(target, settings.algorithm, None, settings, cache, rechecked=True, own=own)
         if entry is None:
             raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
         entries.append(entry)
@@ -1560,10 +1617,11 @@ def _snapshot_dynamic(task, requirement, state):
     else:
         deps = flatten(requirement)
     cache = {}
+    own = _own_paths(task)
     for dep in deps:
         targets = flatten(dep.output())
         _require_hashable(dep, targets)
-        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache, rechecked=True) for t in targets]
+        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache, rechecked=True, own=own) for t in targets]
         state.dynamic.append((dep, targets, entries))
 
 
@@ -1574,9 +1632,14 @@ def _after_run(task, state):
     cache = {}
     read = list(zip(state.inputs, state.entries))
     read += [pair for _dep, targets, entries in state.dynamic for pair in zip(targets, entries)]
+    own = _own_paths(task)
+    for path in own:
+        # Before the inputs: an output written into another task's folder output, which
+        # this task reads, would otherwise be blamed on that input as an edit during run().
+        _check_not_nested(path)
     after = []
     for index, (target, before) in enumerate(read):
-        entry = _entry(target, algorithm, before, settings, cache)
+        entry = _entry(target, algorithm, before, settings, cache, own=own)
         if before is None or entry is None or entry["digest"] != before["digest"]:
             raise InputChangedError(task, _name(target, None, index))
         after.append(entry)
@@ -1902,7 +1965,7 @@ class _Verification:
         if entry["kind"] == "custom":
             return None  # a third-party target: only the pipeline can hash it
         try:
-            current = _digest(_norm(path), algorithm, entry, self.trust_mtime)
+            current = _digest(_norm(path), algorithm, entry, self.trust_mtime, excluded=tuple(entry.get("excluded", ())))
         except FileNotFoundError:
             return "missing"
         except HashCheckError:
@@ -2033,7 +2096,7 @@ def _cmd_accept(args):
             for name, path, entry in entries:
                 if entry["kind"] == "custom":
                     raise HashCheckError(f"{name} is a third-party target; only a build can hash it")
-                current = _named(_digest(_norm(path), algorithm, entry, settings.trust_mtime), entry["path"])
+                current = _named(_digest(_norm(path), algorithm, entry, settings.trust_mtime, excluded=tuple(entry.get("excluded", ()))), entry["path"])
                 if current["digest"] != entry["digest"]:
                     changes.append(f"{name} {entry['digest'][:8]} -> {current['digest'][:8]}")
                 fresh[id(entry)] = current
@@ -2159,7 +2222,7 @@ def _adopt(root, settings, dry_run):
         missing = [t for t in flatten(task.output()) if not t.exists()]
         inputs = flatten(task.input())
         cache = {}
-        entries = [_entry(t, settings.algorithm, None, settings, cache) for t in inputs]
+        entries = [_entry(t, settings.algorithm, None, settings, cache, own=_own_paths(task)) for t in inputs]
         if missing or None in entries:
             what = ", ".join(_show(getattr(t, "path", str(t))) for t in missing) or "an input"
             print(f"left alone {task}: {what} missing")
@@ -2202,7 +2265,7 @@ def _recorded_dynamic(task, settings, cache):
             if dep_task is None:
                 return None
             targets = flatten(dep_task.output())
-            entries = [_entry(t, settings.algorithm, None, settings, cache) for t in targets]
+            entries = [_entry(t, settings.algorithm, None, settings, cache, own=_own_paths(task)) for t in targets]
             if None in entries:
                 return None
             found.append((dep_task, targets, entries))

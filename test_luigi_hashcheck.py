@@ -903,6 +903,78 @@ def test_a_symlink_loop_in_a_folder_output_or_input_counts_by_its_target(root, c
     assert ran(root) == []
 
 
+class Manifest(HashCheckingTask):
+    """Writes a listing of the folder it reads into that very folder."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root, "raw")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "raw", "MANIFEST"))
+
+    def run(self):
+        note_run(self.root, "Manifest")
+        names = sorted(set(os.listdir(self.input().path)) - {"MANIFEST", ".luigi_hashes"})
+        write(self.output().path, "\n".join(names))
+
+
+def test_an_output_inside_its_own_input_folder_is_left_out_of_its_digest(root, capsys):
+    write(os.path.join(root, "raw", "x.csv"), "1")
+    assert build(Manifest(root))
+    assert ran(root) == ["Manifest"]
+    entry = record_of(os.path.join(root, "raw", "MANIFEST"))["inputs"][0]
+    assert entry["excluded"] == ["MANIFEST"] and [item[0] for item in entry["files"]] == ["x.csv"]
+    assert build(Manifest(root))
+    assert ran(root) == []
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 0 and out.startswith("1 outputs: 1 ok"), out
+    write(os.path.join(root, "raw", "x.csv"), "2")  # a real file in raw/ still counts
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 1 and "stale" in out, out
+    assert build(Manifest(root))
+    assert ran(root) == ["Manifest"]
+    write(os.path.join(root, "raw", "y.csv"), "3")
+    code, out, _ = cli_main(["accept", os.path.join(root, "raw", "MANIFEST")], capsys)
+    assert code == 0 and "accepted" in out, out
+    assert record_of(os.path.join(root, "raw", "MANIFEST"))["inputs"][0]["excluded"] == ["MANIFEST"]
+    assert build(Manifest(root))
+    assert ran(root) == []
+
+
+class ManifestOfFolder(Manifest):
+    """Writes into the folder output of another task it reads."""
+
+    def requires(self):
+        return Folder(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "folder", "MANIFEST"))
+
+
+def test_an_output_inside_an_input_that_is_another_tasks_folder_output_is_an_error(root):
+    failures = failures_of(ManifestOfFolder, ManifestOfFolder(root))
+    assert len(failures) == 1 and "lies inside" in str(failures[0]), failures
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
+
+
+@pytest.mark.parametrize("excluded", [[1], "MANIFEST", ["a\0b"]])
+def test_a_mistyped_excluded_list_means_a_damaged_record(root, excluded):
+    write(os.path.join(root, "raw", "x.csv"), "1")
+    assert build(Manifest(root))
+    path = os.path.join(root, "raw", ".luigi_hashes", "MANIFEST.json")
+    record = record_of(os.path.join(root, "raw", "MANIFEST"))
+    record["inputs"][0]["later"] = record["later"] = "a key a later version may add"
+    write(path, json.dumps(record))
+    assert hc._read_record(path) == record and Manifest(root).complete()
+    record["inputs"][0]["excluded"] = excluded
+    write(path, json.dumps(record))
+    with pytest.raises(hc._DamagedRecord, match="excluded"):
+        hc._read_record(path)
+    assert not Manifest(root).complete()
+
+
 ###############################################################################
 # HashableTarget contract #####################################################
 ###############################################################################
