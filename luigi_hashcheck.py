@@ -54,6 +54,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -1636,7 +1637,7 @@ def _after_run(task, state):
     for path in own:
         # Before the inputs: an output written into another task's folder output, which
         # this task reads, would otherwise be blamed on that input as an edit during run().
-        _check_not_nested(path)
+        _check_not_nested(path, task, settings)
     after = []
     for index, (target, before) in enumerate(read):
         entry = _entry(target, algorithm, before, settings, cache, own=own)
@@ -1679,7 +1680,7 @@ def _record(task, settings, inputs, entries, dynamic):
         if not os.path.exists(path):
             logger.warning("luigi_hashcheck: %s finished without writing its output %s; no record written", task, path)
             continue
-        _check_not_nested(path)
+        _check_not_nested(path, task, settings)
         folder = os.path.dirname(path)
         named_inputs = [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(inputs, entries))]
         named_dynamic = [
@@ -1710,8 +1711,13 @@ def _record(task, settings, inputs, entries, dynamic):
     return written
 
 
-def _check_not_nested(path):
-    """Refuse an output that lies inside another task's directory output."""
+def _check_not_nested(path, task=None, settings=None):
+    """Refuse an output that lies inside another task's directory output.
+
+    A directory record of ``task`` itself (same family and parameters) for a folder that is
+    no longer one of its outputs is its own stale record, left from before its folder
+    output became a file inside that folder: with ``settings``, that record is removed.
+    """
     # Once per folder and build: _record forgets these folders whenever it writes the
     # record of a folder output.
     build = _build()
@@ -1720,14 +1726,20 @@ def _check_not_nested(path):
     inner = path
     parent = os.path.dirname(inner)
     while parent != inner:
-        record_path = _record_path(inner) if inner != path else None
-        if record_path and os.path.exists(record_path):
-            try:
-                record = _read_record(record_path)
-            except _DamagedRecord:
-                record = None
-            if record and record["output"]["kind"] == "dir":
-                raise HashCheckError(f"{path} lies inside {inner}, the directory output of {record['task']['family']}; an output may not lie inside another task's directory output")
+        record = _folder_record(inner) if inner != path else None
+        if record:
+            family, params = record["task"]["family"], record["task"]["params"]
+            record_path = _record_path(inner)
+            own = task is not None and (family, params) == (task.task_family, _params(task)) and inner not in _own_paths(task)
+            if not (own and settings):
+                named = f"{family}({', '.join(f'{key}={value}' for key, value in params.items())})"
+                raise HashCheckError(
+                    f"{path} lies inside {inner}, the directory output of {named} recorded in {record_path}; "
+                    "an output may not lie inside another task's directory output. If that folder is no "
+                    f"longer an output, `python -m luigi_hashcheck forget {shlex.quote(inner)}` removes its record"
+                )
+            logger.info("luigi_hashcheck: removing %s, the record of %s's old folder output %s, which now holds its output %s", record_path, task, inner, path)
+            _remove_record(record_path, settings)
         inner, parent = parent, os.path.dirname(parent)
     if build is not None:
         build.unnested.add(os.path.dirname(path))

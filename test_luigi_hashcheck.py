@@ -975,6 +975,85 @@ def test_a_mistyped_excluded_list_means_a_damaged_record(root, excluded):
     assert not Manifest(root).complete()
 
 
+FEATURES_V1 = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+class Features(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "data", "features"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as log:
+            log.write("Features\\n")
+        os.makedirs(self.output().path)
+        with open(os.path.join(self.output().path, "all.csv"), "w") as f:
+            f.write("v1")
+"""
+
+FEATURES_V2 = FEATURES_V1.replace('"features"))', '"features", "regions.csv"))').replace(
+    """        os.makedirs(self.output().path)
+        with open(os.path.join(self.output().path, "all.csv"), "w") as f:
+            f.write("v1")""",
+    """        with self.output().open("w") as f:
+            f.write("v2")""",
+)
+
+
+def test_a_folder_output_that_became_a_file_inside_it_drops_its_stale_record(tmp_path):
+    assert FEATURES_V2 != FEATURES_V1
+    ns = f"features{uuid.uuid4().hex[:8]}"
+    script = f"import luigi, {ns}; print(luigi.build([{ns}.Features({str(tmp_path)!r})], local_scheduler=True, log_level='WARNING'))"
+    old_record = tmp_path / "data" / ".luigi_hashes" / "features.json"
+    for source, expected in ((FEATURES_V1, ["Features"]), (FEATURES_V2, ["Features"]), (FEATURES_V2, [])):
+        write(tmp_path / f"{ns}.py", source)
+        result = run_python(["-c", script], cwd=tmp_path)  # a fresh interpreter for each version
+        assert result.stdout.split() == ["True"], result.stderr
+        assert ran(str(tmp_path)) == expected
+    assert not old_record.exists()  # the record only: the files v1 wrote stay
+    assert read(tmp_path / "data" / "features" / "all.csv") == "v1"
+    assert record_of(tmp_path / "data" / "features" / "regions.csv")["output"]["digest"] == hashlib.sha256(b"v2").hexdigest()
+    assert hc.main(["verify", str(tmp_path)]) == 0
+
+
+class Shelf(HashCheckingTask):
+    """A folder output without a name, a file inside that folder with one."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter(default="")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "shelf", self.name))
+
+    def run(self):
+        note_run(self.root, f"Shelf({self.name})")
+        if self.name:
+            write(self.output().path, self.name)
+        else:
+            write(os.path.join(self.output().path, "one.txt"), "1")
+
+
+@pytest.mark.parametrize("cls, args, folder", [(Beside, ("a.txt",), "folder"), (Shelf, ("a.txt",), "shelf")])
+def test_an_output_inside_another_tasks_folder_output_names_its_record_and_forget(root, capsys, cls, args, folder):
+    assert build(Folder(root) if folder == "folder" else Shelf(root))
+    ran(root)
+    failures = failures_of(cls, cls(root, *args))
+    assert ran(root) == ["a.txt" if cls is Beside else "Shelf(a.txt)"]
+    message = str(failures[0])
+    record = os.path.join(root, ".luigi_hashes", folder + ".json")
+    assert len(failures) == 1 and record in message, message
+    command = message.split("`")[1]
+    assert command == f"python -m luigi_hashcheck forget {os.path.join(root, folder)}"
+    assert os.path.exists(record)  # another task's record: never removed by a build
+    assert cli_main(command.split()[3:], capsys)[0] == 0
+    assert build(cls(root, *args))
+    assert os.path.exists(os.path.join(root, folder, ".luigi_hashes", "a.txt.json"))
+
+
 ###############################################################################
 # HashableTarget contract #####################################################
 ###############################################################################
