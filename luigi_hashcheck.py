@@ -383,7 +383,7 @@ def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False, exclu
     return entry
 
 
-def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded=()) -> dict:
+def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded: tuple[str, ...] = ()) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
     :param path: normalised absolute path.
