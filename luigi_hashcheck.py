@@ -1730,8 +1730,8 @@ def _check_not_nested(path, task=None, settings=None):
         if record:
             family, params = record["task"]["family"], record["task"]["params"]
             record_path = _record_path(inner)
-            own = task is not None and (family, params) == (task.task_family, _params(task)) and inner not in _own_paths(task)
-            if not (own and settings):
+            its_own = task is not None and (family, params) == (task.task_family, _params(task)) and inner not in _own_paths(task)
+            if not (its_own and settings):
                 named = f"{family}({', '.join(f'{key}={value}' for key, value in params.items())})"
                 raise HashCheckError(
                     f"{path} lies inside {inner}, the directory output of {named} recorded in {record_path}; "
@@ -2234,7 +2234,8 @@ def _adopt(root, settings, dry_run):
         missing = [t for t in flatten(task.output()) if not t.exists()]
         inputs = flatten(task.input())
         cache = {}
-        entries = [_entry(t, settings.algorithm, None, settings, cache, own=_own_paths(task)) for t in inputs]
+        own = _own_paths(task)
+        entries = [_entry(t, settings.algorithm, None, settings, cache, own=own) for t in inputs]
         if missing or None in entries:
             what = ", ".join(_show(getattr(t, "path", str(t))) for t in missing) or "an input"
             print(f"left alone {task}: {what} missing")
@@ -2262,6 +2263,7 @@ def _recorded_dynamic(task, settings, cache):
     """
     if not inspect.isgeneratorfunction(inspect.unwrap(type(task).run)):
         return []
+    own = _own_paths(task)
     for output in flatten(task.output()):
         if not isinstance(output, luigi.LocalTarget):
             continue
@@ -2277,7 +2279,7 @@ def _recorded_dynamic(task, settings, cache):
             if dep_task is None:
                 return None
             targets = flatten(dep_task.output())
-            entries = [_entry(t, settings.algorithm, None, settings, cache, own=_own_paths(task)) for t in targets]
+            entries = [_entry(t, settings.algorithm, None, settings, cache, own=own) for t in targets]
             if None in entries:
                 return None
             found.append((dep_task, targets, entries))

@@ -941,6 +941,10 @@ def test_an_output_inside_its_own_input_folder_is_left_out_of_its_digest(root, c
     assert record_of(os.path.join(root, "raw", "MANIFEST"))["inputs"][0]["excluded"] == ["MANIFEST"]
     assert build(Manifest(root))
     assert ran(root) == []
+    os.remove(os.path.join(root, "raw", ".luigi_hashes", "MANIFEST.json"))  # adopt leaves it out too
+    assert hc._adopt(Manifest(root), hc._settings(), dry_run=False) == 0
+    assert build(Manifest(root))
+    assert ran(root) == []
 
 
 class ManifestOfFolder(Manifest):
