@@ -578,10 +578,41 @@ _RECORD_FIELDS = {
 }
 
 
+# A record file name longer than this many UTF-8 bytes is shortened: most filesystems allow
+# 255 bytes in a name, and Luigi's own open("w") writes names of up to 234.
+_NAME_LIMIT = 200
+_NAME_DIGEST = 32  # hex digits of the digest of the full name in a shortened one
+
+
 def _record_path(path: str) -> str:
     """Return the record's path for an output at normalised ``path``."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, RECORD_DIR, name + ".json")
+    return os.path.join(folder, RECORD_DIR, _record_name(name))
+
+
+def _utf8(text):
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _prefix(text, limit):
+    """The longest prefix of ``text`` of at most ``limit`` UTF-8 bytes, cut between characters."""
+    return _utf8(text)[:limit].decode("utf-8", "ignore")
+
+
+def _record_name(name):
+    """The record file name of an output named ``name``: ``NAME.json`` or, past _NAME_LIMIT
+    bytes, a prefix of it, ``~``, a digest of the full name and ``.json``. A shortened
+    record keeps the full name as its output entry's ``path``."""
+    full = name + ".json"
+    if len(full) * 4 <= _NAME_LIMIT or len(_utf8(full)) <= _NAME_LIMIT:
+        return full
+    digest = hashlib.sha256(_utf8(name)).hexdigest()[:_NAME_DIGEST]
+    return f"{_prefix(name, _NAME_LIMIT - _NAME_DIGEST - len('~.json'))}~{digest}.json"
+
+
+def _is_shortened(record_name):
+    tail = record_name[-_NAME_DIGEST - len("~.json") :]
+    return len(tail) == _NAME_DIGEST + 6 and tail[0] == "~" and tail.endswith(".json") and all(c in "0123456789abcdef" for c in tail[1:-5])
 
 
 # Each leaf kind: the types it allows, and whether a NUL is barred (strings become paths).
@@ -783,8 +814,11 @@ def _locked(folder, timeout):
 
 
 # Temporary files are named .<record>~<host>~<pid>~<random>.tmp, so a later writer can tell
-# a dead writer's leftover from a live writer's file.
+# a dead writer's leftover from a live writer's file. The record's name and the host are cut
+# to 64 bytes (a long host name to a digest of it), so the name stays within 255 bytes.
 _HOST = socket.gethostname().replace("~", "-").replace(os.sep, "-") or "localhost"
+if len(_utf8(_HOST)) > 64:
+    _HOST = "host-" + hashlib.sha256(_utf8(_HOST)).hexdigest()[:16]
 _LEFTOVER_AGE_NS = 600 * 10**9  # far longer than writing a record could take
 _cleaned: set[str] = set()
 
@@ -815,12 +849,17 @@ def _clean_leftovers(folder):
                     os.unlink(entry.path)
 
 
+def _temporary_prefix(record_name):
+    """How the names of the temporary files of a record begin."""
+    return f".{_prefix(record_name, 64)}~"
+
+
 def _replace(path, data):
     """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
     if os.path.islink(path):
         raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}~{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
+    tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     try:
         try:
@@ -1928,8 +1967,21 @@ def _find_records(paths):
 
 
 def _output_of(record_path):
+    """The output a record file belongs to. A shortened record name keeps only a prefix of
+    the output's name; the record holds the full one."""
     records, name = os.path.split(record_path)
-    return os.path.join(os.path.dirname(records), name[: -len(".json")])
+    folder = os.path.dirname(records)
+    if _is_shortened(name):
+        try:
+            record = _read_record(record_path)
+        except (_DamagedRecord, OSError):
+            record = None
+        if record:
+            output = os.path.join(folder, record["output"]["path"])
+            # Only a name that leads back to this very record: a record is data, not a pointer.
+            if _record_path(_norm(output)) == _norm(record_path):
+                return output
+    return os.path.join(folder, name[: -len(".json")])
 
 
 class _Verification:

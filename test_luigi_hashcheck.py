@@ -1490,6 +1490,83 @@ def test_a_bad_algorithm_is_a_clear_configuration_error(root, config, name):
         Upper(root).complete()
 
 
+class LongName(HashCheckingTask):
+    """Upper's text under an output name of its own; ``writer`` says who writes the file."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+    writer = luigi.ChoiceParameter(choices=["open", "run"])
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, self.name))
+
+    def run(self):
+        note_run(self.root, "LongName")
+        text = read(self.input().path).upper()
+        if self.writer == "open":  # through Luigi's -luigi-tmp- file, which limits the name to 234
+            with self.output().open("w") as dst:
+                dst.write(text)
+        else:
+            write(self.output().path, text)
+
+
+def long_name(length, char="n"):
+    """An output name of ``length`` characters, one of them ``x``, the rest ``char``."""
+    return "x" + char * (length - 5) + ".txt"
+
+
+LONG_NAMES = [(215, "n", "open"), (234, "n", "open"), (240, "n", "run"), (251, "n", "run"), (255, "n", "run"), (126, "é", "run")]
+
+
+@pytest.mark.parametrize("length, char, writer", LONG_NAMES)
+def test_long_output_names_get_shortened_records(root, length, char, writer):
+    name = long_name(length, char)
+    assert len(name.encode()) <= 255
+    task = LongName(root, name, writer)
+    assert build(task)
+    assert ran(root) == ["LongName"]
+    assert build(task)
+    assert ran(root) == []
+    records = os.listdir(os.path.join(root, ".luigi_hashes"))
+    assert all(len(n.encode()) <= hc._NAME_LIMIT for n in records)
+    (record_name,) = [n for n in records if n.endswith(".json")]
+    record_path = os.path.join(root, ".luigi_hashes", record_name)
+    assert hc._read_record(record_path)["output"]["path"] == name  # the full name lives inside
+    assert hc._output_of(record_path) == os.path.join(root, name)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(task)
+    assert ran(root) == ["LongName"]
+    assert read(os.path.join(root, name)) == "WORLD"
+
+
+def test_shortened_record_names_keep_long_names_apart(tmp_path):
+    a, b = long_name(250) + "a", long_name(250) + "b"
+    paths = {hc._record_path(str(tmp_path / n)) for n in (a, b)}
+    assert len(paths) == 2 and all(len(os.path.basename(p).encode()) <= hc._NAME_LIMIT for p in paths)
+    assert hc._record_path(str(tmp_path / "short.txt")).endswith(os.path.join(".luigi_hashes", "short.txt.json"))
+
+
+def test_a_shortened_record_cannot_point_at_another_output(root):
+    task = LongName(root, long_name(240), "run")
+    assert build(task)
+    (record_path,) = [os.path.join(root, ".luigi_hashes", n) for n in os.listdir(os.path.join(root, ".luigi_hashes")) if n.endswith(".json")]
+    record = json.loads(read(record_path))
+    record["output"]["path"] = "seed.txt"
+    write(record_path, json.dumps(record))
+    assert hc._output_of(record_path) != os.path.join(root, "seed.txt")
+
+
+def test_a_long_host_name_keeps_temporary_names_short(tmp_path):
+    code = "import socket; socket.gethostname = lambda: 'h' * 250; import luigi_hashcheck as hc; print(hc._HOST)"
+    result = run_python(["-c", code], cwd=tmp_path)
+    host = result.stdout.strip()
+    assert result.returncode == 0 and 0 < len(host) <= 64, result.stderr
+    assert run_python(["-c", code], cwd=tmp_path).stdout.strip() == host  # the same in every process
+
+
 ###############################################################################
 # Cost ########################################################################
 ###############################################################################
@@ -3218,6 +3295,24 @@ def test_console_script_is_the_same_entry_point(cli):
     assert result.returncode == 0 and "3 ok" in result.stdout
     result = subprocess.run([script, "verify", "nowhere"], capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+def test_verify_forget_and_accept_find_shortened_records(cli, capsys):
+    name = long_name(255)
+    write("seed.txt", "hello")
+    assert build(LongName(".", name, "run"))
+    code, out, _ = cli_main(["verify", "--json"], capsys)
+    statuses = {entry["path"]: entry["status"] for entry in json.loads(out)["outputs"]}
+    assert code == 0 and statuses[name] == "ok"
+    write("seed.txt", "world")  # a harmless change, say
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1 and f"stale     {name}: input seed.txt changed" in out
+    code, out, _ = cli_main(["accept", "."], capsys)
+    assert code == 0 and f"accepted {name}: seed.txt" in out
+    assert cli_main(["verify", name], capsys)[0] == 0
+    code, out, _ = cli_main(["forget", name], capsys)
+    assert code == 0 and out.startswith(f"forgot {name}\n")
+    assert [n for n in os.listdir(".luigi_hashes") if n.startswith("x")] == []
 
 
 ###############################################################################
