@@ -1027,8 +1027,19 @@ def _folder_record(path):
     return record if record and record["output"]["kind"] == "dir" else None
 
 
-def _named(entry, name):
-    return dict(entry, path=name)
+def _named(entry, name, recorded=False):
+    """``entry`` under ``name``; ``recorded`` marks an input that a HashCheckingTask made, which
+    so has a record of its own: verify calls it ``unrecorded`` when that record is gone."""
+    named = dict(entry, path=name)
+    if recorded:
+        named["recorded"] = True
+    return named
+
+
+def _recorded_paths(task):
+    """The paths of the outputs of ``task``'s dependencies that keep records of their own."""
+    deps = _deps_and_inputs(task)[0]
+    return {_norm(t.path) for dep in deps if _checked(dep) for t in _outputs(dep) if isinstance(t, luigi.LocalTarget)}
 
 
 ###############################################################################
@@ -1367,11 +1378,11 @@ def _stat_refreshed(recorded, current):
     if current["kind"] == "file":
         old = (recorded["size"], recorded["mtime_ns"], recorded["inode"], recorded["hashed_ns"])
         if _worth_refreshing(old, (current["size"], current["mtime_ns"], current["inode"], current["hashed_ns"])):
-            return dict(current, path=recorded["path"])
+            return {**recorded, **current, "path": recorded["path"]}  # keeps keys such as "recorded"
     if current["kind"] == "dir":
         before = {item[0]: item[2:] for item in recorded.get("files", ())}
         if any(_worth_refreshing(before.get(item[0]), item[2:]) for item in current["files"]):
-            return dict(current, path=recorded["path"])
+            return {**recorded, **current, "path": recorded["path"]}
     return recorded
 
 
@@ -1708,6 +1719,7 @@ def _record(task, settings, inputs, entries, dynamic):
     outputs = _outputs(task)
     _require_hashable(task, outputs)
     _refuse_nesting(task, outputs, inputs)
+    recorded = _recorded_paths(task)
     written = []
     for output in outputs:
         if not isinstance(output, luigi.LocalTarget):
@@ -1721,12 +1733,12 @@ def _record(task, settings, inputs, entries, dynamic):
             continue
         _check_not_nested(path, task, settings)
         folder = os.path.dirname(path)
-        named_inputs = [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(inputs, entries))]
+        named_inputs = [_named(e, _name(t, folder, i), isinstance(t, luigi.LocalTarget) and _norm(t.path) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
         named_dynamic = [
             {
                 "family": dep.task_family,
                 "params": dep.to_str_params(),  # all but private ones, which may be secrets
-                "outputs": [_named(e, _name(t, folder, i)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
+                "outputs": [_named(e, _name(t, folder, i), _checked(dep) and isinstance(t, luigi.LocalTarget)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
             }
             for dep, targets, dep_entries in dynamic
         ]
@@ -1919,7 +1931,7 @@ TaskWithCheckingInputHash = HashCheckingTask
 ###############################################################################
 
 
-_STATUSES = ("ok", "stale", "modified", "missing", "corrupt")
+_STATUSES = ("ok", "stale", "modified", "missing", "corrupt", "unrecorded")
 
 
 class _UsageError(HashCheckError):
@@ -1991,6 +2003,7 @@ class _Verification:
         self.trust_mtime = trust_mtime
         self.progress = progress
         self.results = {}  # record path -> (status, reason, record or None)
+        self.unrecorded = {}  # record path -> output, for the outputs whose record is gone
 
     def own(self, record_path):
         """Check one record against the files alone, not its upstream."""
@@ -2063,6 +2076,15 @@ class _Verification:
                     if source not in seen:
                         seen.add(source)
                         todo.append(source)
+                elif entry.get("recorded") is True:
+                    # A HashCheckingTask made this input, so a build would rerun it; raw data
+                    # never has a record, and its entries never have the key.
+                    upstream[record_path].append(source)
+                    if source not in self.results:
+                        output = _norm(os.path.join(folder, entry["path"]))
+                        reason = f"no record, though {_show(_output_of(record_path))} reads it as a HashCheckingTask's output"
+                        self.results[source] = ("unrecorded", reason, None)
+                        self.unrecorded[source] = output
         # Propagate: a record whose input comes from a record that is not ok is stale, as a
         # rebuild would make it. Each record changes at most once, so this ends, cycles or not.
         downstream = collections.defaultdict(list)
@@ -2075,10 +2097,16 @@ class _Verification:
             for record_path in downstream[source]:
                 status, _reason, record = self.results[record_path]
                 if status == "ok":
-                    reason = f"upstream {_show(_output_of(source))} is {self.results[source][0]}"
+                    reason = f"upstream {_show(self.output_of(source))} is {self.results[source][0]}"
                     self.results[record_path] = ("stale", reason, record)
                     bad.append(record_path)
-        return [(p, *self.results[p][:2]) for p in record_paths]
+        # Records no PATH can name, so they are listed after the ones asked for.
+        listed = dict.fromkeys([*record_paths, *self.unrecorded])
+        return [(p, *self.results[p][:2]) for p in listed]
+
+    def output_of(self, record_path):
+        """The output of a record, or of a record that is gone."""
+        return self.unrecorded.get(record_path) or _output_of(record_path)
 
 
 def _progress(total):
@@ -2101,21 +2129,26 @@ def _cmd_verify(args):
     records = _find_records(args.paths or ["."])
     progress = None if args.quiet else _progress(len(records))
     trust_mtime = not args.no_trust_mtime and _settings().trust_mtime
-    results = _Verification(trust_mtime, progress).run(records)
+    verification = _Verification(trust_mtime, progress)
+    results = verification.run(records)
     if progress:
         print("\r\033[K", end="", file=sys.stderr)
     counts = collections.Counter(status for _, status, _ in results)
     if args.json:
         document = {
-            "outputs": [{"path": _show(_output_of(p)), "record": _show(p), "status": s, "reason": r} for p, s, r in results],
+            "outputs": [{"path": _show(verification.output_of(p)), "record": _show(p), "status": s, "reason": r} for p, s, r in results],
             "counts": {status: counts[status] for status in _STATUSES},
         }
         print(json.dumps(document, indent=1))
     else:
         for record_path, status, reason in results:
             if status != "ok":
-                print(f"{status:<9} {_show(_output_of(record_path))}: {reason}")
+                print(f"{status:<9} {_show(verification.output_of(record_path))}: {reason}")
         print(f"{len(results)} outputs: " + ", ".join(f"{counts[status]} {status}" for status in _STATUSES))
+    if not records:
+        # A tree that plain Luigi built, or the wrong folder: nothing here vouches for anything.
+        print(f"luigi-hashcheck: no records under {' '.join(args.paths or ['.'])}", file=sys.stderr)
+        return 1
     return 0 if counts["ok"] == len(results) else 1
 
 
@@ -2160,7 +2193,7 @@ def _cmd_accept(args):
             for name, path, entry in entries:
                 if entry["kind"] == "custom":
                     raise HashCheckError(f"{name} is a third-party target; only a build can hash it")
-                current = _named(_digest(_norm(path), algorithm, entry, settings.trust_mtime, excluded=tuple(entry.get("excluded", ()))), entry["path"])
+                current = {**entry, **_digest(_norm(path), algorithm, entry, settings.trust_mtime, excluded=tuple(entry.get("excluded", ()))), "path": entry["path"]}
                 if current["digest"] != entry["digest"]:
                     changes.append(f"{name} {entry['digest'][:8]} -> {current['digest'][:8]}")
                 fresh[id(entry)] = current

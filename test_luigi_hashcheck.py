@@ -1559,6 +1559,18 @@ def test_a_shortened_record_cannot_point_at_another_output(root):
     assert hc._output_of(record_path) != os.path.join(root, "seed.txt")
 
 
+def test_inputs_made_by_a_hashcheckingtask_are_marked_recorded_and_stay_so(root):
+    assert build(Count(root))
+    assert "recorded" not in record_of(os.path.join(root, "upper.txt"))["inputs"][0]  # Seed is raw data
+    assert record_of(os.path.join(root, "count.txt"))["inputs"][0]["recorded"] is True
+    before = record_of(os.path.join(root, "count.txt"))
+    age(root)  # the next check re-hashes, finds the same digests and refreshes the stat fields
+    assert build(Count(root))
+    after = record_of(os.path.join(root, "count.txt"))
+    assert after["inputs"][0]["mtime_ns"] != before["inputs"][0]["mtime_ns"]
+    assert after["inputs"][0]["recorded"] is True
+
+
 def test_a_long_host_name_keeps_temporary_names_short(tmp_path):
     code = "import socket; socket.gethostname = lambda: 'h' * 250; import luigi_hashcheck as hc; print(hc._HOST)"
     result = run_python(["-c", code], cwd=tmp_path)
@@ -3056,7 +3068,7 @@ def snapshot(folder):
 def test_verify_all_ok(cli, capsys):
     code, out, _ = cli_main(["verify"], capsys)
     assert code == 0
-    assert out.strip() == "3 outputs: 3 ok, 0 stale, 0 modified, 0 missing, 0 corrupt"
+    assert out.strip() == "3 outputs: 3 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded"
 
 
 def test_verify_every_status_and_propagation_along_the_chain(cli, capsys):
@@ -3295,6 +3307,37 @@ def test_console_script_is_the_same_entry_point(cli):
     assert result.returncode == 0 and "3 ok" in result.stdout
     result = subprocess.run([script, "verify", "nowhere"], capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+def test_verify_calls_an_input_whose_record_is_gone_unrecorded(cli, capsys):
+    assert cli_main(["accept", "c.txt"], capsys)[0] == 0
+    assert record_of("c.txt")["inputs"][0]["recorded"] is True  # accept keeps the key
+    os.remove(os.path.join("sub", ".luigi_hashes", "b.txt.json"))
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1
+    b = os.path.join("sub", "b.txt")
+    assert f"unrecorded {b}: no record, though c.txt reads it as a HashCheckingTask's output" in out
+    assert f"stale     c.txt: upstream {b} is unrecorded" in out
+    assert out.splitlines()[-1] == "3 outputs: 1 ok, 1 stale, 0 modified, 0 missing, 0 corrupt, 1 unrecorded"
+    code, out, _ = cli_main(["verify", "--json", "c.txt"], capsys)
+    document = json.loads(out)
+    assert code == 1 and document["counts"]["unrecorded"] == 1
+    assert [(e["path"], e["status"]) for e in document["outputs"]] == [("c.txt", "stale"), (b, "unrecorded")]
+    # A record written before the key existed says nothing of its inputs' records.
+    record_path = os.path.join(".luigi_hashes", "c.txt.json")
+    record = json.loads(read(record_path))
+    del record["inputs"][0]["recorded"]
+    write(record_path, json.dumps(record))
+    assert cli_main(["verify"], capsys)[:2] == (0, "2 outputs: 2 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded\n")
+
+
+def test_verify_of_a_tree_without_records_exits_1(tmp_path, monkeypatch, capsys):
+    write(tmp_path / "plain" / "out.txt", "built by plain Luigi")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_main(["verify"], capsys)
+    assert code == 1 and "no records under ." in err and out.startswith("0 outputs")
+    code, out, err = cli_main(["verify", "--json", "plain"], capsys)
+    assert code == 1 and "no records under plain" in err and json.loads(out)["outputs"] == []
 
 
 def test_verify_forget_and_accept_find_shortened_records(cli, capsys):
