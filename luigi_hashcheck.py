@@ -1262,14 +1262,9 @@ def _check_own(task, settings, cache=None):
         if record is None:
             if not os.path.exists(path):  # with a record, _compare finds this out
                 return _stale("output missing", inputs)
-            _log_once(
-                enabled=not _inspecting,
-                key=("norecord", task.task_id),
-                level=logging.WARNING,
-                message=f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
-                f"To keep outputs built before luigi_hashcheck, run `python -m luigi_hashcheck adopt "
-                f"--module {task.task_module} {task.task_family} ...` first.",
-            )
+            key = ("norecord", task.task_id)
+            if not _inspecting and key not in _logged:  # the message looks at the folder
+                _log_once(key=key, level=logging.WARNING, message=_no_record_message(task, path))
             return _stale("no record", inputs)
         records.append((output, path, record))
     family = task.task_family
@@ -1301,6 +1296,40 @@ def _check_own(task, settings, cache=None):
     for record_path, fresh, record in refreshes:  # a stale task's records are about to go
         _refresh(record_path, fresh, record, settings)
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs)
+
+
+def _no_record_message(task, path):
+    """The warning for an output without a record. Plain Luigi may have built it, and then
+    adopt keeps it; or a run() wrote it and then failed, and then adopt would record a
+    partial output as good. A temporary file of an interrupted write beside it, Luigi's or
+    ours, points to the second."""
+    folder, name = os.path.split(path)
+    text = f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
+    luigi_tmp, ours = _interrupted_writes(folder)
+    if name in luigi_tmp or _temporary_prefix(_record_name(name)) in ours:
+        return text + "A temporary file of an interrupted write lies beside it: probably a run that failed left it."
+    return text + (
+        "Either it was built before luigi_hashcheck: to keep such outputs, run `python -m luigi_hashcheck adopt "
+        f"--module {task.task_module} {task.task_family} ...` before building. Or a run that failed left it: then let it run again."
+    )
+
+
+def _interrupted_writes(folder):
+    """The names in ``folder`` that Luigi's temporary files (``NAME-luigi-tmp-N``) lie beside,
+    and how the names of our temporary files in its records folder begin. Listed once per
+    folder and build: a build over outputs without records warns of each one."""
+    build = _build()
+    found = build.leftovers.get(folder) if build is not None else None
+    if found is None:
+        found = (set(), set())
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            found[0].update(e.name.rpartition("-luigi-tmp-")[0] for e in entries if "-luigi-tmp-" in e.name)
+        with contextlib.suppress(OSError), os.scandir(os.path.join(folder, RECORD_DIR)) as entries:
+            # .<record>~<host>~<pid>~<random>.tmp, as _replace names them
+            found[1].update(e.name[:-4].rsplit("~", 3)[0] + "~" for e in entries if e.name.endswith(".tmp") and e.name.count("~") >= 3)
+        if build is not None:
+            build.leftovers[folder] = found
+    return found
 
 
 def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own=()):
@@ -1438,6 +1467,7 @@ class _Memo:
         self.outputs = {}  # task_id -> flatten(task.output())
         self.unnested = set()  # folders whose outputs were found not to lie in a folder output
         self.fingerprints = {}  # class -> code fingerprint; code_version is read once per build
+        self.leftovers = {}  # folder -> what _interrupted_writes found there
         self._settings = None
 
     @property

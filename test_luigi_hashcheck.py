@@ -1571,6 +1571,30 @@ def test_inputs_made_by_a_hashcheckingtask_are_marked_recorded_and_stay_so(root)
     assert after["inputs"][0]["recorded"] is True
 
 
+LEFTOVERS = {
+    "none": None,
+    "Luigi's": "upper.txt-luigi-tmp-0123456789",
+    "ours": os.path.join(".luigi_hashes", ".upper.txt.json~elsewhere~1~aaaaaaaaaaaa.tmp"),
+    "another output's": "head.txt-luigi-tmp-0123456789",
+}
+
+
+@pytest.mark.parametrize("leftover", list(LEFTOVERS))
+def test_the_missing_record_warning_names_both_cases(root, caplog, leftover):
+    write(os.path.join(root, "upper.txt"), "HEL")  # a run() wrote it, then raised; or plain Luigi made it
+    if LEFTOVERS[leftover]:
+        write(os.path.join(root, LEFTOVERS[leftover]), "half")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not Upper(root).complete()
+    (message,) = [r.getMessage() for r in caplog.records if "has no record" in r.getMessage()]
+    if leftover in ("none", "another output's"):
+        assert "built before luigi_hashcheck" in message and "adopt" in message and "a run that failed left it" in message
+    else:
+        assert "probably a run that failed left it" in message and "adopt" not in message
+    assert build(Upper(root))
+    assert read(os.path.join(root, "upper.txt")) == "HELLO"
+
+
 def test_a_long_host_name_keeps_temporary_names_short(tmp_path):
     code = "import socket; socket.gethostname = lambda: 'h' * 250; import luigi_hashcheck as hc; print(hc._HOST)"
     result = run_python(["-c", code], cwd=tmp_path)
