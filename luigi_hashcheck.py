@@ -182,9 +182,14 @@ class hashcheck(luigi.Config):
         description="skip hashing a file whose size, mtime and inode match its record",
     )
     lock_timeout = luigi.FloatParameter(default=60.0, description="seconds to wait for a record folder's lock")
+    root = luigi.Parameter(
+        default="",
+        description="the project root: inputs under it are named relative to the output's folder, others by absolute path "
+        "(default: the nearest folder above the output holding luigi.cfg)",
+    )
 
 
-_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout")
+_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout root")
 
 
 @functools.cache
@@ -203,7 +208,7 @@ def _settings() -> _Settings:
         config = hashcheck()
     except (ValueError, luigi.parameter.ParameterException) as exc:
         raise ConfigError(f"[hashcheck] {exc}") from exc
-    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout)
+    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, _norm(config.root) if config.root else None)
 
 
 ###############################################################################
@@ -949,14 +954,48 @@ def _pairs(inputs, dynamic):
     return [[e["path"], e["digest"]] for e in inputs + [e for dep in dynamic for e in dep["outputs"]]]
 
 
-def _name(target, folder, index):
-    """Name an input in a record: a path relative to the output's folder, so trees can move."""
+# folder -> the nearest folder at or above it holding luigi.cfg, or None. Kept for the life
+# of the process, as Luigi reads its configuration once per process: a luigi.cfg made or
+# removed meanwhile counts from the next process on.
+_config_folders: dict[str, str | None] = {}
+
+
+def _project_root(folder, settings):
+    """The project root for outputs in ``folder``: ``[hashcheck] root``, or else the nearest
+    folder at or above it that holds luigi.cfg; None when there is neither."""
+    if settings.root:
+        return settings.root
+    climbed = []
+    while folder not in _config_folders:
+        climbed.append(folder)
+        parent = os.path.dirname(folder)
+        if os.path.isfile(os.path.join(folder, "luigi.cfg")):
+            _config_folders[folder] = folder
+        elif parent == folder:
+            _config_folders[folder] = None
+        else:
+            folder = parent
+    found = _config_folders[folder]
+    _config_folders.update(dict.fromkeys(climbed, found))
+    return found
+
+
+def _within(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _name(target, folder, index, root=None):
+    """Name an input in a record. Relative to the output's ``folder`` when both lie under the
+    project ``root``, or when no root is known, so the project can move; absolute otherwise,
+    so data outside the project is found wherever the project goes."""
     path = getattr(target, "path", None)
     if not isinstance(path, (str, os.PathLike)):
         return f"{type(target).__name__}[{index}]"
     if folder is None or not isinstance(target, luigi.LocalTarget):
         return os.fspath(path)
     path = _norm(path)
+    if root is not None and not (_within(path, root) and _within(folder, root)):
+        return path
     head, _sep, tail = path.rpartition(os.sep)
     if head == folder:  # the common case, and relpath is slow
         return tail
@@ -1347,10 +1386,10 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         return "parameters changed", None
     if record["code"] != code:
         return "code changed", None
-    names = [_name(target, folder, index) for index, target in enumerate(inputs)]
-    recorded_names = [entry["path"] for entry in record["inputs"]]
-    if names != recorded_names:
-        if sorted(names) != sorted(recorded_names):
+    root = _project_root(folder, settings)
+    names = [_name(target, folder, index, root) for index, target in enumerate(inputs)]
+    if not _same_inputs(names, record["inputs"], folder):
+        if sorted(_norm(os.path.join(folder, n)) for n in names) != sorted(_norm(os.path.join(folder, e["path"])) for e in record["inputs"]):
             return "inputs changed", None
         # Order stays significant (a run() may concatenate its inputs), but the likely cause
         # is a requires() built from a set, whose order changes with every interpreter.
@@ -1374,7 +1413,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
             return f"dynamic dependency {dep['family']} cannot be rebuilt", None
         targets = flatten(dep_task.output())
         _require_hashable(dep_task, targets)
-        if [_name(t, folder, i) for i, t in enumerate(targets)] != [e["path"] for e in dep["outputs"]]:
+        if not _same_inputs([_name(t, folder, i, root) for i, t in enumerate(targets)], dep["outputs"], folder):
             return f"dynamic dependency {dep_task} changed its outputs", None
         entries = []
         for target, recorded in zip(targets, dep["outputs"]):
@@ -1386,6 +1425,17 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         dynamic[dep_task.task_id] = dep_task
     # input_hash is not recomputed: every field it sums up was compared above.
     return None, fresh
+
+
+def _same_inputs(names, entries, folder):
+    """Whether ``names`` name the inputs of the recorded ``entries``. A name relative to the
+    output's ``folder`` and an absolute one name the same file when they resolve alike, so
+    records written before the project root chose the form stay valid."""
+    if names == [entry["path"] for entry in entries]:
+        return True
+    return len(names) == len(entries) and all(
+        name == entry["path"] or _norm(os.path.join(folder, name)) == _norm(os.path.join(folder, entry["path"])) for name, entry in zip(names, entries)
+    )
 
 
 def _compare_entry(target, recorded, algorithm, settings, cache, what, own=()):
@@ -1763,12 +1813,13 @@ def _record(task, settings, inputs, entries, dynamic):
             continue
         _check_not_nested(path, task, settings)
         folder = os.path.dirname(path)
-        named_inputs = [_named(e, _name(t, folder, i), isinstance(t, luigi.LocalTarget) and _norm(t.path) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
+        root = _project_root(folder, settings)
+        named_inputs = [_named(e, _name(t, folder, i, root), isinstance(t, luigi.LocalTarget) and _norm(t.path) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
         named_dynamic = [
             {
                 "family": dep.task_family,
                 "params": dep.to_str_params(),  # all but private ones, which may be secrets
-                "outputs": [_named(e, _name(t, folder, i), _checked(dep) and isinstance(t, luigi.LocalTarget)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
+                "outputs": [_named(e, _name(t, folder, i, root), _checked(dep) and isinstance(t, luigi.LocalTarget)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
             }
             for dep, targets, dep_entries in dynamic
         ]

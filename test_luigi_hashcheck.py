@@ -1595,6 +1595,74 @@ def test_the_missing_record_warning_names_both_cases(root, caplog, leftover):
     assert read(os.path.join(root, "upper.txt")) == "HELLO"
 
 
+class InProject(HashCheckingTask):
+    """Reads one file outside the project, by absolute path, and one inside it."""
+
+    project = luigi.Parameter()
+    shared = luigi.Parameter()
+
+    def requires(self):
+        return [Seed(os.path.dirname(self.shared), os.path.basename(self.shared)), Seed(self.project, os.path.join("data", "in.txt"))]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.project, "out", "report.txt"))
+
+    def run(self):
+        note_run(self.project, "InProject")
+        write(self.output().path, "".join(read(t.path) for t in self.input()))
+
+
+def in_project(tmp_path):
+    """A project with a luigi.cfg, and data outside it; return the task and the shared file."""
+    project, shared = tmp_path / "project", tmp_path / "shared" / "raw" / "x.csv"
+    write(project / "luigi.cfg", "[core]\n")
+    write(project / "data" / "in.txt", "in")
+    write(shared, "x")
+    return InProject(str(project), str(shared)), str(shared)
+
+
+def test_an_input_outside_the_project_is_named_absolute_so_the_project_can_move(tmp_path):
+    task, shared = in_project(tmp_path)
+    assert build(task)
+    assert ran(task.project) == ["InProject"]
+    report = os.path.join(task.project, "out", "report.txt")
+    assert [e["path"] for e in record_of(report)["inputs"]] == [shared, "../data/in.txt"]
+    looked = []
+    real_isfile = os.path.isfile
+    with pytest.MonkeyPatch.context() as patch:  # the project root is looked up once per folder and process
+        patch.setattr(os.path, "isfile", lambda path: looked.append(path) or real_isfile(path))
+        assert build(task)
+    assert ran(task.project) == [] and not [p for p in looked if str(p).endswith("luigi.cfg")]
+    moved = tmp_path / "elsewhere" / "deeper" / "project"
+    os.makedirs(moved.parent)
+    os.rename(task.project, moved)
+    assert hc.main(["verify", "--quiet", str(moved)]) == 0
+
+
+def test_the_project_root_can_be_configured(tmp_path, config):
+    task, shared = in_project(tmp_path)
+    config("hashcheck", "root", str(tmp_path))
+    assert build(task)
+    assert [e["path"] for e in record_of(os.path.join(task.project, "out", "report.txt"))["inputs"]] == ["../../shared/raw/x.csv", "../data/in.txt"]
+
+
+def test_a_record_naming_inputs_the_old_way_stays_valid(tmp_path):
+    task, shared = in_project(tmp_path)
+    assert build(task)
+    ran(task.project)
+    report = os.path.join(task.project, "out", "report.txt")
+    record = record_of(report)
+    record["inputs"][0]["path"] = "../../shared/raw/x.csv"  # as every input was named before project roots
+    pairs = hc._pairs(record["inputs"], record["dynamic"])
+    record["input_hash"] = hc._input_hash(record["algorithm"], record["task"]["family"], record["task"]["params"], record["code"], pairs)
+    write(os.path.join(task.project, "out", ".luigi_hashes", "report.txt.json"), json.dumps(record))
+    assert build(task)
+    assert ran(task.project) == []
+    write(shared, "y")
+    assert build(task)
+    assert ran(task.project) == ["InProject"]
+
+
 def test_a_long_host_name_keeps_temporary_names_short(tmp_path):
     code = "import socket; socket.gethostname = lambda: 'h' * 250; import luigi_hashcheck as hc; print(hc._HOST)"
     result = run_python(["-c", code], cwd=tmp_path)
