@@ -1640,7 +1640,7 @@ def test_an_input_outside_the_project_is_named_absolute_so_the_project_can_move(
 
 
 def test_the_project_root_can_be_configured(tmp_path, config):
-    task, shared = in_project(tmp_path)
+    task, _shared = in_project(tmp_path)
     config("hashcheck", "root", str(tmp_path))
     assert build(task)
     assert [e["path"] for e in record_of(os.path.join(task.project, "out", "report.txt"))["inputs"]] == ["../../shared/raw/x.csv", "../data/in.txt"]
@@ -3181,7 +3181,7 @@ def test_verify_every_status_and_propagation_along_the_chain(cli, capsys):
     assert entries["a.txt"]["status"] == "corrupt" and "not JSON" in entries["a.txt"]["reason"]
     assert entries[os.path.join("sub", "b.txt")]["status"] == "modified"
     assert entries["c.txt"]["status"] == "missing"
-    assert json.loads(out)["counts"] == {"ok": 0, "stale": 0, "modified": 1, "missing": 1, "corrupt": 1}
+    assert json.loads(out)["counts"] == {"ok": 0, "stale": 0, "modified": 1, "missing": 1, "corrupt": 1, "unrecorded": 0}
 
 
 def test_verify_a_single_output_and_a_directory_output(cli, capsys, tmp_path):
