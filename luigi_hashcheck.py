@@ -2135,7 +2135,8 @@ class _Verification:
         return None
 
     def run(self, record_paths):
-        """Check ``record_paths`` and every record upstream of them; return their results."""
+        """Check ``record_paths`` and every record upstream of them; return their results,
+        then those of the outputs upstream whose record is gone."""
         todo = list(record_paths)
         upstream = {}  # record path -> records of its inputs
         seen = set(todo)
