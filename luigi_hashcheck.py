@@ -1709,19 +1709,62 @@ def _before_run(task):
 
 def _refuse_nesting(task, outputs, inputs):
     """Make sure ``task``'s folder outputs hold nothing of others: no input of the task, and no
-    other output with records of its own. Checked before a rerun clears them, and again
-    before their records are written."""
+    record of another output. Checked before a rerun clears them, and again before their
+    records are written.
+
+    A record of ``task`` itself (same family and parameters) for a path that is no longer
+    one of its outputs is its own stale record, left from before its file output became
+    this folder: it goes with the folder's other stale contents.
+    """
+    own = _own_paths(task)
     for output in outputs:
         path = _norm(output.path) if isinstance(output, luigi.LocalTarget) else None
         if path is None or not os.path.isdir(path) or os.path.islink(path):
             continue
         inside = [t.path for t in inputs if isinstance(t, luigi.LocalTarget) and _norm(t.path).startswith(path + os.sep)]
-        inside += [os.path.join(root, RECORD_DIR) for root, dirs, _files in os.walk(path) if RECORD_DIR in dirs]
         if inside:
             raise HashCheckError(
                 f"{inside[0]} lies inside {path}, the folder output of {task}; "
-                "an output may not lie inside another task's folder output"
+                "a folder output may not hold an input of its own task"
             )
+        for folder, dirs, _files in os.walk(path):
+            if RECORD_DIR in dirs:
+                _refuse_records(task, path, os.path.join(folder, RECORD_DIR), own)
+
+
+def _refuse_records(task, path, records, own):
+    """Refuse the records folder ``records`` inside ``task``'s folder output ``path`` unless
+    each record in it is a stale one of ``task``: see _refuse_nesting."""
+    if os.path.islink(records) or not os.path.isdir(records):
+        raise HashCheckError(f"{records} lies inside {path}, the folder output of {task}; an output may not lie inside a folder output")
+    for name in sorted(os.listdir(records)):
+        if not name.endswith(".json"):  # a .lock, or a temporary file, goes with the folder
+            continue
+        record_path = os.path.join(records, name)
+        try:
+            record = _read_record(record_path)
+        except _DamagedRecord:
+            record = None  # whose it is cannot be told: another task's, as far as we know
+        inner = _output_of(record_path)
+        if record and (record["task"]["family"], record["task"]["params"]) == (task.task_family, _params(task)):
+            if inner not in own:
+                continue
+            raise HashCheckError(
+                f"{inner} lies inside {path}, both outputs of the same task {task}; "
+                "an output may not lie inside a folder output, not even one of its own task"
+            )
+        owner = f"the output of {_task_named(record)}" if record else "an output"
+        raise HashCheckError(
+            f"{inner}, {owner} recorded in {record_path}, lies inside {path}, the folder output of {task}; "
+            "an output may not lie inside another task's folder output. If it is no longer an output, "
+            f"`python -m luigi_hashcheck forget {shlex.quote(inner)}` removes its record"
+        )
+
+
+def _task_named(record):
+    """The task of ``record``, as Luigi shows a task: ``Family(key=value, ...)``."""
+    family, params = record["task"]["family"], record["task"]["params"]
+    return f"{family}({', '.join(f'{key}={value}' for key, value in params.items())})"
 
 
 def _confirm(task, settings):
@@ -1862,9 +1905,15 @@ def _check_not_nested(path, task=None, settings=None):
         if record:
             family, params = record["task"]["family"], record["task"]["params"]
             record_path = _record_path(inner)
-            its_own = task is not None and (family, params) == (task.task_family, _params(task)) and inner not in _own_paths(task)
+            same = task is not None and (family, params) == (task.task_family, _params(task))
+            its_own = same and inner not in _own_paths(task)
+            if same and not its_own:
+                raise HashCheckError(
+                    f"{path} lies inside {inner}, both outputs of the same task {task}; "
+                    "an output may not lie inside a directory output, not even one of its own task"
+                )
             if not (its_own and settings):
-                named = f"{family}({', '.join(f'{key}={value}' for key, value in params.items())})"
+                named = _task_named(record)
                 raise HashCheckError(
                     f"{path} lies inside {inner}, the directory output of {named} recorded in {record_path}; "
                     "an output may not lie inside another task's directory output. If that folder is no "

@@ -1024,6 +1024,49 @@ def test_a_folder_output_that_became_a_file_inside_it_drops_its_stale_record(tmp
     assert hc.main(["verify", str(tmp_path)]) == 0
 
 
+def features_build(tmp_path, ns, source):
+    """Write the Features module ``ns`` as ``source`` and build it in a fresh interpreter;
+    return the tasks that ran."""
+    write(tmp_path / f"{ns}.py", source)
+    script = f"import luigi, {ns}; print(luigi.build([{ns}.Features({str(tmp_path)!r})], local_scheduler=True, log_level='WARNING'))"
+    result = run_python(["-c", script], cwd=tmp_path)
+    assert result.stdout.split() == ["True"], result.stderr
+    return ran(str(tmp_path))
+
+
+@pytest.mark.parametrize("versions", [(FEATURES_V2, FEATURES_V1), (FEATURES_V1, FEATURES_V2, FEATURES_V1)], ids=["file-folder", "folder-file-folder"])
+def test_a_file_output_whose_folder_became_the_output_drops_its_stale_record(tmp_path, versions):
+    # regions.csv's record lies inside the new folder output: this task's own, for an
+    # output it no longer has, so it goes with the folder's stale contents.
+    ns = f"features{uuid.uuid4().hex[:8]}"
+    for source in versions:
+        assert features_build(tmp_path, ns, source) == ["Features"]
+        assert features_build(tmp_path, ns, source) == []  # and the next build is a no-op
+    assert sorted(os.listdir(tmp_path / "data" / "features")) == ["all.csv"]
+    assert record_of(tmp_path / "data" / "features")["output"]["kind"] == "dir"
+    assert hc.main(["verify", str(tmp_path)]) == 0
+
+
+class FolderThenFile(FileAndFolder):
+    """FileAndFolder's outputs, the folder listed first."""
+
+    def output(self):
+        return super().output()[::-1]
+
+
+@pytest.mark.parametrize("cls", [FileAndFolder, FolderThenFile])
+def test_an_output_inside_a_folder_output_of_its_own_task_is_an_error_that_says_so(root, cls):
+    # Listed first, x.txt gets its record before the folder has one, and its record is found
+    # inside the folder when the task reruns; listed second, x.txt is found inside the folder
+    # just recorded.
+    assert build(cls(root)) is (cls is FileAndFolder)
+    os.remove(os.path.join(root, "folder", "x.txt"))
+    failures = failures_of(cls, cls(root))
+    message = str(failures[0])
+    assert len(failures) == 1 and "lies inside" in message and "same task" in message, message
+    assert "another task" not in message and "forget" not in message, message
+
+
 class Shelf(HashCheckingTask):
     """A folder output without a name, a file inside that folder with one."""
 
@@ -1056,6 +1099,26 @@ def test_an_output_inside_another_tasks_folder_output_names_its_record_and_forge
     assert cli_main(command.split()[3:], capsys)[0] == 0
     assert build(cls(root, *args))
     assert os.path.exists(os.path.join(root, folder, ".luigi_hashes", "a.txt.json"))
+
+
+@pytest.mark.parametrize("cls, args", [(Beside, ("a.txt",)), (Shelf, ("a.txt",))])
+def test_a_folder_output_holding_another_tasks_record_names_it_and_forget(root, capsys, cls, args):
+    # The file output's task, cls(root, "a.txt"), is another task than the folder's:
+    # another family (Beside, Folder) or other parameters (Shelf).
+    folder_task = Folder(root) if cls is Beside else cls(root)
+    assert build(cls(root, *args))
+    ran(root)
+    failures = failures_of(type(folder_task), folder_task)
+    assert ran(root) == []
+    message = str(failures[0])
+    record = os.path.join(root, "folder" if cls is Beside else "shelf", ".luigi_hashes", "a.txt.json")
+    assert len(failures) == 1 and record in message, message
+    command = message.split("`")[1]
+    assert command == f"python -m luigi_hashcheck forget {os.path.join(os.path.dirname(os.path.dirname(record)), 'a.txt')}"
+    assert os.path.exists(record)  # another task's record: never removed by a build
+    assert cli_main(command.split()[3:], capsys)[0] == 0
+    assert build(folder_task)
+    assert ran(root) == ["Folder" if cls is Beside else "Shelf()"]
 
 
 ###############################################################################
