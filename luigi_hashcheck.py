@@ -26,6 +26,26 @@ Usage::
 Edit ``Raw``'s output, ``Clean.run`` or the ``day`` and ``Clean`` runs again; touch a file or
 rewrite it with the same bytes and nothing runs. ``python -m luigi_hashcheck --help`` lists
 the commands that inspect records without running anything.
+
+The sections, in reading order:
+
+- Errors: one root, :class:`HashCheckError`.
+- Configuration: the ``[hashcheck]`` section of luigi.cfg.
+- State: everything that outlives one call, with its lifetime, and the build memo. Importing
+  the module wraps ``luigi.worker.Worker.add`` and ``Worker.run`` (``_install_worker_hooks``)
+  so that each build gets a memo of its own.
+- Storage: the one seam through which bytes, stat fields, listings, record files, locks and
+  removals go; the local filesystem is its implementation.
+- Hashing: digests of files and folders.
+- Code fingerprints: what a task's code is, as a digest.
+- Records: their schema, the one function that makes a record, reading and writing them.
+- Targets: :class:`HashableTarget` and :class:`HashableLocalTarget`.
+- Deciding: the fixed set of reasons, the one comparison of a recorded entry with what is on
+  disk, and the one walk that gives every task a verdict. The build, ``explain`` and
+  ``adopt`` use the walk; ``verify`` and ``accept`` use the comparison.
+- The task: :class:`HashCheckingTask`, and what its wrapped ``run()`` does before and after.
+- Command line: ``verify``, ``explain``, ``adopt``, ``forget``, ``accept``.
+- Platform: the lock calls, chosen once at the end.
 """
 
 __all__ = [
@@ -92,9 +112,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 
-# Counters the tests read to prove the cost stays linear; cheap enough to keep always on.
-_counts: collections.Counter[str] = collections.Counter()
-
 
 ###############################################################################
 # Errors ######################################################################
@@ -143,29 +160,6 @@ class _DamagedRecord(Exception):
     """A record is unreadable; its task is stale."""
 
 
-_logged: set[object] = set()
-
-
-# True while the command line inspects a pipeline: checks then log no hints and write nothing.
-_inspecting = False
-
-
-@contextlib.contextmanager
-def _inspection():
-    global _inspecting
-    outer, _inspecting = _inspecting, True
-    try:
-        yield
-    finally:
-        _inspecting = outer
-
-
-def _log_once(*, key, level, message, enabled=True):
-    """Log ``message`` the first time ``key`` is seen in this process."""
-    if enabled and key not in _logged:
-        _logged.add(key)
-        logger.log(level, message)
-
 
 ###############################################################################
 # Configuration ###############################################################
@@ -208,16 +202,188 @@ def _settings() -> _Settings:
         config = hashcheck()
     except (ValueError, luigi.parameter.ParameterException) as exc:
         raise ConfigError(f"[hashcheck] {exc}") from exc
-    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, _norm(config.root) if config.root else None)
+    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, os.path.abspath(config.root) if config.root else None)
+
 
 
 ###############################################################################
-# Hashing #####################################################################
+# State #######################################################################
 ###############################################################################
+#
+# Everything that outlives one call, each with how long it lives. The caches of the process
+# live as long as it does, and each keeps only what cannot go stale within it, as its
+# comment says; _forget_process_state() empties them all, as a new process would start.
+# The build memo lives as long as one build.
 
-# (path, algorithm) -> entry. Lets a process hash each unchanged file once, however many
-# tasks read it and however many builds run.
+# Keys of the messages logged once per process (a warning per damaged record, per task...).
+_logged: set[object] = set()
+# (path, algorithm) -> the file's entry. Lets a process hash each unchanged file once, however
+# many tasks read it and however many builds run: an entry serves only while the storage's
+# freshness rule says its stat still vouches for it.
 _digest_cache: dict[tuple[str, str], dict] = {}
+# Class, function or module -> its normalised source text. A class's is read when the class
+# is defined, and never again: a file edited later must not lend its source to old code.
+_sources: dict[object, str] = {}
+# Module in code_dependencies -> (its top-level functions and classes, its source). Read
+# again only once importlib.reload() has re-executed the module, which makes those objects
+# anew; its file on disk alone never counts (inspect.getsource reads an edited file through
+# linecache). Holding the objects keeps their ids from being reused.
+_module_texts: dict[object, tuple[tuple, str]] = {}
+# Task class -> its significant public parameters. A class's parameters are fixed once made.
+_param_specs: dict[type, list] = {}
+# Folder -> the nearest folder at or above it holding luigi.cfg, or None. Luigi reads its
+# configuration once per process, so a luigi.cfg made or removed meanwhile counts from the
+# next process on.
+_config_folders: dict[str, str | None] = {}
+# Lock file -> a lock for the threads of this process, which POSIX locks do not tell apart.
+_thread_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+# Records folders already cleaned of the temporary files of killed writers.
+_cleaned: set[str] = set()
+# Counters the tests read to prove the cost stays linear; cheap enough to keep always on.
+_counts: collections.Counter[str] = collections.Counter()
+# For the length of one call: ids of tasks inside their wrapped run(), so super().run() is
+# not wrapped twice; ids of tasks inside _deps_and_inputs, whose deps() and input() of their
+# own may call each other and must not come back to it.
+_running: set[int] = set()
+_finding: set[int] = set()
+# .build: the memo of the build running in this thread, for the length of a Worker.add or
+# Worker.run call. Per thread, as Luigi allows builds in threads; forked workers inherit it.
+_local = threading.local()
+
+
+def _forget_process_state():
+    """Empty every cache of the process, as if it had just started (for tests and notebooks)."""
+    for cache in (_logged, _digest_cache, _sources, _module_texts, _param_specs, _config_folders, _cleaned, _counts):
+        cache.clear()
+    _norm_absolute.cache_clear()
+
+
+def _log_once(*, key, level, message):
+    """Log ``message`` the first time ``key`` is seen in this process."""
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, message)
+
+
+# Luigi asks complete() of a task many times in one build: once while scheduling, again
+# for every dependency before each run, and after a run with check_complete_on_run. A
+# recursive check without a memo is quadratic on chains and exponential on lattices.
+# Luigi has no "build started" event, so the memo lives on the Worker: Worker.add and
+# Worker.run, the two calls through which luigi.build, the luigi command line and
+# luigid-driven workers do all their checking, are wrapped to make the Worker's memo the
+# active one. A new build means a new Worker, hence a fresh memo, even when Luigi reuses
+# the task instances; a Worker kept open starts a new build at its first add() after a
+# finished run(). A complete() outside any build gets a memo of its own.
+
+
+class _Memo:
+    """What one build has learnt: complete() answers by task_id, and what they were made of."""
+
+    def __init__(self, inspecting=False):
+        self.answers = {}
+        # explain and adopt inspect: what the walk finds is not saved, and no hint is
+        # logged, also by the complete() of a plain task (a WrapperTask) that calls ours.
+        self.inspecting = inspecting
+        # Inside Worker.run tasks finish, here or in forked children, so a remembered
+        # "incomplete" must be looked at again.
+        self.running = False
+        self.finished = False  # a Worker.run of this build has ended
+        self.started_ns = time.time_ns()
+        self.graph = {}  # task_id -> (dependencies, inputs, input()), as _deps_and_inputs found them
+        self.outputs = {}  # task_id -> flatten(task.output())
+        self.unnested = set()  # folders whose outputs were found not to lie in a folder output
+        self.fingerprints = {}  # class -> code fingerprint; code_version is read once per build
+        self.leftovers = {}  # folder -> what _interrupted_writes found there
+        self._settings = None
+
+    @property
+    def settings(self):
+        # Reading luigi.cfg through luigi.Config costs more than a record check; the
+        # configuration cannot change within one build.
+        if self._settings is None:
+            self._settings = _settings()
+        return self._settings
+
+
+def _active_memo():
+    """The memo of the build running in this thread, or None."""
+    return getattr(_local, "build", None)
+
+
+def _memo():
+    """The active memo, or a new one for a check outside any build."""
+    return _active_memo() or _Memo()
+
+
+@contextlib.contextmanager
+def _inspection(settings):
+    """An inspecting memo, active in this thread for the length of the block."""
+    memo = _Memo(inspecting=True)
+    memo._settings = settings
+    outer, _local.build = _active_memo(), memo
+    try:
+        yield memo
+    finally:
+        _local.build = outer
+
+
+def _track_builds(method, running):
+    @functools.wraps(method)
+    def wrapper(worker, *args, **kwargs):
+        memo = worker.__dict__.get("_hashcheck_memo")
+        if memo is None or (memo.finished and not memo.running):
+            # A Worker kept open for another add()/run() cycle starts a new build: files
+            # may have changed since its last run() ended.
+            memo = worker.__dict__["_hashcheck_memo"] = _Memo()
+        outer, was_running = _active_memo(), memo.running
+        _local.build = memo
+        memo.running = running or was_running
+        try:
+            return method(worker, *args, **kwargs)
+        finally:
+            _local.build, memo.running = outer, was_running
+            memo.finished = memo.finished or (running and not was_running)
+
+    wrapper._hashcheck = True
+    return wrapper
+
+
+def _install_worker_hooks():
+    """Wrap ``Worker.add`` and ``Worker.run`` once per process, however often we are imported."""
+    if not getattr(luigi.worker.Worker.add, "_hashcheck", False):
+        luigi.worker.Worker.add = _track_builds(luigi.worker.Worker.add, running=False)  # type: ignore[method-assign]
+        luigi.worker.Worker.run = _track_builds(luigi.worker.Worker.run, running=True)  # type: ignore[method-assign]
+
+
+_install_worker_hooks()
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+#
+# Every access to bytes, stat fields, listings, record files, locks and removal goes
+# through one storage: the small interface _LocalStorage names at the end of this section.
+# The local filesystem is its only implementation; another store (Luigi's MockTarget, S3,
+# GCS) is another class with the same methods. Paths are normalised absolute strings; on
+# POSIX, and so in every record, "/" separates their parts.
+#
+# Freshness: a storage's stat gives a token (here: size, mtime_ns, inode), and its own
+# rule, vouches(), says when a token vouches for a digest taken earlier. A store without
+# metadata vouches for nothing, and everything is hashed every time.
+
+# A file rewritten within one timestamp tick keeps its mtime (SCons issue #2760), so a
+# digest only vouches for a stat taken at least this long after the file's mtime.
+_TICK_NS = 2_000_000_000
+
+
+def _utf8(text):
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _prefix(text, limit):
+    """The longest prefix of ``text`` of at most ``limit`` UTF-8 bytes, cut between characters."""
+    return _utf8(text)[:limit].decode("utf-8", "ignore")
 
 
 def _norm(path: str | os.PathLike) -> str:
@@ -233,8 +399,8 @@ def _norm_absolute(path):
     return os.path.abspath(path)
 
 
-def _fresh(entry: dict, st: os.stat_result, rechecked: bool = False) -> bool:
-    """Whether ``entry`` still vouches for a file whose stat is ``st``.
+def _vouches(entry: dict, st: os.stat_result, rechecked: bool = False) -> bool:
+    """Whether the recorded ``entry`` still vouches for a file whose stat is ``st``.
 
     A file written less than a tick before it was hashed may have changed since without
     changing its stat, so its entry vouches for it only when ``rechecked``: when the
@@ -282,18 +448,6 @@ def _hash_file(path: str, algorithm: str) -> dict:
     }
 
 
-def _digest_file(path, algorithm, st, known, trust_mtime, rechecked=False):
-    if trust_mtime:
-        if known and known.get("kind") == "file" and _fresh(known, st, rechecked):
-            return dict(known)
-        cached = _digest_cache.get((path, algorithm))
-        if cached and _fresh(cached, st, rechecked):
-            return dict(cached)
-    entry = _hash_file(path, algorithm)
-    _digest_cache[(path, algorithm)] = entry
-    return dict(entry)
-
-
 def _list_dir(root, excluded=()):
     """Yield (relative posix path, absolute path, is_link) for a directory's files, where
     is_link marks a link to a folder, a dangling link or a link loop, which count by their
@@ -337,16 +491,225 @@ def _counts_by_name(link):
         raise
 
 
-def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False, excluded=()):
+def _read_bytes(path, limit):
+    """The bytes of the record file ``path``, or None if there is none; at most ``limit``
+    bytes, plus one, so that a record that grew reads as truncated.
+
+    :raises _DamagedRecord: if it is a symbolic link, not a regular file, or too large.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _DamagedRecord("it is a symbolic link") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _DamagedRecord("it is not a regular file")
+        if st.st_size > limit:
+            raise _DamagedRecord("it is too large")
+        return os.read(fd, st.st_size + 1)
+    finally:
+        os.close(fd)
+
+
+def _records_folder(output_folder):
+    """Create ``.luigi_hashes`` in ``output_folder``; refuse one that is a symbolic link."""
+    folder = os.path.join(output_folder, RECORD_DIR)
+    try:
+        mode = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        mode = os.lstat(folder).st_mode
+    if not stat.S_ISDIR(mode):  # lstat: a link to a folder is not a folder
+        raise HashCheckError(f"{folder} is a symbolic link or not a folder; refusing to write records through it")
+    return folder
+
+
+@contextlib.contextmanager
+def _locked(folder, timeout):
+    """Hold the lock of a records folder. POSIX locks belong to a process, so threads of one
+    process also queue on a threading lock."""
+    path = os.path.join(folder, ".lock")
+    deadline = time.monotonic() + timeout
+    thread_lock = _thread_locks[path]
+    if not thread_lock.acquire(timeout=max(timeout, 0)):
+        raise LockTimeout(path, timeout)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _BINARY, 0o644)
+        try:
+            delay = 0.001
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(path, timeout)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            try:
+                yield
+            finally:
+                _unlock(fd)
+        finally:
+            os.close(fd)
+    finally:
+        thread_lock.release()
+
+
+# Temporary files are named .<record>~<host>~<pid>~<random>.tmp, so a later writer can tell
+# a dead writer's leftover from a live writer's file. The record's name and the host are cut
+# to 64 bytes (a long host name to a digest of it), so the name stays within 255 bytes.
+_HOST = socket.gethostname().replace("~", "-").replace(os.sep, "-") or "localhost"
+if len(_utf8(_HOST)) > 64:
+    _HOST = "host-" + hashlib.sha256(_utf8(_HOST)).hexdigest()[:16]
+_LEFTOVER_AGE_NS = 600 * 10**9  # far longer than writing a record could take
+def _clean_leftovers(folder):
+    """Remove temporary files that killed writers left in a records folder.
+
+    Called under the folder's lock, once per folder per process. Only a file that cannot
+    belong to a live writer goes: one older than any write could take, or one whose writer,
+    on this host, is gone.
+    """
+    if folder in _cleaned:
+        return
+    _cleaned.add(folder)
+    now = time.time_ns()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            try:
+                _record, host, pid, _random = entry.name[:-4].rsplit("~", 3)
+                age = now - entry.stat(follow_symlinks=False).st_mtime_ns
+                dead = host == _HOST and not _pid_alive(int(pid))
+            except (ValueError, OSError):
+                continue
+            if age > _LEFTOVER_AGE_NS or dead:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _temporary_prefix(record_name):
+    """How the names of the temporary files of a record begin."""
+    return f".{_prefix(record_name, 64)}~"
+
+
+def _replace(path, data):
+    """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
+    if os.path.islink(path):
+        raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
+    try:
+        try:
+            # os.write, not a file object: nothing is buffered, so nothing needs a flush.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The folder is not fsynced: a crash may then lose the rename, and a lost record only
+    # means a rebuild, while an fsync per record would double the cost of a build.
+
+
+def _remove_record_file(path, timeout):
+    """Remove the record file ``path`` under its folder's lock, never what a link there
+    points to; return whether it was there."""
+    folder = os.path.dirname(path)
+    if not os.path.lexists(path):
+        return False
+    if os.path.islink(folder):
+        raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
+    with _locked(folder, timeout):
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise HashCheckError(f"{path} is a folder, not a record")
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def _remove_output(path):
+    """Remove a stale output, file or folder, before its task reruns."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+class _LocalStorage:
+    """The storage interface, with the local filesystem behind it.
+
+    - ``stat(path)``: the stat (freshness token) of a file or folder, following links;
+      raises FileNotFoundError.
+    - ``vouches(entry, stat, rechecked)``: whether a recorded entry's token still vouches
+      for its digest.
+    - ``hash(path, algorithm)``: a file's entry, read in blocks.
+    - ``listdir(folder, excluded)``: a folder's files, recursively, without ``.luigi_hashes``.
+    - ``readlink(path)``: where a link points.
+    - ``read_record(path, limit)``: a record file's bytes, or None.
+    - ``records_folder(folder)``: make ``.luigi_hashes`` there; ``clean(records)``: remove
+      dead writers' leftovers; ``replace(path, data)``: write a record atomically.
+    - ``lock(records, timeout)``: a context manager; a no-op for stores without locks.
+    - ``remove_record(path, timeout)``, under the folder's lock, and ``remove_output(path)``.
+    """
+
+    stat = staticmethod(os.stat)
+    vouches = staticmethod(_vouches)
+    hash = staticmethod(_hash_file)
+    listdir = staticmethod(_list_dir)
+    readlink = staticmethod(os.readlink)
+    read_record = staticmethod(_read_bytes)
+    records_folder = staticmethod(_records_folder)
+    clean = staticmethod(_clean_leftovers)
+    replace = staticmethod(_replace)
+    lock = staticmethod(_locked)
+    remove_record = staticmethod(_remove_record_file)
+    remove_output = staticmethod(_remove_output)
+
+
+_LOCAL = _LocalStorage()
+
+
+###############################################################################
+# Hashing #####################################################################
+###############################################################################
+
+
+def _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked=False):
+    """The entry of the file at ``path`` whose stat is ``st``: ``known``'s digest, or this
+    process's, while the storage says its stat vouches for it; else a new hash."""
+    if trust_mtime:
+        if known and known.get("kind") == "file" and fs.vouches(known, st, rechecked):
+            return dict(known)
+        cached = _digest_cache.get((path, algorithm))
+        if cached and fs.vouches(cached, st, rechecked):
+            return dict(cached)
+    entry = fs.hash(path, algorithm)
+    _digest_cache[(path, algorithm)] = entry
+    return dict(entry)
+
+
+def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=()):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
 
     The entry lists each file as [relative path, digest, size, mtime_ns, inode, hashed_ns],
     so a later check can skip hashing the files whose stat still matches, as for one file,
     and the ``excluded`` relative paths, if any, that the digest leaves out.
     """
-    files = sorted(_list_dir(path, excluded))
-    st = os.stat(path)
-    stats = [None if link else os.stat(full) for _rel, full, link in files]
+    files = sorted(fs.listdir(path, excluded))
+    st = fs.stat(path)
+    stats = [None if link else fs.stat(full) for _rel, full, link in files]
     recorded = {}
     if known and known.get("kind") == "dir":
         for rel, digest, size, mtime_ns, inode, hashed_ns in known.get("files", ()):
@@ -355,10 +718,10 @@ def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False, exclu
     def one(index):
         rel, full, link = files[index]
         if link:
-            return [rel, "link:" + os.readlink(full), None, None, None, 0]
+            return [rel, "link:" + fs.readlink(full), None, None, None, 0]
         if not stat.S_ISREG(stats[index].st_mode):
             raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
-        entry = _digest_file(full, algorithm, stats[index], recorded.get(rel), trust_mtime, rechecked)
+        entry = _digest_file(fs, full, algorithm, stats[index], recorded.get(rel), trust_mtime, rechecked)
         return [rel, entry["digest"], entry["size"], entry["mtime_ns"], entry["inode"], entry["hashed_ns"]]
 
     sizes = [fst.st_size if fst else 0 for fst in stats]
@@ -388,22 +751,25 @@ def _digest_dir(path, algorithm, trust_mtime, known=None, rechecked=False, exclu
     return entry
 
 
-def _digest(path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded: tuple[str, ...] = ()) -> dict:
+def _digest(
+    path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded: tuple[str, ...] = (), fs: _LocalStorage = _LOCAL
+) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
     :param path: normalised absolute path.
     :param known: a recorded entry for the same path; its digest is reused while the
         file's size, mtime and inode still match it (for a folder, file by file).
-    :param rechecked: the caller hashes the path again later (see ``_fresh``).
+    :param rechecked: the caller hashes the path again later (see ``_vouches``).
     :param excluded: for a folder, relative posix paths below it to leave out.
+    :param fs: the storage the path is in.
     :raises FileNotFoundError: if nothing is at ``path``.
     """
-    st = os.stat(path)
+    st = fs.stat(path)
     if stat.S_ISDIR(st.st_mode):
-        return _digest_dir(path, algorithm, trust_mtime, known, rechecked, excluded)
+        return _digest_dir(fs, path, algorithm, trust_mtime, known, rechecked, excluded)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
-    return _digest_file(path, algorithm, st, known, trust_mtime, rechecked)
+    return _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked)
 
 
 def _text_digest(text):
@@ -479,9 +845,6 @@ def _bytecode_text(obj):
     return "\n".join(parts)
 
 
-_sources: dict[object, str] = {}
-
-
 def _source_text(obj):
     """The normalised source of a class, function or module, read once per process."""
     try:
@@ -511,13 +874,6 @@ def _fallback_text(obj, name):
         "which changes between Python versions",
     )
     return text
-
-
-# module -> (its top-level functions and classes, its normalised source). A module is read
-# again only once importlib.reload() has re-executed it, which makes those objects anew;
-# its file on disk alone never counts (inspect.getsource would read an edited file through
-# linecache, and lend new source to old code). Holding the objects keeps their ids unique.
-_module_texts: dict[object, tuple[tuple, str]] = {}
 
 
 def _module_text(module):
@@ -550,7 +906,7 @@ def _fingerprint(cls: "type[HashCheckingTask]") -> str:
     import cannot lend its new source to the old code; a module in ``code_dependencies``
     is read again after ``importlib.reload()``; ``code_version`` is read at every build.
     """
-    build = _build()
+    build = _active_memo()
     fingerprint = build.fingerprints.get(cls) if build is not None else None
     if fingerprint is None:
         parts = [_source_text(klass) for klass in cls.__mro__ if klass not in HashCheckingTask.__mro__]
@@ -560,6 +916,8 @@ def _fingerprint(cls: "type[HashCheckingTask]") -> str:
         if build is not None:
             build.fingerprints[cls] = fingerprint
     return fingerprint
+
+
 
 
 ###############################################################################
@@ -583,6 +941,11 @@ _RECORD_FIELDS = {
 }
 
 
+#
+# Each record is made by _make_record, the only function that builds one, and written by
+# _write_record, the only function that writes one. A check never writes: it returns the
+# stat fields it refreshed, and its caller decides whether to save them.
+
 # A record file name longer than this many UTF-8 bytes is shortened: most filesystems allow
 # 255 bytes in a name, and Luigi's own open("w") writes names of up to 234.
 _NAME_LIMIT = 200
@@ -593,15 +956,6 @@ def _record_path(path: str) -> str:
     """Return the record's path for an output at normalised ``path``."""
     folder, name = os.path.split(path)
     return os.path.join(folder, RECORD_DIR, _record_name(name))
-
-
-def _utf8(text):
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _prefix(text, limit):
-    """The longest prefix of ``text`` of at most ``limit`` UTF-8 bytes, cut between characters."""
-    return _utf8(text)[:limit].decode("utf-8", "ignore")
 
 
 def _record_name(name):
@@ -727,30 +1081,15 @@ def _problem(value, kind):
     return _CHECKS[kind](value)
 
 
-def _read_record(path: str) -> dict | None:
+def _read_record(path: str, fs: _LocalStorage = _LOCAL) -> dict | None:
     """Return the record at ``path``, or None if there is none.
 
     :raises _DamagedRecord: if the record is empty, truncated, not a JSON object, of an
         unknown format, or has a missing or mistyped key.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
-    except FileNotFoundError:
+    data = fs.read_record(path, _MAX_RECORD_BYTES)
+    if data is None:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _DamagedRecord("it is a symbolic link") from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _DamagedRecord("it is not a regular file")
-        if st.st_size > _MAX_RECORD_BYTES:
-            raise _DamagedRecord("it is too large")
-        # One byte more than its size: a record that grew meanwhile reads as truncated JSON.
-        data = os.read(fd, st.st_size + 1)
-    finally:
-        os.close(fd)
     if not data:
         raise _DamagedRecord("it is empty")
     try:
@@ -773,117 +1112,6 @@ def _read_record(path: str) -> dict | None:
     return record
 
 
-def _records_folder(output_folder):
-    """Create ``.luigi_hashes`` in ``output_folder``; refuse one that is a symbolic link."""
-    folder = os.path.join(output_folder, RECORD_DIR)
-    try:
-        mode = os.lstat(folder).st_mode
-    except FileNotFoundError:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(folder)
-        mode = os.lstat(folder).st_mode
-    if not stat.S_ISDIR(mode):  # lstat: a link to a folder is not a folder
-        raise HashCheckError(f"{folder} is a symbolic link or not a folder; refusing to write records through it")
-    return folder
-
-
-_thread_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-
-
-@contextlib.contextmanager
-def _locked(folder, timeout):
-    """Hold the lock of a records folder. POSIX locks belong to a process, so threads of one
-    process also queue on a threading lock."""
-    path = os.path.join(folder, ".lock")
-    deadline = time.monotonic() + timeout
-    thread_lock = _thread_locks[path]
-    if not thread_lock.acquire(timeout=max(timeout, 0)):
-        raise LockTimeout(path, timeout)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _BINARY, 0o644)
-        try:
-            delay = 0.001
-            while not _try_lock(fd):
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(path, timeout)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-            try:
-                yield
-            finally:
-                _unlock(fd)
-        finally:
-            os.close(fd)
-    finally:
-        thread_lock.release()
-
-
-# Temporary files are named .<record>~<host>~<pid>~<random>.tmp, so a later writer can tell
-# a dead writer's leftover from a live writer's file. The record's name and the host are cut
-# to 64 bytes (a long host name to a digest of it), so the name stays within 255 bytes.
-_HOST = socket.gethostname().replace("~", "-").replace(os.sep, "-") or "localhost"
-if len(_utf8(_HOST)) > 64:
-    _HOST = "host-" + hashlib.sha256(_utf8(_HOST)).hexdigest()[:16]
-_LEFTOVER_AGE_NS = 600 * 10**9  # far longer than writing a record could take
-_cleaned: set[str] = set()
-
-
-def _clean_leftovers(folder):
-    """Remove temporary files that killed writers left in a records folder.
-
-    Called under the folder's lock, once per folder per process. Only a file that cannot
-    belong to a live writer goes: one older than any write could take, or one whose writer,
-    on this host, is gone.
-    """
-    if folder in _cleaned:
-        return
-    _cleaned.add(folder)
-    now = time.time_ns()
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
-                continue
-            try:
-                _record, host, pid, _random = entry.name[:-4].rsplit("~", 3)
-                age = now - entry.stat(follow_symlinks=False).st_mtime_ns
-                dead = host == _HOST and not _pid_alive(int(pid))
-            except (ValueError, OSError):
-                continue
-            if age > _LEFTOVER_AGE_NS or dead:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-
-def _temporary_prefix(record_name):
-    """How the names of the temporary files of a record begin."""
-    return f".{_prefix(record_name, 64)}~"
-
-
-def _replace(path, data):
-    """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
-    if os.path.islink(path):
-        raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
-    try:
-        try:
-            # os.write, not a file object: nothing is buffered, so nothing needs a flush.
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The folder is not fsynced: a crash may then lose the rename, and a lost record only
-    # means a rebuild, while an fsync per record would double the cost of a build.
-
-
 # One encoder for every record: json.dumps() makes a new one per call when given options,
 # and ``indent`` would swap json's C encoder for a Python one several times slower.
 _encode = json.JSONEncoder(sort_keys=True).encode
@@ -895,7 +1123,7 @@ def _dump(record):
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
 
-def _write_record(path: str, record: dict, settings: _Settings, replacing: dict | None = None) -> bool:
+def _write_record(path: str, record: dict, settings: _Settings, replacing: dict | None = None, fs: _LocalStorage = _LOCAL) -> bool:
     """Write ``record`` to the record file ``path`` under its folder's lock.
 
     :param replacing: if given, write only while the record on disk is still this one, so
@@ -904,16 +1132,16 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
     """
     data = _dump(record)
     try:
-        folder = _records_folder(os.path.dirname(os.path.dirname(path)))
-        with _locked(folder, settings.lock_timeout):
-            _clean_leftovers(folder)
+        folder = fs.records_folder(os.path.dirname(os.path.dirname(path)))
+        with fs.lock(folder, settings.lock_timeout):
+            fs.clean(folder)
             if replacing is not None:
                 try:
-                    if _read_record(path) != replacing:
+                    if _read_record(path, fs) != replacing:
                         return False
                 except _DamagedRecord:
                     return False
-            _replace(path, data)
+            fs.replace(path, data)
             return True
     except HashCheckError:
         raise
@@ -921,22 +1149,9 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
         raise HashCheckError(f"cannot write record {path}: {exc.strerror or exc}") from exc
 
 
-def _remove_record(path, settings):
-    """Remove the record file ``path``, under its folder's lock; return whether it was there.
-    A record that is a link goes, not what it points to."""
-    folder = os.path.dirname(path)
-    if not os.path.lexists(path):
-        return False
-    if os.path.islink(folder):
-        raise HashCheckError(f"{folder} is a symbolic link; refusing to remove records through it")
-    with _locked(folder, settings.lock_timeout):
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                raise HashCheckError(f"{path} is a folder, not a record")
-            os.unlink(path)
-        except FileNotFoundError:
-            return False
-    return True
+def _remove_record(path, settings, fs=_LOCAL):
+    """Remove the record file ``path``, under its folder's lock; return whether it was there."""
+    return fs.remove_record(path, settings.lock_timeout)
 
 
 _encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
@@ -954,10 +1169,42 @@ def _pairs(inputs, dynamic):
     return [[e["path"], e["digest"]] for e in inputs + [e for dep in dynamic for e in dep["outputs"]]]
 
 
-# folder -> the nearest folder at or above it holding luigi.cfg, or None. Kept for the life
-# of the process, as Luigi reads its configuration once per process: a luigi.cfg made or
-# removed meanwhile counts from the next process on.
-_config_folders: dict[str, str | None] = {}
+def _make_record(algorithm, family, params, code, output, inputs, dynamic, created_ns=None, input_hash=None):
+    """The one function that makes a record: the fields of _RECORD_FIELDS, its input hash
+    computed from them unless given, dated now unless ``created_ns`` is given."""
+    return {
+        "format": _FORMAT,
+        "algorithm": algorithm,
+        "created_ns": created_ns or time.time_ns(),
+        "task": {"family": family, "params": params},
+        "code": code,
+        "input_hash": input_hash or _input_hash(algorithm, family, params, code, _pairs(inputs, dynamic)),
+        "output": output,
+        "inputs": inputs,
+        "dynamic": dynamic,
+    }
+
+
+def _remade(record, **fields):
+    """``record`` made again with some of _make_record's arguments changed: refreshed stat
+    fields, a new date, new digests. Keys a newer version wrote are kept."""
+    made = _make_record(
+        **{
+            "algorithm": record["algorithm"],
+            "family": record["task"]["family"],
+            "params": record["task"]["params"],
+            "code": record["code"],
+            "output": record["output"],
+            "inputs": record["inputs"],
+            "dynamic": record["dynamic"],
+            "created_ns": record["created_ns"],
+            **fields,
+        }
+    )
+    return {**record, **made}
+
+
+# How inputs are named in a record, and which folder record an output lies in.
 
 
 def _project_root(folder, settings):
@@ -1005,52 +1252,24 @@ def _name(target, folder, index, root=None):
         return path
 
 
-def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
-    """Return ``target``'s current entry, or None if it does not exist. ``cache`` spares a
-    second look at a target within one check; ``rechecked`` is as for ``_digest``; ``own``
-    holds the normalised paths of the reading task's outputs (see ``_excluded``)."""
-    if isinstance(target, luigi.LocalTarget):
-        path = _norm(target.path)
-        return _local_entry(path, algorithm, known, settings, cache, rechecked, _excluded(path, own) if own else ())
-    key = (id(target), algorithm)
-    if key not in cache:
-        entry = None
-        if target.exists():
-            entry = {"kind": "custom", "digest": target.hash_content(), "size": None, "mtime_ns": None, "inode": None, "hashed_ns": time.time_ns()}
-        cache[key] = (target, entry)  # holding the target keeps its id from being reused
-    return cache[key][1]
+def _same_inputs(names, entries, folder):
+    """Whether ``names`` name the inputs of the recorded ``entries``. A name relative to the
+    output's ``folder`` and an absolute one name the same file when they resolve alike, so
+    records written before the project root chose the form stay valid."""
+    if names == [entry["path"] for entry in entries]:
+        return True
+    return len(names) == len(entries) and all(
+        name == entry["path"] or _norm(os.path.join(folder, name)) == _norm(os.path.join(folder, entry["path"])) for name, entry in zip(names, entries)
+    )
 
 
-def _local_entry(path, algorithm, known, settings, cache, rechecked=False, excluded=()):
-    """``_entry`` of the file or folder at the normalised ``path``."""
-    key = (path, algorithm, excluded) if excluded else (path, algorithm)
-    if key not in cache:
-        _counts["looks"] += 1
-        try:
-            cache[key] = _digest(path, algorithm, known, settings.trust_mtime, rechecked, excluded)
-        except FileNotFoundError:
-            cache[key] = None
-    return cache[key]
-
-
-def _own_paths(task):
-    """The normalised paths of ``task``'s local outputs, which its folder inputs leave out."""
-    return tuple(_norm(t.path) for t in _outputs(task) if isinstance(t, luigi.LocalTarget))
-
-
-def _excluded(folder, own):
-    """The outputs ``own`` of a task that lie inside its input ``folder``, as sorted relative
-    posix paths, or ().
-
-    They are left out of the folder's digest, or the task's own run() would change its
-    input, and listed in the input's entry, so ``verify`` and ``accept`` leave them out too.
-    Nothing is left out of another task's recorded folder output: no output may lie inside one.
-    """
-    prefix = folder.rstrip(os.sep) + os.sep
-    inside = [path for path in own if path.startswith(prefix)]
-    if not inside or _folder_record(folder) is not None:
-        return ()
-    return tuple(sorted({os.path.relpath(path, folder).replace(os.sep, "/") for path in inside}))
+def _named(entry, name, recorded=False):
+    """``entry`` under ``name``; ``recorded`` marks an input that a HashCheckingTask made, which
+    so has a record of its own: verify calls it ``unrecorded`` when that record is gone."""
+    named = dict(entry, path=name)
+    if recorded:
+        named["recorded"] = True
+    return named
 
 
 def _folder_record(path):
@@ -1066,19 +1285,24 @@ def _folder_record(path):
     return record if record and record["output"]["kind"] == "dir" else None
 
 
-def _named(entry, name, recorded=False):
-    """``entry`` under ``name``; ``recorded`` marks an input that a HashCheckingTask made, which
-    so has a record of its own: verify calls it ``unrecorded`` when that record is gone."""
-    named = dict(entry, path=name)
-    if recorded:
-        named["recorded"] = True
-    return named
+def _output_of(record_path):
+    """The output a record file belongs to. A shortened record name keeps only a prefix of
+    the output's name; the record holds the full one."""
+    records, name = os.path.split(record_path)
+    folder = os.path.dirname(records)
+    if _is_shortened(name):
+        try:
+            record = _read_record(record_path)
+        except (_DamagedRecord, OSError):
+            record = None
+        if record:
+            output = os.path.join(folder, record["output"]["path"])
+            # Only a name that leads back to this very record: a record is data, not a pointer.
+            if _record_path(_norm(output)) == _norm(record_path):
+                return output
+    return os.path.join(folder, name[: -len(".json")])
 
 
-def _recorded_paths(task):
-    """The paths of the outputs of ``task``'s dependencies that keep records of their own."""
-    deps = _deps_and_inputs(task)[0]
-    return {_norm(t.path) for dep in deps if _checked(dep) for t in _outputs(dep) if isinstance(t, luigi.LocalTarget)}
 
 
 ###############################################################################
@@ -1144,309 +1368,107 @@ class HashableLocalTarget(luigi.LocalTarget, HashableTarget):
             record = _read_record(record_path)
         except _DamagedRecord:
             record = None
+        algorithm = record["algorithm"] if record else settings.algorithm
+        output = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
         if record is None:
-            record = {
-                "format": _FORMAT,
-                "algorithm": settings.algorithm,
-                "task": {"family": "", "params": {}},
-                "code": "",
-                "inputs": [],
-                "dynamic": [],
-            }
-        record["output"] = _named(_digest(path, record["algorithm"], trust_mtime=settings.trust_mtime), os.path.basename(path))
-        record["input_hash"] = input_hash
-        record["created_ns"] = time.time_ns()
+            record = _make_record(algorithm, "", {}, "", output, [], [], input_hash=input_hash)
+        else:
+            record = _remade(record, output=output, created_ns=time.time_ns(), input_hash=input_hash)
         _write_record(record_path, record, settings)
 
 
+
+
 ###############################################################################
-# Checking a task #############################################################
+# Deciding ####################################################################
 ###############################################################################
+#
+# "Is this task up to date, and if not, why?" is answered here, and only here. _judge
+# compares one task's records with the world (its own verdict); _walk walks the graph and
+# gives every task its final verdict, stale too when a task below it is (_settle). The
+# build's complete(), explain and adopt use _walk. verify, which has records but no
+# pipeline, uses the same comparison of a recorded entry with what is there now
+# (_compare_entry) and the same rule for staleness from upstream (_settle); accept uses
+# the comparison too.
 
-# ok: whether the records match; deps: what to check next (static and recorded dynamic
-# dependencies); made_ns: when the oldest record was written; inputs: flatten(task.input()).
-_Verdict = collections.namedtuple("_Verdict", "ok reason deps made_ns inputs")
-
-
-def _require_hashable(task, targets):
-    for target in targets:
-        if not isinstance(target, (luigi.LocalTarget, HashableTarget)):
-            raise UnhashableTargetError(task, target)
-
-
-def _rebuild(dep):
-    """Rebuild a recorded dynamic dependency, or return None. Never imports anything: a
-    record is data, so only classes the pipeline has already imported are looked up."""
-    try:
-        return Register.get_task_cls(dep["family"]).from_str_params(dep["params"])
-    except Exception:  # noqa: BLE001 - unknown class or parameters: the record is stale
-        return None
-
-
-def _stale(reason, inputs=None):
-    return _Verdict(False, reason, (), 0, inputs)
-
-
-_param_specs: dict[type, list] = {}
-
-
-def _params(task):
-    """The significant public parameters as strings: ``task.to_str_params(only_significant=True,
-    only_public=True)``, the ones task_id uses, without Luigi's slow walk of the class."""
-    cls = type(task)
-    spec = _param_specs.get(cls)
-    if spec is None:
-        public = luigi.parameter.ParameterVisibility.PUBLIC
-        spec = _param_specs[cls] = [(n, p) for n, p in cls.get_params() if p.significant and p.visibility == public]
-    return {name: param.serialize(task.param_kwargs[name]) for name, param in spec}
-
-
-def _outputs(task):
-    """``flatten(task.output())``, made once per task and build: each task's outputs are
-    also the inputs of every task that requires it."""
-    build = _build()
-    if build is None:
-        return flatten(task.output())
-    found = build.outputs.get(task.task_id)
-    if found is None:
-        found = build.outputs[task.task_id] = flatten(task.output())
-    return found
+# Every reason a task or a record is stale: the texts the log, explain and verify print.
+_REASONS = {
+    "no outputs": "task has no outputs",
+    "no record": "no record",
+    "damaged": "record damaged",
+    "output missing": "output missing",
+    "output modified": "output modified",
+    "parameters": "parameters changed",
+    "code": "code changed",
+    "inputs": "inputs changed",
+    "reordered": "inputs reordered",
+    "missing": "{what} {name} is missing",
+    "changed": "{what} {name} changed ({old} -> {new})",
+    "excluded": "{what} {name} changed (the outputs left out of it)",
+    "input hash": "input hash changed",
+    "dynamic lost": "dynamic dependency {family} cannot be rebuilt",
+    "dynamic outputs": "dynamic dependency {task} changed its outputs",
+    "external": "external data missing",
+    "incomplete": "incomplete",
+    "upstream": "upstream task {task} will run",
+    # verify's, which judges records without their pipeline:
+    "record damaged": "record damaged: {error}",
+    "record unreadable": "record unreadable: {error}",
+    "record vanished": "record vanished",
+    "output changed": "output modified ({change})",
+    "unrecorded": "no record, though {reader} reads it as a HashCheckingTask's output",
+    "record upstream": "upstream {output} is {status}",
+}
 
 
-def _deps_and_inputs(task):
-    """Return ``task.deps()``, ``flatten(task.input())`` and, when both come from
-    ``requires()`` alone, a function giving ``task.input()``.
+def _reason(key, **fields):
+    return _REASONS[key].format(**fields)
 
-    ``requires()`` is called once per task and build: it makes every dependency anew,
-    which costs more than a record check, and Luigi would call it three times.
+
+# The one comparison: a recorded entry against what is there now.
+
+
+def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, excluded=()):
+    """The entry of the file or folder at ``path`` now, or None if nothing is there.
+
+    :param known: its recorded entry, whose digest serves while its stat vouches for it.
+    :param cache: spares a second look at a path within one walk, as an output and as an input.
+    :param rechecked: as for ``_digest``.
     """
-    build = _build()
-    known = build.graph.get(task.task_id) if build is not None else None
-    if known is not None:
-        return known
-    cls = type(task)
-    # Past HashCheckingTask's deps() and input(), which answer from this very memo.
-    base = super(HashCheckingTask, task) if isinstance(task, HashCheckingTask) else task
-    find_deps = base.deps if cls.deps is HashCheckingTask.deps else task.deps
-    find_input = base.input if cls.input is HashCheckingTask.input else task.input
-    plain = (getattr(find_deps, "__func__", None), getattr(find_input, "__func__", None)) == (luigi.Task.deps, luigi.Task.input)
-    _finding.add(id(task))  # a deps() or input() of its own may call the other one
-    try:
-        if plain and cls._requires is luigi.Task._requires:
-            # deps() is flatten(requires()) and input() getpaths(requires()); flattening that
-            # gives the same targets in the same order as flattening each dependency's output.
-            required = task.requires()
-            if required is not None and not isinstance(required, (luigi.Task, dict, list, tuple)):
-                required = list(required)  # a generator would serve only once
-            deps = flatten(required)
-            # An iterator deeper down served flatten() and is spent: input() calls requires().
-            paths = functools.partial(getpaths, required) if _shallow(required) else None
-            found = deps, [target for dep in deps for target in _outputs(dep)], paths
-        else:
-            found = find_deps(), flatten(find_input()), None
-    finally:
-        _finding.discard(id(task))
-    if build is not None:
-        build.graph[task.task_id] = found
-    return found
-
-
-_finding: set[int] = set()  # ids of tasks inside _deps_and_inputs, whose deps() and input() must not use it
-
-
-def _shallow(required):
-    """Whether ``required`` is a task, or a list, tuple or dict of tasks, which can be walked
-    more than once."""
-    if isinstance(required, luigi.Task):
-        return True
-    items = required.values() if isinstance(required, dict) else required if isinstance(required, (list, tuple)) else None
-    return items is not None and all(isinstance(item, luigi.Task) for item in items)
-
-
-def _check_own(task, settings, cache=None):
-    """Check ``task``'s records against its outputs, inputs, parameters and code.
-
-    Dependencies are not checked; the verdict lists them, the recorded dynamic ones
-    rebuilt, for the caller to check. ``cache`` (see ``_entry``) may be shared by the
-    checks of one walk, which then look at each file once, as an output and as an input.
-
-    Outside the command line's inspections, a record whose files were touched but not
-    changed gets its stat fields rewritten, so the next process can skip hashing them.
-    """
-    _counts["record_checks"] += 1
-    outputs = _outputs(task)
-    if not outputs:
-        warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=3)
-        return _stale("task has no outputs")
-    deps, inputs, _paths = _deps_and_inputs(task)
-    _require_hashable(task, outputs + inputs)
-    records = []
-    for output in outputs:
-        if not isinstance(output, luigi.LocalTarget):
-            if not output.exists():
-                return _stale("output missing", inputs)
-            records.append((output, None, None))
-            continue
-        path = _norm(output.path)
-        record_path = _record_path(path)
+    key = (path, algorithm, excluded) if excluded else (path, algorithm)
+    if key not in cache:
+        _counts["looks"] += 1
         try:
-            record = _read_record(record_path)
-        except _DamagedRecord as exc:
-            _log_once(
-                key=("damaged", record_path, os.lstat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
-                level=logging.WARNING,
-                message=f"luigi_hashcheck: damaged record {record_path} ({exc}); {task} will be rebuilt",
-            )
-            return _stale("record damaged", inputs)
-        if record is None:
-            if not os.path.exists(path):  # with a record, _compare finds this out
-                return _stale("output missing", inputs)
-            key = ("norecord", task.task_id)
-            if not _inspecting and key not in _logged:  # the message looks at the folder
-                _log_once(key=key, level=logging.WARNING, message=_no_record_message(task, path))
-            return _stale("no record", inputs)
-        records.append((output, path, record))
-    family = task.task_family
-    params = _params(task)
-    code = _fingerprint(type(task))
-    cache = {} if cache is None else cache
-    dynamic = {}
-    made_ns = None
-    refreshes = []
-    own = tuple(path for _output, path, _record in records if path is not None)
-    for output, path, record in records:
-        if path is None:  # a third-party HashableTarget: the input hash is all there is
-            pairs = []
-            for index, target in enumerate(inputs):
-                entry = _entry(target, settings.algorithm, None, settings, cache, own=own)
-                if entry is None:
-                    return _stale(f"input {_name(target, None, index)} is missing", inputs)
-                pairs.append([_name(target, None, index), entry["digest"]])
-            if output.get_current_input_hash() != _input_hash(settings.algorithm, family, params, code, pairs):
-                return _stale("input hash changed", inputs)
-            made_ns = 0
-            continue
-        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own)
-        if reason:
-            return _stale(reason, inputs)
-        if fresh != record:
-            refreshes.append((_record_path(path), fresh, record))
-        made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
-    for record_path, fresh, record in refreshes:  # a stale task's records are about to go
-        _refresh(record_path, fresh, record, settings)
-    return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs)
+            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs)
+        except FileNotFoundError:
+            cache[key] = None
+    return cache[key]
 
 
-def _no_record_message(task, path):
-    """The warning for an output without a record. Plain Luigi may have built it, and then
-    adopt keeps it; or a run() wrote it and then failed, and then adopt would record a
-    partial output as good. A temporary file of an interrupted write beside it, Luigi's or
-    ours, points to the second."""
-    folder, name = os.path.split(path)
-    text = f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
-    luigi_tmp, ours = _interrupted_writes(folder)
-    if name in luigi_tmp or _temporary_prefix(_record_name(name)) in ours:
-        return text + "A temporary file of an interrupted write lies beside it: probably a run that failed left it."
-    return text + (
-        "Either it was built before luigi_hashcheck: to keep such outputs, run `python -m luigi_hashcheck adopt "
-        f"--module {task.task_module} {task.task_family} ...` before building. Or a run that failed left it: then let it run again."
-    )
+def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=None):
+    """Compare the ``recorded`` entry of ``path`` with what is there now.
+
+    :param excluded: what a folder leaves out; by default, what the entry says it left out.
+    :returns: (change, current): change is None while the digest matches, else "missing",
+        "excluded" (what is left out changed) or "changed"; current is the entry as now found.
+    """
+    if excluded is None:
+        excluded = tuple(recorded.get("excluded", ()))
+    current = _look(fs, path, algorithm, recorded, trust_mtime, cache, excluded=excluded)
+    if current is None:
+        return "missing", None
+    if current.get("excluded", []) != recorded.get("excluded", []):
+        return "excluded", current
+    if current["digest"] != recorded["digest"]:
+        return "changed", current
+    return None, current
 
 
-def _interrupted_writes(folder):
-    """The names in ``folder`` that Luigi's temporary files (``NAME-luigi-tmp-N``) lie beside,
-    and how the names of our temporary files in its records folder begin. Listed once per
-    folder and build: a build over outputs without records warns of each one."""
-    build = _build()
-    found = build.leftovers.get(folder) if build is not None else None
-    if found is None:
-        found = (set(), set())
-        with contextlib.suppress(OSError), os.scandir(folder) as entries:
-            found[0].update(e.name.rpartition("-luigi-tmp-")[0] for e in entries if "-luigi-tmp-" in e.name)
-        with contextlib.suppress(OSError), os.scandir(os.path.join(folder, RECORD_DIR)) as entries:
-            # .<record>~<host>~<pid>~<random>.tmp, as _replace names them
-            found[1].update(e.name[:-4].rsplit("~", 3)[0] + "~" for e in entries if e.name.endswith(".tmp") and e.name.count("~") >= 3)
-        if build is not None:
-            build.leftovers[folder] = found
-    return found
-
-
-def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own=()):
-    """Compare one output's record with the world; return (reason or None, refreshed record)."""
-    algorithm = record["algorithm"]
-    folder = os.path.dirname(path)
-    fresh = dict(record)
-    output = _local_entry(path, algorithm, record["output"], settings, cache)
-    if output is None:
-        return "output missing", None
-    if output["digest"] != record["output"]["digest"]:
-        return "output modified", None
-    fresh["output"] = _stat_refreshed(record["output"], output)
-    if record["task"]["family"] != family or record["task"]["params"] != params:
-        return "parameters changed", None
-    if record["code"] != code:
-        return "code changed", None
-    root = _project_root(folder, settings)
-    names = [_name(target, folder, index, root) for index, target in enumerate(inputs)]
-    if not _same_inputs(names, record["inputs"], folder):
-        if sorted(_norm(os.path.join(folder, n)) for n in names) != sorted(_norm(os.path.join(folder, e["path"])) for e in record["inputs"]):
-            return "inputs changed", None
-        # Order stays significant (a run() may concatenate its inputs), but the likely cause
-        # is a requires() built from a set, whose order changes with every interpreter.
-        _log_once(
-            key=("reordered", task.task_family),
-            level=logging.WARNING,
-            message=f"luigi_hashcheck: {task} has the same inputs as recorded, in another order, so it "
-            "will run again; if requires() iterates over a set or a dict built from one, sort it",
-        )
-        return "inputs reordered", None
-    fresh["inputs"] = []
-    for target, recorded in zip(inputs, record["inputs"]):
-        reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "input", own)
-        if reason:
-            return reason, None
-        fresh["inputs"].append(entry)
-    fresh["dynamic"] = []
-    for dep in record["dynamic"]:
-        dep_task = _rebuild(dep)
-        if dep_task is None:
-            return f"dynamic dependency {dep['family']} cannot be rebuilt", None
-        targets = flatten(dep_task.output())
-        _require_hashable(dep_task, targets)
-        if not _same_inputs([_name(t, folder, i, root) for i, t in enumerate(targets)], dep["outputs"], folder):
-            return f"dynamic dependency {dep_task} changed its outputs", None
-        entries = []
-        for target, recorded in zip(targets, dep["outputs"]):
-            reason, entry = _compare_entry(target, recorded, algorithm, settings, cache, "dynamic input", own)
-            if reason:
-                return reason, None
-            entries.append(entry)
-        fresh["dynamic"].append(dict(dep, outputs=entries))
-        dynamic[dep_task.task_id] = dep_task
-    # input_hash is not recomputed: every field it sums up was compared above.
-    return None, fresh
-
-
-def _same_inputs(names, entries, folder):
-    """Whether ``names`` name the inputs of the recorded ``entries``. A name relative to the
-    output's ``folder`` and an absolute one name the same file when they resolve alike, so
-    records written before the project root chose the form stay valid."""
-    if names == [entry["path"] for entry in entries]:
-        return True
-    return len(names) == len(entries) and all(
-        name == entry["path"] or _norm(os.path.join(folder, name)) == _norm(os.path.join(folder, entry["path"])) for name, entry in zip(names, entries)
-    )
-
-
-def _compare_entry(target, recorded, algorithm, settings, cache, what, own=()):
-    entry = _entry(target, algorithm, recorded, settings, cache, own=own)
-    if entry is None:
-        return f"{what} {recorded['path']} is missing", None
-    if entry.get("excluded", []) != recorded.get("excluded", []):
-        return f"{what} {recorded['path']} changed (the outputs left out of it)", None
-    if entry["digest"] != recorded["digest"]:
-        return f"{what} {recorded['path']} changed ({recorded['digest'][:8]} -> {entry['digest'][:8]})", None
-    return None, _stat_refreshed(recorded, entry)
+def _change_reason(change, what, recorded, current):
+    """The reason for a ``change`` that _compare_entry found in the input ``recorded``."""
+    if change == "changed":
+        return _reason("changed", what=what, name=recorded["path"], old=recorded["digest"][:8], new=current["digest"][:8])
+    return _reason(change, what=what, name=recorded["path"])
 
 
 def _stat_refreshed(recorded, current):
@@ -1477,156 +1499,46 @@ def _worth_refreshing(old, new):
     return vouches(new) and not (vouches(old) and tuple(old[:3]) == tuple(new[:3]))
 
 
-def _refresh(record_path, fresh, old, settings):
-    """Rewrite a record whose files were touched but not changed, unless another process
-    has rewritten it since it was read."""
-    if _inspecting:
-        return
-    try:
-        _write_record(record_path, fresh, settings, replacing=old)
-    except HashCheckError as exc:
-        # Only a shortcut is lost: the next check hashes again.
-        logger.warning("luigi_hashcheck: could not refresh %s: %s", record_path, exc)
+def _settle(deps, bad):
+    """The one rule for staleness from upstream: which nodes are stale only because
+    something they depend on is.
 
-
-###############################################################################
-# Builds ######################################################################
-###############################################################################
-#
-# Luigi asks complete() of a task many times in one build: once while scheduling, again
-# for every dependency before each run, and after a run with check_complete_on_run. A
-# recursive check without a memo is quadratic on chains and exponential on lattices.
-# Luigi has no "build started" event, so the memo lives on the Worker: Worker.add and
-# Worker.run, the two calls through which luigi.build, the luigi command line and
-# luigid-driven workers do all their checking, are wrapped to make the Worker's memo the
-# active one. A new build means a new Worker, hence a fresh memo, even when Luigi reuses
-# the task instances. A complete() outside any build gets a memo of its own.
-
-
-class _Memo:
-    """complete() answers of one build, by task_id, and the build's settings."""
-
-    def __init__(self):
-        self.answers = {}
-        # Inside Worker.run tasks finish, here or in forked children, so a remembered
-        # "incomplete" must be looked at again.
-        self.running = False
-        self.finished = False  # a Worker.run of this build has ended
-        self.started_ns = time.time_ns()
-        self.graph = {}  # task_id -> (dependencies, inputs), as _deps_and_inputs found them
-        self.outputs = {}  # task_id -> flatten(task.output())
-        self.unnested = set()  # folders whose outputs were found not to lie in a folder output
-        self.fingerprints = {}  # class -> code fingerprint; code_version is read once per build
-        self.leftovers = {}  # folder -> what _interrupted_writes found there
-        self._settings = None
-
-    @property
-    def settings(self):
-        # Reading luigi.cfg through luigi.Config costs more than a record check; the
-        # configuration cannot change within one build.
-        if self._settings is None:
-            self._settings = _settings()
-        return self._settings
-
-
-# The memo of the build running in this thread, if any. Per thread, as Luigi allows builds in
-# threads; forked workers inherit their parent's.
-_local = threading.local()
-
-
-def _build():
-    return getattr(_local, "build", None)
-
-
-
-def _track_builds(method, running):
-    @functools.wraps(method)
-    def wrapper(worker, *args, **kwargs):
-        memo = worker.__dict__.get("_hashcheck_memo")
-        if memo is None or (memo.finished and not memo.running):
-            # A Worker kept open for another add()/run() cycle starts a new build: files
-            # may have changed since its last run() ended.
-            memo = worker.__dict__["_hashcheck_memo"] = _Memo()
-        outer, was_running = _build(), memo.running
-        _local.build = memo
-        memo.running = running or was_running
-        try:
-            return method(worker, *args, **kwargs)
-        finally:
-            _local.build, memo.running = outer, was_running
-            memo.finished = memo.finished or (running and not was_running)
-
-    wrapper._hashcheck = True
-    return wrapper
-
-
-if not getattr(luigi.worker.Worker.add, "_hashcheck", False):
-    luigi.worker.Worker.add = _track_builds(luigi.worker.Worker.add, running=False)  # type: ignore[method-assign]
-    luigi.worker.Worker.run = _track_builds(luigi.worker.Worker.run, running=True)  # type: ignore[method-assign]
-
-
-def _is_complete(root, memo, settings):
-    """Whether ``root`` and everything it depends on is complete.
-
-    Walks the graph with an explicit stack, so a chain thousands of tasks deep does not hit
-    Python's recursion limit, and asks each task once per build.
+    :param deps: node -> the nodes it depends on, in order (tasks by task_id, or records).
+    :param bad: the nodes stale in themselves.
+    :returns: node -> the first of its dependencies, in order, that is stale. Cycles are
+        fine: each node changes at most once.
     """
-    answers = {}
-    cache: dict = {}  # one look at each file in this walk
+    dependents = collections.defaultdict(list)
+    for node, children in deps.items():
+        for child in children:
+            dependents[child].append(node)
+    stale = set(bad)
+    todo = list(stale)
+    while todo:
+        for node in dependents[todo.pop()]:
+            if node not in stale:
+                stale.add(node)
+                todo.append(node)
+    return {node: next(child for child in deps[node] if child in stale) for node in stale.difference(bad)}
 
-    def known(task):
-        tid = task.task_id
-        if tid in answers:
-            return answers[tid]
-        cached = memo.answers.get(tid)
-        return None if cached is False and memo.running else cached
 
-    stack = [root]
-    waiting = {}
-    while stack:
-        task = stack[-1]
-        tid = task.task_id
-        if known(task) is not None:
-            stack.pop()
-            continue
-        if tid in waiting:
-            answers[tid] = all(known(dep) for dep in waiting.pop(tid))
-            stack.pop()
-            _warn_if_hiding(task, answers[tid])
-            continue
-        if _checked(task):
-            verdict = _check_own(task, settings, cache)
-            ok, made_ns = verdict.ok, verdict.made_ns
-            if not ok:
-                logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)
-        else:
-            # Any other task is complete by its own rule and, as it may stand between two
-            # HashCheckingTasks, when everything below it is complete too.
-            ok, made_ns = bool(task.complete()), 0
-        if not ok:
-            answers[tid] = False
-            stack.pop()
-            continue
-        deps = verdict.deps if _checked(task) else task.deps()
-        # A task Luigi scheduled in this build whose records were written since the build
-        # started ran after Luigi saw its dependencies done; its own records are enough.
-        if memo.answers.get(tid) is False and made_ns >= memo.started_ns:
-            answers[tid] = True
-            stack.pop()
-            continue
-        states = [known(dep) for dep in deps]
-        if False in states:
-            answers[tid] = False
-            stack.pop()
-            _warn_if_hiding(task, False)
-        elif None in states:
-            waiting[tid] = deps
-            stack.extend(dep for dep, state in zip(deps, states) if state is None)
-        else:
-            answers[tid] = True
-            stack.pop()
-    memo.answers.update(answers)
-    return bool(known(root))
+# What a task is, as the checks see it: its parameters, outputs, dependencies and inputs,
+# each found once per build.
+
+
+def _require_hashable(task, targets):
+    for target in targets:
+        if not isinstance(target, (luigi.LocalTarget, HashableTarget)):
+            raise UnhashableTargetError(task, target)
+
+
+def _task_of(dep):
+    """The task a record names as a dynamic dependency, or None. Never imports anything: a
+    record is data, so only classes the pipeline has already imported are looked up."""
+    try:
+        return Register.get_task_cls(dep["family"]).from_str_params(dep["params"])
+    except Exception:  # noqa: BLE001 - unknown class or parameters: the record is stale
+        return None
 
 
 def _checked(task):
@@ -1635,19 +1547,414 @@ def _checked(task):
     return isinstance(task, HashCheckingTask) and not luigi.worker._is_external(task)
 
 
-def _warn_if_hiding(task, complete):
-    """Warn when a task that is not a HashCheckingTask hides a stale one below it."""
-    if not complete and not _checked(task) and task.complete():
+def _params(task):
+    """The significant public parameters as strings: ``task.to_str_params(only_significant=True,
+    only_public=True)``, the ones task_id uses, without Luigi's slow walk of the class."""
+    cls = type(task)
+    spec = _param_specs.get(cls)
+    if spec is None:
+        public = luigi.parameter.ParameterVisibility.PUBLIC
+        spec = _param_specs[cls] = [(n, p) for n, p in cls.get_params() if p.significant and p.visibility == public]
+    return {name: param.serialize(task.param_kwargs[name]) for name, param in spec}
+
+
+def _outputs(task):
+    """``flatten(task.output())``, made once per task and build: each task's outputs are
+    also the inputs of every task that requires it."""
+    build = _active_memo()
+    if build is None:
+        return flatten(task.output())
+    found = build.outputs.get(task.task_id)
+    if found is None:
+        found = build.outputs[task.task_id] = flatten(task.output())
+    return found
+
+
+def _deps_and_inputs(task):
+    """Return ``task.deps()``, ``flatten(task.input())`` and, when both come from
+    ``requires()`` alone, a function giving ``task.input()``.
+
+    ``requires()`` is called once per task and build: it makes every dependency anew,
+    which costs more than a record check, and Luigi would call it three times.
+    """
+    build = _active_memo()
+    known = build.graph.get(task.task_id) if build is not None else None
+    if known is not None:
+        return known
+    cls = type(task)
+    # Past HashCheckingTask's deps() and input(), which answer from this very memo.
+    base = super(HashCheckingTask, task) if isinstance(task, HashCheckingTask) else task
+    find_deps = base.deps if cls.deps is HashCheckingTask.deps else task.deps
+    find_input = base.input if cls.input is HashCheckingTask.input else task.input
+    plain = (getattr(find_deps, "__func__", None), getattr(find_input, "__func__", None)) == (luigi.Task.deps, luigi.Task.input)
+    _finding.add(id(task))  # a deps() or input() of its own may call the other one
+    try:
+        if plain and cls._requires is luigi.Task._requires:
+            # deps() is flatten(requires()) and input() getpaths(requires()); flattening that
+            # gives the same targets in the same order as flattening each dependency's output.
+            # Listed: an iterator in it would serve flatten() once and leave input() nothing.
+            required = _listed(task.requires())
+            deps = flatten(required)
+            found = deps, [target for dep in deps for target in _outputs(dep)], functools.partial(getpaths, required)
+        else:
+            found = find_deps(), flatten(find_input()), None
+    finally:
+        _finding.discard(id(task))
+    if build is not None:
+        build.graph[task.task_id] = found
+    return found
+
+
+def _listed(value):
+    """``value`` with every iterator in it, at any depth, replaced by a list.
+
+    Luigi flattens a yielded value to schedule it and maps it to paths to send back, so an
+    iterator would be spent by the first and give the second, and our record, nothing.
+    Tasks, dicts, lists and tuples that hold no iterator are returned as they are.
+    """
+    if isinstance(value, luigi.DynamicRequirements):
+        listed = _listed(value.requirements)
+        if listed is not value.requirements:
+            value.requirements = listed
+            value._flat_requirements = value._paths = None  # Luigi's caches, made of the iterator
+        return value
+    if value is None or isinstance(value, (luigi.Task, str)):
+        return value
+    if isinstance(value, dict):
+        items = {key: _listed(item) for key, item in value.items()}
+        same = all(items[key] is item for key, item in value.items())
+        return value if same else type(value)(items)
+    if isinstance(value, (list, tuple)):
+        listed = [_listed(item) for item in value]
+        if all(new is old for new, old in zip(listed, value)):
+            return value
+        return type(value)(*listed) if hasattr(value, "_fields") else type(value)(listed)
+    try:
+        items = iter(value)
+    except TypeError:
+        return value  # not a structure: Luigi will say what is wrong with it
+    return [_listed(item) for item in items]
+
+
+def _own_paths(task):
+    """The normalised paths of ``task``'s local outputs, which its folder inputs leave out."""
+    return tuple(_norm(t.path) for t in _outputs(task) if isinstance(t, luigi.LocalTarget))
+
+
+def _excluded(folder, own):
+    """The outputs ``own`` of a task that lie inside its input ``folder``, as sorted relative
+    posix paths, or ().
+
+    They are left out of the folder's digest, or the task's own run() would change its
+    input, and listed in the input's entry, so ``verify`` and ``accept`` leave them out too.
+    Nothing is left out of another task's recorded folder output: no output may lie inside one.
+    """
+    prefix = folder.rstrip(os.sep) + os.sep
+    inside = [path for path in own if path.startswith(prefix)]
+    if not inside or _folder_record(folder) is not None:
+        return ()
+    return tuple(sorted({os.path.relpath(path, folder).replace(os.sep, "/") for path in inside}))
+
+
+def _recorded_paths(task):
+    """The paths of the outputs of ``task``'s dependencies that keep records of their own."""
+    deps = _deps_and_inputs(task)[0]
+    return {_norm(t.path) for dep in deps if _checked(dep) for t in _outputs(dep) if isinstance(t, luigi.LocalTarget)}
+
+
+# The verdicts.
+
+# ok: whether the task is up to date; reason: why not, from _REASONS; deps: the tasks to
+# check next (static, and when ok the recorded dynamic ones); made_ns: when its oldest record
+# was written; inputs: flatten(task.input()); refreshes: (record path, refreshed record, record
+# read) for records whose stat fields a caller may save; hint: an output with no record.
+_Verdict = collections.namedtuple("_Verdict", "ok reason deps made_ns inputs refreshes hint", defaults=((), 0, None, (), None))
+
+
+def _judge(task, settings, cache):
+    """The verdict on ``task``'s own records against its outputs, inputs, parameters and
+    code. Its dependencies are not judged, and nothing is written.
+
+    :param cache: shared by the judgements of one walk (see ``_look``).
+    """
+    if not _checked(task):
+        # Any other task is complete by its own rule.
+        deps = list(task.deps())
+        if task.complete():
+            return _Verdict(True, "", deps)
+        return _Verdict(False, _reason("external" if luigi.worker._is_external(task) else "incomplete"), deps)
+    _counts["record_checks"] += 1
+    deps, inputs, _input = _deps_and_inputs(task)
+    outputs = _outputs(task)
+    if not outputs:
+        warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=4)
+        return _Verdict(False, _reason("no outputs"), deps)
+    _require_hashable(task, outputs + inputs)
+    records = []
+    for output in outputs:
+        if not isinstance(output, luigi.LocalTarget):
+            if not output.exists():
+                return _Verdict(False, _reason("output missing"), deps, inputs=inputs)
+            records.append((output, None, None))
+            continue
+        path = _norm(output.path)
+        record_path = _record_path(path)
+        try:
+            record = _read_record(record_path)
+        except _DamagedRecord as exc:
+            _log_once(
+                key=("damaged", record_path, os.lstat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: damaged record {record_path} ({exc}); {task} will be rebuilt",
+            )
+            return _Verdict(False, _reason("damaged"), deps, inputs=inputs)
+        if record is None:
+            if not os.path.exists(path):  # with a record, _compare finds this out
+                return _Verdict(False, _reason("output missing"), deps, inputs=inputs)
+            return _Verdict(False, _reason("no record"), deps, inputs=inputs, hint=path)
+        records.append((output, path, record))
+    family = task.task_family
+    params = _params(task)
+    code = _fingerprint(type(task))
+    dynamic = {}
+    made_ns = None
+    refreshes = []
+    own = tuple(path for _output, path, _record in records if path is not None)
+    for output, path, record in records:
+        if path is None:  # a third-party HashableTarget: the input hash is all there is
+            pairs = []
+            for index, target in enumerate(inputs):
+                entry = _entry(target, settings.algorithm, None, settings, cache, own=own)
+                if entry is None:
+                    return _Verdict(False, _reason("missing", what="input", name=_name(target, None, index)), deps, inputs=inputs)
+                pairs.append([_name(target, None, index), entry["digest"]])
+            if output.get_current_input_hash() != _input_hash(settings.algorithm, family, params, code, pairs):
+                return _Verdict(False, _reason("input hash"), deps, inputs=inputs)
+            made_ns = 0
+            continue
+        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own)
+        if reason:
+            return _Verdict(False, reason, deps, inputs=inputs)
+        if fresh != record:
+            refreshes.append((_record_path(path), fresh, record))
+        made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
+    return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs, refreshes)
+
+
+def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
+    """Return ``target``'s current entry, or None if it does not exist (see ``_look``);
+    ``own`` holds the normalised paths of the reading task's outputs (see ``_excluded``)."""
+    if isinstance(target, luigi.LocalTarget):
+        path = _norm(target.path)
+        return _look(_LOCAL, path, algorithm, known, settings.trust_mtime, cache, rechecked, _excluded(path, own) if own else ())
+    key = (id(target), algorithm)
+    if key not in cache:
+        entry = None
+        if target.exists():
+            entry = {"kind": "custom", "digest": target.hash_content(), "size": None, "mtime_ns": None, "inode": None, "hashed_ns": time.time_ns()}
+        cache[key] = (target, entry)  # holding the target keeps its id from being reused
+    return cache[key][1]
+
+
+def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own=()):
+    """Compare one output's record with the world; return (reason or None, refreshed record)."""
+    algorithm = record["algorithm"]
+    folder = os.path.dirname(path)
+    change, output = _compare_entry(_LOCAL, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=())
+    if change == "missing":
+        return _reason("output missing"), None
+    if change:
+        return _reason("output modified"), None
+    if record["task"]["family"] != family or record["task"]["params"] != params:
+        return _reason("parameters"), None
+    if record["code"] != code:
+        return _reason("code"), None
+    root = _project_root(folder, settings)
+    names = [_name(target, folder, index, root) for index, target in enumerate(inputs)]
+    if not _same_inputs(names, record["inputs"], folder):
+        if sorted(_norm(os.path.join(folder, n)) for n in names) != sorted(_norm(os.path.join(folder, e["path"])) for e in record["inputs"]):
+            return _reason("inputs"), None
+        # Order stays significant (a run() may concatenate its inputs), but the likely cause
+        # is a requires() built from a set, whose order changes with every interpreter.
         _log_once(
-            key=("hiding", task.task_id),
+            key=("reordered", task.task_family),
             level=logging.WARNING,
-            message=f"luigi_hashcheck: {task} is not a HashCheckingTask and its outputs exist, so Luigi "
-            "will not rebuild the stale tasks below it; make it a HashCheckingTask, or remove its outputs",
+            message=f"luigi_hashcheck: {task} has the same inputs as recorded, in another order, so it "
+            "will run again; if requires() iterates over a set or a dict built from one, sort it",
         )
+        return _reason("reordered"), None
+    inputs_now = []
+    for target, recorded in zip(inputs, record["inputs"]):
+        reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "input", own)
+        if reason:
+            return reason, None
+        inputs_now.append(entry)
+    dynamic_now = []
+    for dep in record["dynamic"]:
+        dep_task = _task_of(dep)
+        if dep_task is None:
+            return _reason("dynamic lost", family=dep["family"]), None
+        targets = flatten(dep_task.output())
+        _require_hashable(dep_task, targets)
+        if not _same_inputs([_name(t, folder, i, root) for i, t in enumerate(targets)], dep["outputs"], folder):
+            return _reason("dynamic outputs", task=dep_task), None
+        entries = []
+        for target, recorded in zip(targets, dep["outputs"]):
+            reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "dynamic input", own)
+            if reason:
+                return reason, None
+            entries.append(entry)
+        dynamic_now.append(dict(dep, outputs=entries))
+        dynamic[dep_task.task_id] = dep_task
+    output_now = _stat_refreshed(record["output"], output)
+    if output_now is record["output"] and all(a is b for a, b in zip(inputs_now, record["inputs"])) and all(
+        a["outputs"] == b["outputs"] for a, b in zip(dynamic_now, record["dynamic"])
+    ):
+        return None, record
+    return None, _remade(record, output=output_now, inputs=inputs_now, dynamic=dynamic_now)
 
 
-def _memo():
-    return _build() or _Memo()
+def _compare_target(target, recorded, algorithm, settings, cache, what, own=()):
+    """Compare an input target with its ``recorded`` entry: (reason or None, refreshed entry)."""
+    if isinstance(target, luigi.LocalTarget):
+        path = _norm(target.path)
+        change, current = _compare_entry(_LOCAL, path, recorded, algorithm, settings.trust_mtime, cache, _excluded(path, own) if own else ())
+    else:
+        current = _entry(target, algorithm, recorded, settings, cache)
+        change = "missing" if current is None else "changed" if current["digest"] != recorded["digest"] else None
+    if change:
+        return _change_reason(change, what, recorded, current), None
+    return None, _stat_refreshed(recorded, current)
+
+
+# The walk.
+
+# verdicts: task_id -> final _Verdict; children: task_id -> the tasks it was walked into;
+# order: the tasks judged, dependencies first; upstream: task_id -> the task_id of the
+# dependency that alone makes it stale.
+_Walk = collections.namedtuple("_Walk", "verdicts children order upstream")
+
+
+def _walk(roots, memo, explore=False):
+    """The one walk: a final verdict for every task reachable from ``roots``, each judged
+    once, with an explicit stack, so a chain thousands of tasks deep needs no recursion.
+
+    Without ``explore``, as a build asks: a task the memo knows is not judged again (but a
+    remembered "incomplete" is, while tasks run), and the tasks below a stale one are left
+    alone, as Luigi schedules those itself. With ``explore``, as explain and adopt ask,
+    every task below is judged. Nothing is written.
+    """
+    settings = memo.settings
+    cache: dict = {}  # one look at each file in this walk
+    own, children, order, known = {}, {}, [], {}
+    stack = [(root, False) for root in reversed(roots)]
+    while stack:
+        task, expanded = stack.pop()
+        tid = task.task_id
+        if expanded:
+            order.append(task)
+            continue
+        if tid in own or tid in known:
+            continue
+        cached = memo.answers.get(tid)
+        if not explore and (cached is True or (cached is False and not memo.running)):
+            known[tid] = cached
+            continue
+        verdict = own[tid] = _judge(task, settings, cache)
+        deps = list(verdict.deps) if verdict.ok or explore else []
+        if not explore and verdict.ok and cached is False and verdict.made_ns >= memo.started_ns:
+            # Luigi scheduled it in this build and its records were written since the build
+            # started: it ran after Luigi saw its dependencies done, so its own records do.
+            deps = []
+        children[tid] = deps
+        stack.append((task, True))
+        stack.extend((dep, False) for dep in reversed(deps))
+    bad = {tid for tid, verdict in own.items() if not verdict.ok} | {tid for tid, ok in known.items() if not ok}
+    upstream = _settle({tid: [dep.task_id for dep in deps] for tid, deps in children.items()}, bad)
+    verdicts = {}
+    for tid, verdict in own.items():
+        if tid in upstream:
+            dep = next(d for d in children[tid] if d.task_id == upstream[tid])
+            verdict = verdict._replace(ok=False, reason=_reason("upstream", task=dep))
+        verdicts[tid] = verdict
+    memo.answers.update((tid, verdict.ok) for tid, verdict in verdicts.items())
+    return _Walk(verdicts, children, order, upstream)
+
+
+def _is_complete(root, memo):
+    """The build's question: whether ``root`` and everything below it is up to date. Saves
+    the refreshed stat fields the walk found, and logs what users must hear once."""
+    walk = _walk([root], memo)
+    if memo.inspecting:
+        return memo.answers[root.task_id]
+    by_id = {task.task_id: task for task in walk.order}
+    for tid, verdict in walk.verdicts.items():
+        task = by_id[tid]
+        if not verdict.ok:
+            logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)
+        for record_path, fresh, old in verdict.refreshes:
+            _save_refresh(record_path, fresh, old, memo.settings)
+        if verdict.hint and ("norecord", tid) not in _logged:  # the message looks at the folder
+            _log_once(key=("norecord", tid), level=logging.WARNING, message=_no_record_message(task, verdict.hint))
+        if tid in walk.upstream and not _checked(task):
+            _warn_hiding(task)
+    return memo.answers[root.task_id]
+
+
+def _save_refresh(record_path, fresh, old, settings):
+    """Rewrite a record whose files were touched but not changed, unless another process
+    has rewritten it since it was read."""
+    try:
+        _write_record(record_path, fresh, settings, replacing=old)
+    except HashCheckError as exc:
+        # Only a shortcut is lost: the next check hashes again.
+        logger.warning("luigi_hashcheck: could not refresh %s: %s", record_path, exc)
+
+
+def _warn_hiding(task):
+    """Warn that ``task``, not a HashCheckingTask, hides a stale one below it."""
+    _log_once(
+        key=("hiding", task.task_id),
+        level=logging.WARNING,
+        message=f"luigi_hashcheck: {task} is not a HashCheckingTask and its outputs exist, so Luigi "
+        "will not rebuild the stale tasks below it; make it a HashCheckingTask, or remove its outputs",
+    )
+
+
+def _no_record_message(task, path):
+    """The warning for an output without a record. Plain Luigi may have built it, and then
+    adopt keeps it; or a run() wrote it and then failed, and then adopt would record a
+    partial output as good. A temporary file of an interrupted write beside it, Luigi's or
+    ours, points to the second."""
+    folder, name = os.path.split(path)
+    text = f"luigi_hashcheck: {path} has no record, so {task} will run again and replace it. "
+    luigi_tmp, ours = _interrupted_writes(folder)
+    if name in luigi_tmp or _temporary_prefix(_record_name(name)) in ours:
+        return text + "A temporary file of an interrupted write lies beside it: probably a run that failed left it."
+    return text + (
+        "Either it was built before luigi_hashcheck: to keep such outputs, run `python -m luigi_hashcheck adopt "
+        f"--module {task.task_module} {task.task_family} ...` before building. Or a run that failed left it: then let it run again."
+    )
+
+
+def _interrupted_writes(folder):
+    """The names in ``folder`` that Luigi's temporary files (``NAME-luigi-tmp-N``) lie beside,
+    and how the names of our temporary files in its records folder begin. Listed once per
+    folder and build: a build over outputs without records warns of each one."""
+    build = _active_memo()
+    found = build.leftovers.get(folder) if build is not None else None
+    if found is None:
+        found = (set(), set())
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            found[0].update(e.name.rpartition("-luigi-tmp-")[0] for e in entries if "-luigi-tmp-" in e.name)
+        with contextlib.suppress(OSError), os.scandir(os.path.join(folder, RECORD_DIR)) as entries:
+            # .<record>~<host>~<pid>~<random>.tmp, as _replace names them
+            found[1].update(e.name[:-4].rsplit("~", 3)[0] + "~" for e in entries if e.name.endswith(".tmp") and e.name.count("~") >= 3)
+        if build is not None:
+            build.leftovers[folder] = found
+    return found
+
+
 
 
 ###############################################################################
@@ -1665,23 +1972,22 @@ class _Run:
         self.dynamic = []  # (task, outputs, entries) of each dynamic dependency handed back
 
 
-_running: set[int] = set()  # ids of tasks inside their wrapped run(), so super().run() is not wrapped twice
-
-
 def _before_run(task):
     """Skip run() if the task is now up to date; otherwise clear its stale outputs and
     snapshot its inputs. Return the snapshot, or None to skip."""
     memo = _memo()
     settings = memo.settings
-    verdict = _check_own(task, settings)
-    if verdict.ok and all(_is_complete(dep, memo, settings) for dep in verdict.deps):
+    verdict = _judge(task, settings, {})
+    if verdict.ok and all(_is_complete(dep, memo) for dep in verdict.deps):
         # Its upstream reran and made byte-identical outputs ("early cutoff").
         logger.info("luigi_hashcheck: %s is up to date, its inputs did not change; skipping run()", task)
         memo.answers[task.task_id] = True
+        for record_path, fresh, old in verdict.refreshes:
+            _save_refresh(record_path, fresh, old, settings)
         _confirm(task, settings)
         return None
     inputs = verdict.inputs if verdict.inputs is not None else _deps_and_inputs(task)[1]
-    cache = {}
+    cache: dict = {}
     entries = []
     own = _own_paths(task)
     for index, target in enumerate(inputs):
@@ -1697,10 +2003,7 @@ def _before_run(task):
             path = _norm(output.path)
             if os.path.lexists(path):
                 logger.info("luigi_hashcheck: removing stale output %s of %s before it reruns", path, task)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
+                _LOCAL.remove_output(path)
             _remove_record(_record_path(path), settings)
         elif output.exists() and callable(getattr(output, "remove", None)):
             output.remove()
@@ -1771,7 +2074,7 @@ def _confirm(task, settings):
     """Date the records of a task found up to date at run time, as if just written.
 
     Forked workers do not share their memos; a fresh ``created_ns`` lets their checks
-    take the records on trust (see _is_complete) instead of walking everything below.
+    take the records on trust (see _walk) instead of walking everything below.
     """
     for output in _outputs(task):
         if isinstance(output, luigi.LocalTarget):
@@ -1779,7 +2082,7 @@ def _confirm(task, settings):
             try:
                 record = _read_record(record_path)
                 if record:
-                    _write_record(record_path, dict(record, created_ns=time.time_ns()), settings, replacing=record)
+                    _write_record(record_path, _remade(record, created_ns=time.time_ns()), settings, replacing=record)
             except (_DamagedRecord, HashCheckError) as exc:
                 logger.warning("luigi_hashcheck: could not confirm %s: %s", record_path, exc)
 
@@ -1821,14 +2124,14 @@ def _after_run(task, state):
     # next check skip hashing it.
     rest = iter(after[len(state.inputs):])
     dynamic = [(dep, targets, [next(rest) for _ in targets]) for dep, targets, _entries in state.dynamic]
-    written = _record(task, settings, state.inputs, after[: len(state.inputs)], dynamic)
+    written = _write_records(task, settings, state.inputs, after[: len(state.inputs)], dynamic)
     # Complete only with a record for every output: check_complete_on_run must see a
     # missing output as plain Luigi would.
     if len(written) == len(_outputs(task)):
         _memo().answers[task.task_id] = True
 
 
-def _record(task, settings, inputs, entries, dynamic):
+def _write_records(task, settings, inputs, entries, dynamic):
     """Write the records of ``task``'s existing outputs; return the paths of those written.
 
     :param inputs: the input targets, in ``flatten(task.input())`` order.
@@ -1866,22 +2169,11 @@ def _record(task, settings, inputs, entries, dynamic):
             }
             for dep, targets, dep_entries in dynamic
         ]
-        pairs = _pairs(named_inputs, named_dynamic)
         output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
-        record = {
-            "format": _FORMAT,
-            "algorithm": algorithm,
-            "created_ns": time.time_ns(),
-            "task": {"family": family, "params": params},
-            "code": code,
-            "input_hash": _input_hash(algorithm, family, params, code, pairs),
-            "output": output_entry,
-            "inputs": named_inputs,
-            "dynamic": named_dynamic,
-        }
+        record = _make_record(algorithm, family, params, code, output_entry, named_inputs, named_dynamic)
         _write_record(_record_path(path), record, settings)
         written.append(path)
-        if output_entry["kind"] == "dir" and (build := _build()) is not None:
+        if output_entry["kind"] == "dir" and (build := _active_memo()) is not None:
             build.unnested.clear()  # an output found outside folder outputs may now be inside one
     return written
 
@@ -1895,7 +2187,7 @@ def _check_not_nested(path, task=None, settings=None):
     """
     # Once per folder and build: _record forgets these folders whenever it writes the
     # record of a folder output.
-    build = _build()
+    build = _active_memo()
     if build is not None and os.path.dirname(path) in build.unnested:
         return
     inner = path
@@ -1945,37 +2237,6 @@ def _drive(task, generator, state):
         # Luigi sends the paths back only once these dependencies are complete.
         _snapshot_dynamic(task, requirement, state)
     _after_run(task, state)
-
-
-def _listed(value):
-    """``value`` with every iterator in it, at any depth, replaced by a list.
-
-    Luigi flattens a yielded value to schedule it and maps it to paths to send back, so an
-    iterator would be spent by the first and give the second, and our record, nothing.
-    Tasks, dicts, lists and tuples that hold no iterator are returned as they are.
-    """
-    if isinstance(value, luigi.DynamicRequirements):
-        listed = _listed(value.requirements)
-        if listed is not value.requirements:
-            value.requirements = listed
-            value._flat_requirements = value._paths = None  # Luigi's caches, made of the iterator
-        return value
-    if value is None or isinstance(value, (luigi.Task, str)):
-        return value
-    if isinstance(value, dict):
-        items = {key: _listed(item) for key, item in value.items()}
-        same = all(items[key] is item for key, item in value.items())
-        return value if same else type(value)(items)
-    if isinstance(value, (list, tuple)):
-        listed = [_listed(item) for item in value]
-        if all(new is old for new, old in zip(listed, value)):
-            return value
-        return type(value)(*listed) if hasattr(value, "_fields") else type(value)(listed)
-    try:
-        items = iter(value)
-    except TypeError:
-        return value  # not a structure: Luigi will say what is wrong with it
-    return [_listed(item) for item in items]
 
 
 def _wrap_run(run):
@@ -2035,25 +2296,26 @@ class HashCheckingTask(luigi.Task):
         depends on, recursively, is complete too."""
         if luigi.worker._is_external(self):  # data made outside Luigi: it has no record
             return super().complete()
-        memo = _memo()
-        return _is_complete(self, memo, memo.settings)
+        return _is_complete(self, _memo())
 
     def deps(self) -> list:
         """As ``luigi.Task.deps()``; within one build, from the one call to ``requires()``
         made for the checks (Luigi asks again before ``run()``)."""
-        if _build() is None or type(self).deps is not HashCheckingTask.deps or id(self) in _finding:
+        if _active_memo() is None or type(self).deps is not HashCheckingTask.deps or id(self) in _finding:
             return super().deps()
         return list(_deps_and_inputs(self)[0])
 
     def input(self):
         """As ``luigi.Task.input()``; within one build, from the one call to ``requires()``
         made for the checks."""
-        ours = _build() is not None and type(self).input is HashCheckingTask.input and id(self) not in _finding
+        ours = _active_memo() is not None and type(self).input is HashCheckingTask.input and id(self) not in _finding
         paths = _deps_and_inputs(self)[2] if ours else None
         return super().input() if paths is None else paths()
 
 
 TaskWithCheckingInputHash = HashCheckingTask
+
+
 
 
 ###############################################################################
@@ -2108,32 +2370,19 @@ def _find_records(paths):
     return list(dict.fromkeys(found))
 
 
-def _output_of(record_path):
-    """The output a record file belongs to. A shortened record name keeps only a prefix of
-    the output's name; the record holds the full one."""
-    records, name = os.path.split(record_path)
-    folder = os.path.dirname(records)
-    if _is_shortened(name):
-        try:
-            record = _read_record(record_path)
-        except (_DamagedRecord, OSError):
-            record = None
-        if record:
-            output = os.path.join(folder, record["output"]["path"])
-            # Only a name that leads back to this very record: a record is data, not a pointer.
-            if _record_path(_norm(output)) == _norm(record_path):
-                return output
-    return os.path.join(folder, name[: -len(".json")])
-
-
 class _Verification:
-    """verify's view of the records: each one's status and reason, staleness propagated."""
+    """verify's view of the records: each one's status and reason, staleness propagated.
+
+    It has no pipeline code, so it walks records, not tasks; it judges each entry with the
+    build's own comparison (_compare_entry) and upstream staleness with its rule (_settle).
+    """
 
     def __init__(self, trust_mtime, progress=None):
         self.trust_mtime = trust_mtime
         self.progress = progress
         self.results = {}  # record path -> (status, reason, record or None)
         self.unrecorded = {}  # record path -> output, for the outputs whose record is gone
+        self.cache = {}  # one look at each file, as an output and as an input
 
     def own(self, record_path):
         """Check one record against the files alone, not its upstream."""
@@ -2142,11 +2391,11 @@ class _Verification:
         try:
             record = _read_record(record_path)
         except _DamagedRecord as exc:
-            result = ("corrupt", f"record damaged: {exc}", None)
+            result = ("corrupt", _reason("record damaged", error=exc), None)
         except OSError as exc:
-            result = ("corrupt", f"record unreadable: {exc.strerror or exc}", None)
+            result = ("corrupt", _reason("record unreadable", error=exc.strerror or exc), None)
         else:
-            result = self._check(record_path, record) if record else ("corrupt", "record vanished", None)
+            result = self._check(record_path, record) if record else ("corrupt", _reason("record vanished"), None)
         self.results[record_path] = result
         if self.progress:
             self.progress(len(self.results))
@@ -2156,32 +2405,32 @@ class _Verification:
         output = _output_of(record_path)
         folder = os.path.dirname(output)
         algorithm = record["algorithm"]
-        status = self._entry_status(output, record["output"], algorithm)
-        if status == "missing":
-            return ("missing", "output missing", record)
-        if status:
-            return ("modified", f"output modified ({status})", record)
+        change, detail = self._compare(output, record["output"], algorithm)
+        if change == "missing":
+            return ("missing", _reason("output missing"), record)
+        if change:
+            return ("modified", _reason("output changed", change=detail), record)
         for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
-            problem = self._entry_status(os.path.join(folder, entry["path"]), entry, algorithm)
-            if problem:
-                return ("stale", f"input {entry['path']} {'is missing' if problem == 'missing' else problem}", record)
+            change, detail = self._compare(os.path.join(folder, entry["path"]), entry, algorithm)
+            if change:
+                return ("stale", f"input {entry['path']} {detail}", record)
         return ("ok", "", record)
 
-    def _entry_status(self, path, entry, algorithm):
-        """None if ``path`` still matches ``entry``; else "missing" or what changed."""
+    def _compare(self, path, entry, algorithm):
+        """(change, what changed) for the ``entry`` of ``path``, by the build's comparison."""
         if entry["kind"] == "custom":
-            return None  # a third-party target: only the pipeline can hash it
+            return None, None  # a third-party target: only the pipeline can hash it
         try:
-            current = _digest(_norm(path), algorithm, entry, self.trust_mtime, excluded=tuple(entry.get("excluded", ())))
-        except FileNotFoundError:
-            return "missing"
+            change, current = _compare_entry(_LOCAL, _norm(path), entry, algorithm, self.trust_mtime, self.cache)
         except HashCheckError:
-            return "is not a regular file or directory"
+            return "unhashable", "is not a regular file or directory"
         except (OSError, ValueError) as exc:
-            return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
-        if current["digest"] != entry["digest"]:
-            return f"changed ({entry['digest'][:8]} -> {current['digest'][:8]})"
-        return None
+            return "unreadable", f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        if change == "missing":
+            return change, "is missing"
+        if change:
+            return change, f"changed ({entry['digest'][:8]} -> {current['digest'][:8]})"
+        return None, None
 
     def run(self, record_paths):
         """Check ``record_paths`` and every record upstream of them; return their results,
@@ -2191,7 +2440,7 @@ class _Verification:
         seen = set(todo)
         while todo:
             record_path = todo.pop()
-            _status, _reason, record = self.own(record_path)
+            _status, _reason_text, record = self.own(record_path)
             upstream[record_path] = []
             if record is None:
                 continue
@@ -2213,24 +2462,17 @@ class _Verification:
                     upstream[record_path].append(source)
                     if source not in self.results:
                         output = _norm(os.path.join(folder, entry["path"]))
-                        reason = f"no record, though {_show(_output_of(record_path))} reads it as a HashCheckingTask's output"
+                        reason = _reason("unrecorded", reader=_show(_output_of(record_path)))
                         self.results[source] = ("unrecorded", reason, None)
                         self.unrecorded[source] = output
-        # Propagate: a record whose input comes from a record that is not ok is stale, as a
-        # rebuild would make it. Each record changes at most once, so this ends, cycles or not.
-        downstream = collections.defaultdict(list)
-        for record_path, sources in upstream.items():
-            for source in sources:
-                downstream[source].append(record_path)
-        bad = [p for p, (status, _, _) in self.results.items() if status != "ok"]
-        while bad:
-            source = bad.pop()
-            for record_path in downstream[source]:
-                status, _reason, record = self.results[record_path]
-                if status == "ok":
-                    reason = f"upstream {_show(self.output_of(source))} is {self.results[source][0]}"
-                    self.results[record_path] = ("stale", reason, record)
-                    bad.append(record_path)
+        # A record whose input comes from a record that is not ok is stale, as a rebuild
+        # would make it: the build's rule.
+        bad = {p for p, (status, _, _) in self.results.items() if status != "ok"}
+        stale = _settle(upstream, bad)
+        for record_path, source in stale.items():
+            status = "stale" if source in stale else self.results[source][0]
+            reason = _reason("record upstream", output=_show(self.output_of(source)), status=status)
+            self.results[record_path] = ("stale", reason, self.results[record_path][2])
         # Records no PATH can name, so they are listed after the ones asked for.
         listed = dict.fromkeys([*record_paths, *self.unrecorded])
         return [(p, *self.results[p][:2]) for p in listed]
@@ -2315,33 +2557,35 @@ def _cmd_accept(args):
             continue
         folder = os.path.dirname(output)
         algorithm = record["algorithm"]
-        changes = []
+        changes: list[str] = []
+        accepted = functools.partial(_accepted, algorithm=algorithm, trust_mtime=settings.trust_mtime, cache={}, changes=changes)
+        now = {}
         try:
-            entries = [(os.path.basename(output), output, record["output"])]
-            entries += [(e["path"], os.path.join(folder, e["path"]), e) for e in record["inputs"]]
-            entries += [(e["path"], os.path.join(folder, e["path"]), e) for dep in record["dynamic"] for e in dep["outputs"]]
-            fresh = {}
-            for name, path, entry in entries:
-                if entry["kind"] == "custom":
-                    raise HashCheckError(f"{name} is a third-party target; only a build can hash it")
-                current = {**entry, **_digest(_norm(path), algorithm, entry, settings.trust_mtime, excluded=tuple(entry.get("excluded", ()))), "path": entry["path"]}
-                if current["digest"] != entry["digest"]:
-                    changes.append(f"{name} {entry['digest'][:8]} -> {current['digest'][:8]}")
-                fresh[id(entry)] = current
+            now["output"] = accepted(os.path.basename(output), output, record["output"])
+            now["inputs"] = [accepted(e["path"], os.path.join(folder, e["path"]), e) for e in record["inputs"]]
+            now["dynamic"] = [
+                dict(dep, outputs=[accepted(e["path"], os.path.join(folder, e["path"]), e) for e in dep["outputs"]]) for dep in record["dynamic"]
+            ]
         except (OSError, ValueError, HashCheckError) as exc:
             print(f"cannot accept {_show(output)}: {getattr(exc, 'strerror', None) or exc}")
             failed += 1
             continue
-        record["output"] = fresh[id(record["output"])]
-        record["inputs"] = [fresh[id(e)] for e in record["inputs"]]
-        for dep in record["dynamic"]:
-            dep["outputs"] = [fresh[id(e)] for e in dep["outputs"]]
-        pairs = _pairs(record["inputs"], record["dynamic"])
-        record["input_hash"] = _input_hash(algorithm, record["task"]["family"], record["task"]["params"], record["code"], pairs)
-        record["created_ns"] = time.time_ns()
-        _write_record(record_path, record, settings)
+        _write_record(record_path, _remade(record, created_ns=time.time_ns(), **now), settings)
         print(f"accepted {_show(output)}: " + ("; ".join(changes) if changes else "no digest changed"))
     return 1 if failed else 0
+
+
+def _accepted(name, path, entry, algorithm, trust_mtime, cache, changes):
+    """The ``entry`` of ``path`` as found now, by the build's comparison, with the keys the
+    record gave it; what changed is added to ``changes``."""
+    if entry["kind"] == "custom":
+        raise HashCheckError(f"{name} is a third-party target; only a build can hash it")
+    change, found = _compare_entry(_LOCAL, _norm(path), entry, algorithm, trust_mtime, cache)
+    if change == "missing":
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    if change:
+        changes.append(f"{name} {entry['digest'][:8]} -> {found['digest'][:8]}")
+    return {**entry, **found, "path": entry["path"]}
 
 
 @contextlib.contextmanager
@@ -2365,69 +2609,40 @@ def _luigi_task(luigi_args):
         yield task
 
 
-def _walk(root, settings):
-    """Judge ``root`` and every task below it, as a build would; run and write nothing.
-
-    :returns: (tasks in post-order, task_id -> (status, reason), task_id -> dependencies).
-    """
-    own, children, verdicts, order = {}, {}, {}, []
-    stack = [(root, False)]
-    while stack:
-        task, expanded = stack.pop()
-        tid = task.task_id
-        if expanded:
-            if tid not in verdicts:
-                status, reason = own[tid]
-                upstream = next((d for d in children[tid] if verdicts[d.task_id][0] != "ok"), None)
-                if status == "ok" and upstream is not None:
-                    status, reason = "will run", f"upstream task {upstream} will run"
-                verdicts[tid] = (status, reason)
-                order.append(task)
-            continue
-        if tid in own:
-            continue
-        if _checked(task):
-            verdict = _check_own(task, settings)
-            children[tid] = verdict.deps if verdict.ok else list(task.deps())
-            own[tid] = ("ok", "") if verdict.ok else ("will run", verdict.reason)
-        else:
-            children[tid] = list(task.deps())
-            if task.complete():
-                own[tid] = ("ok", "")
-            elif task.run is None:  # an ExternalTask, as luigi.worker._is_external says
-                own[tid] = ("missing", "external data missing")
-            else:
-                own[tid] = ("will run", "incomplete")
-        stack.append((task, True))
-        stack.extend((child, False) for child in reversed(children[tid]))
-    return order, verdicts, children
+def _status(task, verdict):
+    """How explain shows a verdict: ok, missing (external data) or will run."""
+    if verdict.ok:
+        return "ok"
+    return "missing" if verdict.reason == _reason("external") else "will run"
 
 
 def _cmd_explain(args):
-    with _luigi_task(args.luigi_args) as root, _inspection():
+    with _luigi_task(args.luigi_args) as root:
         return _explain(root, _settings())
 
 
 def _explain(root, settings):
-    _order, verdicts, deps = _walk(root, settings)
+    """Print the tree below ``root`` with each task's verdict, from the build's own walk."""
+    with _inspection(settings) as memo:
+        walk = _walk([root], memo, explore=True)
     printed = set()
     stack = [(root, 0)]
     while stack:
         task, depth = stack.pop()
-        status, reason = verdicts[task.task_id]
+        verdict = walk.verdicts[task.task_id]
         again = task.task_id in printed
-        line = f"{'  ' * min(depth, 40)}{status:<9} {task}"
+        line = f"{'  ' * min(depth, 40)}{_status(task, verdict):<9} {task}"
         if again:
             line += " (see above)"
-        elif reason:
-            line += f": {reason}"
+        elif verdict.reason:
+            line += f": {verdict.reason}"
         print(line)
         if not again:
             printed.add(task.task_id)
-            stack.extend((child, depth + 1) for child in reversed(deps[task.task_id]))
-    counts = collections.Counter(status for status, _ in verdicts.values())
-    print(f"{len(verdicts)} tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return 0 if counts["ok"] == len(verdicts) else 1
+            stack.extend((child, depth + 1) for child in reversed(walk.children[task.task_id]))
+    counts = collections.Counter(_status(task, walk.verdicts[task.task_id]) for task in walk.order)
+    print(f"{len(walk.verdicts)} tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0 if counts["ok"] == len(walk.verdicts) else 1
 
 
 def _cmd_adopt(args):
@@ -2436,20 +2651,18 @@ def _cmd_adopt(args):
 
 
 def _adopt(root, settings, dry_run):
-    with _inspection():
-        order, verdicts, _deps = _walk(root, settings)
+    """Record the existing outputs of the tasks the walk finds stale in themselves."""
+    with _inspection(settings) as memo:
+        walk = _walk([root], memo, explore=True)
     left = 0
     verb = "would record" if dry_run else "recorded"
-    for task in order:  # dependencies first
-        if not _checked(task) or verdicts[task.task_id][0] == "ok":
-            continue
-        with _inspection():
-            verdict = _check_own(task, settings)
-        if verdict.ok:
-            continue  # stale only through an upstream task, which is adopted before it
+    for task in walk.order:  # dependencies first
+        verdict = walk.verdicts[task.task_id]
+        if not _checked(task) or verdict.ok or task.task_id in walk.upstream:
+            continue  # up to date, or stale only through an upstream task, adopted before it
         missing = [t for t in flatten(task.output()) if not t.exists()]
         inputs = flatten(task.input())
-        cache = {}
+        cache: dict = {}
         own = _own_paths(task)
         entries = [_entry(t, settings.algorithm, None, settings, cache, own=own) for t in inputs]
         if missing or None in entries:
@@ -2463,9 +2676,9 @@ def _adopt(root, settings, dry_run):
             left += 1
             continue
         if dry_run:
-            print(f"{verb} {task}: {verdicts[task.task_id][1]}")
+            print(f"{verb} {task}: {verdict.reason}")
             continue
-        written = _record(task, settings, inputs, entries, dynamic)
+        written = _write_records(task, settings, inputs, entries, dynamic)
         print(f"{verb} {task}: " + ", ".join(_show(p) for p in written))
     return 1 if left else 0
 
@@ -2491,7 +2704,7 @@ def _recorded_dynamic(task, settings, cache):
             return None
         found = []
         for dep in record["dynamic"]:
-            dep_task = _rebuild(dep)
+            dep_task = _task_of(dep)
             if dep_task is None:
                 return None
             targets = flatten(dep_task.output())
@@ -2619,6 +2832,3 @@ else:
             pass  # EPERM: alive, and someone else's
         return True
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2880,7 +2880,7 @@ def test_a_build_in_another_thread_leaves_this_one_alone(root, config):
     thread.start()
     try:
         assert gates[root][0].wait(30)
-        assert hc._build() is None  # that thread's build, not this thread's
+        assert hc._active_memo() is None  # that thread's build, not this thread's
         assert not Upper(root).complete()
     finally:
         gates[root][1].set()
@@ -3055,15 +3055,15 @@ def test_adopt_leaves_a_task_with_dynamic_dependencies_alone(tmp_path, monkeypat
 
 
 def counting_checks(monkeypatch, log):
-    """Count _check_own calls in this process and in forked workers, through a file."""
-    real = hc._check_own
+    """Count the judgements of tasks in this process and in forked workers, through a file."""
+    real = hc._judge
 
-    def counted(task, settings, cache=None):
+    def counted(task, settings, cache):
         with open(log, "a") as f:
             f.write("x")
         return real(task, settings, cache)
 
-    monkeypatch.setattr(hc, "_check_own", counted)
+    monkeypatch.setattr(hc, "_judge", counted)
 
 
 def test_early_cutoff_with_forked_workers_stays_linear(tmp_path, monkeypatch):

@@ -284,7 +284,7 @@ import luigi_hashcheck as hc
 path, rounds = {path!r}, {rounds}
 def threaded():
     hc._digest_cache.clear()
-    return hc._digest_dir(path, "sha256", trust_mtime=False)["digest"]
+    return hc._digest(path, "sha256", trust_mtime=False)["digest"]
 def single():
     hc._digest_cache.clear()
     h = hashlib.sha256()
