@@ -879,7 +879,7 @@ def _fallback_text(obj, name):
 def _module_text(module):
     members = tuple(
         value
-        for _name, value in sorted(vars(module).items())
+        for _key, value in sorted(vars(module).items())
         if (inspect.isfunction(value) or inspect.isclass(value)) and getattr(value, "__module__", None) == module.__name__
     ) + (getattr(module, "__spec__", None),)  # reload() finds the spec anew, too
     known = _module_texts.get(module)
@@ -1735,7 +1735,7 @@ def _judge(task, settings, cache):
         reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own)
         if reason:
             return _Verdict(False, reason, deps, inputs=inputs)
-        if fresh != record:
+        if fresh is not record:
             refreshes.append((_record_path(path), fresh, record))
         made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs, refreshes)
@@ -2609,7 +2609,7 @@ def _luigi_task(luigi_args):
         yield task
 
 
-def _status(task, verdict):
+def _status(verdict):
     """How explain shows a verdict: ok, missing (external data) or will run."""
     if verdict.ok:
         return "ok"
@@ -2631,7 +2631,7 @@ def _explain(root, settings):
         task, depth = stack.pop()
         verdict = walk.verdicts[task.task_id]
         again = task.task_id in printed
-        line = f"{'  ' * min(depth, 40)}{_status(task, verdict):<9} {task}"
+        line = f"{'  ' * min(depth, 40)}{_status(verdict):<9} {task}"
         if again:
             line += " (see above)"
         elif verdict.reason:
@@ -2640,7 +2640,7 @@ def _explain(root, settings):
         if not again:
             printed.add(task.task_id)
             stack.extend((child, depth + 1) for child in reversed(walk.children[task.task_id]))
-    counts = collections.Counter(_status(task, walk.verdicts[task.task_id]) for task in walk.order)
+    counts = collections.Counter(_status(walk.verdicts[task.task_id]) for task in walk.order)
     print(f"{len(walk.verdicts)} tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0 if counts["ok"] == len(walk.verdicts) else 1
 
