@@ -2089,7 +2089,8 @@ def _confirm(task, settings):
 
 def _snapshot_dynamic(task, requirement, state):
     """Digest the outputs of the dynamic dependencies Luigi has just found complete."""
-    if isinstance(requirement, luigi.DynamicRequirements):
+    # luigi.DynamicRequirements came with Luigi 3.2.0; an older run() cannot yield one.
+    if isinstance(requirement, getattr(luigi, "DynamicRequirements", ())):
         deps = requirement.flat_requirements
     else:
         deps = flatten(requirement)
