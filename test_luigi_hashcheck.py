@@ -3525,6 +3525,16 @@ def test_readme_test_command_is_what_ci_runs():
     assert command in readme and command in ci
 
 
+def test_luigi_floor_is_what_ci_tests():
+    # setup.cfg promises the floor and .ci/run's oldest run proves it; neither may move alone.
+    setup = read(os.path.join(HERE, "setup.cfg"))
+    ci = read(os.path.join(HERE, ".ci", "run"))
+    floors = [line.strip()[len("luigi>="):] for line in setup.splitlines() if line.strip().startswith("luigi>=")]
+    tested = [line.split("=", 1)[1].split()[0] for line in ci.splitlines() if line.startswith("luigi_oldest=")]
+    assert len(floors) == 1 and floors == tested, (floors, tested)
+    assert "suite_run $py310 $luigi_oldest" in ci
+
+
 def test_benchmark_quick_mode_runs(tmp_path):
     # Timing is the benchmark's business; the test only keeps the script from rotting.
     result = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "bench.py"), "--quick"],
