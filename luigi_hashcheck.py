@@ -1605,6 +1605,10 @@ def _deps_and_inputs(task):
     return found
 
 
+# luigi.DynamicRequirements came with Luigi 3.2.0; an older run() cannot yield one.
+_DYNAMIC_REQUIREMENTS = getattr(luigi, "DynamicRequirements", ())
+
+
 def _listed(value):
     """``value`` with every iterator in it, at any depth, replaced by a list.
 
@@ -1612,7 +1616,7 @@ def _listed(value):
     iterator would be spent by the first and give the second, and our record, nothing.
     Tasks, dicts, lists and tuples that hold no iterator are returned as they are.
     """
-    if isinstance(value, luigi.DynamicRequirements):
+    if isinstance(value, _DYNAMIC_REQUIREMENTS):
         listed = _listed(value.requirements)
         if listed is not value.requirements:
             value.requirements = listed
@@ -2089,8 +2093,7 @@ def _confirm(task, settings):
 
 def _snapshot_dynamic(task, requirement, state):
     """Digest the outputs of the dynamic dependencies Luigi has just found complete."""
-    # luigi.DynamicRequirements came with Luigi 3.2.0; an older run() cannot yield one.
-    if isinstance(requirement, getattr(luigi, "DynamicRequirements", ())):
+    if isinstance(requirement, _DYNAMIC_REQUIREMENTS):
         deps = requirement.flat_requirements
     else:
         deps = flatten(requirement)
