@@ -104,9 +104,6 @@ logger = logging.getLogger("luigi-interface")
 RECORD_DIR = ".luigi_hashes"
 _FORMAT = 1
 _BLOCK = 1 << 20
-# A file rewritten within one timestamp tick keeps its mtime (SCons issue #2760), so a
-# digest only vouches for a stat taken at least this long after the file's mtime.
-_TICK_NS = 2_000_000_000
 _MAX_RECORD_BYTES = 256 << 20  # a folder of a million files lists them all
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -1403,7 +1400,7 @@ _REASONS = {
     "inputs": "inputs changed",
     "reordered": "inputs reordered",
     "missing": "{what} {name} is missing",
-    "changed": "{what} {name} changed ({old} -> {new})",
+    "changed": "{what} {name} changed ({digests})",
     "excluded": "{what} {name} changed (the outputs left out of it)",
     "input hash": "input hash changed",
     "dynamic lost": "dynamic dependency {family} cannot be rebuilt",
@@ -1464,10 +1461,15 @@ def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=N
     return None, current
 
 
+def _digests(recorded, current):
+    """What a changed digest looks like in every message: ``old -> new``, eight digits each."""
+    return f"{recorded['digest'][:8]} -> {current['digest'][:8]}"
+
+
 def _change_reason(change, what, recorded, current):
     """The reason for a ``change`` that _compare_entry found in the input ``recorded``."""
     if change == "changed":
-        return _reason("changed", what=what, name=recorded["path"], old=recorded["digest"][:8], new=current["digest"][:8])
+        return _reason("changed", what=what, name=recorded["path"], digests=_digests(recorded, current))
     return _reason(change, what=what, name=recorded["path"])
 
 
@@ -2433,7 +2435,7 @@ class _Verification:
         if change == "missing":
             return change, "is missing"
         if change:
-            return change, f"changed ({entry['digest'][:8]} -> {current['digest'][:8]})"
+            return change, f"changed ({_digests(entry, current)})"
         return None, None
 
     def run(self, record_paths):
@@ -2588,7 +2590,7 @@ def _accepted(name, path, entry, algorithm, trust_mtime, cache, changes):
     if change == "missing":
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     if change:
-        changes.append(f"{name} {entry['digest'][:8]} -> {found['digest'][:8]}")
+        changes.append(f"{name} {_digests(entry, found)}")
     return {**entry, **found, "path": entry["path"]}
 
 

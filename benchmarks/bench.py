@@ -396,7 +396,11 @@ def fig_against(scratch, p, old):
     def fresh_root(side):
         root = tempfile.mkdtemp(prefix=f"against-{side}-", dir=scratch)  # deleted at the end only
         for i in range(p["width"]):
-            os.link(os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin"))
+            seed, link = os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin")
+            try:
+                os.link(seed, link)
+            except OSError:  # no hard links here
+                shutil.copy2(seed, link)
         return root
 
     full = abba(
