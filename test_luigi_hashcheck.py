@@ -3122,6 +3122,509 @@ def test_verify_shows_progress_only_on_a_terminal(monkeypatch, capsys):
 
 
 ###############################################################################
+# Differential test ###########################################################
+###############################################################################
+
+# Edit kinds today's code is known to get wrong (issue 10): dynamic dependencies yielded as
+# iterators are recorded as empty (finding 1), and a reloaded helper module or a code_version
+# changed at run time goes unseen in the same process (finding 3). Each is left out of the
+# random pipelines and edits while it is listed here, so the rest runs green. REMOVE each one
+# when its fix lands; the test covers all of them once this set is empty.
+_KNOWN_BUGS = {"iterator_dynamic", "inprocess_reload", "inprocess_code_version", "dynamic_dependency_parameter"}
+# "dynamic_dependency_parameter" is not in issue 10; this test found it. A task that is only
+# ever a dynamic dependency, and whose parameter changes from outside its parent ([T] k in
+# luigi.cfg, --T-k), is rebuilt from the parent's record with the old value, which matches its
+# old record, so neither it nor the parent reruns. While listed, the task with the parameter
+# is never a dynamic dependency.
+
+# How a task turns its inputs' text into its output. The last three keep the output
+# byte-identical for many input edits, so early cutoff is exercised.
+_DIFF_FUNCTIONS = {
+    "upper": "text = text.upper()",
+    "reverse": "text = text[::-1]",
+    "count": "text = str(len(text.splitlines())) + '\\n'",
+    "first": "text = (text.splitlines(True) or ['\\n'])[0]",
+    "sorted": "text = ''.join(sorted(set(text.splitlines(True))))",
+}
+
+# How run() yields its dynamic dependencies (the list ``dynamic``); the last three are iterators.
+_DIFF_YIELDS = {
+    "list": ["yield dynamic"],
+    "tuple": ["yield tuple(dynamic)"],
+    "dict": ["yield {str(i): d for i, d in enumerate(dynamic)}"],
+    "one_by_one": ["yield dynamic[0]", "yield dynamic[1:]"],
+    "generator": ["yield (d for d in dynamic)"],
+    "map": ["yield map(_same, dynamic)"],
+    "nested_map": ["yield [map(_same, dynamic)]"],
+}
+_DIFF_ITERATOR_YIELDS = {"generator", "map", "nested_map"}
+
+_DIFF_PREAMBLE = '''
+import os
+
+import luigi
+from luigi.task import flatten
+
+from luigi_hashcheck import HashCheckingTask
+
+import {helper} as helper
+
+NS = {namespace!r}
+
+
+def _note(task):
+    with open(os.path.join(task.root, "runs.log"), "a") as f:
+        f.write(type(task).__name__ + "\\n")
+
+
+def _same(task):
+    return task
+
+
+def _read(targets):
+    """The text of files and folders (their files, in sorted order), concatenated."""
+    parts = []
+    for target in targets:
+        if not os.path.isdir(target.path):
+            parts.append(open(target.path).read())
+            continue
+        for folder, dirs, files in os.walk(target.path):
+            dirs.sort()
+            parts += [open(os.path.join(folder, name)).read() for name in sorted(files)]
+    return "".join(parts)
+
+
+def _emit(target, text, folder):
+    if not folder:
+        with target.open("w") as f:
+            f.write(text)
+        return
+    lines = text.splitlines(True)
+    os.makedirs(os.path.join(target.path, "sub"))
+    with open(os.path.join(target.path, "a.txt"), "w") as f:
+        f.write("".join(lines[: len(lines) // 2]))
+    with open(os.path.join(target.path, "sub", "b.txt"), "w") as f:
+        f.write("".join(lines[len(lines) // 2 :]))
+
+
+class Raw(luigi.ExternalTask):
+    task_namespace = NS
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "raw", self.name))
+'''
+
+
+def _diff_spec(rng):
+    """A random pipeline: raw files and 5-10 tasks reading them and each other."""
+    raws = {f"r{i}.txt": "".join(f"{rng.choice('abcde')}{rng.randint(0, 9)}\n" for _ in range(rng.randint(1, 4))) for i in range(rng.randint(2, 4))}
+    tasks = []
+    for i in range(rng.randint(5, 10)):
+        sources = [("raw", name) for name in raws] + [("task", j) for j in range(i)]
+        picked = rng.sample(sources, min(len(sources), rng.randint(1, 4)))
+        cut = rng.randint(0, len(picked)) if rng.random() < 0.4 else len(picked)
+        dynamic = picked[cut:]
+        style = rng.choice(sorted(_DIFF_YIELDS))
+        if "iterator_dynamic" in _KNOWN_BUGS and style in _DIFF_ITERATOR_YIELDS:
+            style = "list"
+        static = picked[:cut]
+        shapes = ["list", "dict", "nested"] + (["one"] if len(static) == 1 else [])
+        tasks.append(
+            {
+                "static": static,
+                "shape": rng.choice(shapes),
+                "dynamic": dynamic,
+                "style": style,
+                "function": rng.choice(sorted(_DIFF_FUNCTIONS)),
+                "folder": rng.random() < 0.3,
+                "helper": rng.random() < 0.4,
+                "salt": 0,
+                "version": rng.choice([None, 1]),
+            }
+        )
+    tasks[rng.randrange(len(tasks))]["helper"] = True
+    param = rng.randrange(len(tasks))
+    if "dynamic_dependency_parameter" in _KNOWN_BUGS:
+        for task in tasks:
+            if ("task", param) in task["dynamic"]:
+                task["dynamic"].remove(("task", param))
+                task["static"].append(("task", param))
+                task["shape"] = "list" if task["shape"] == "one" else task["shape"]
+    return {"raws": raws, "tasks": tasks, "param": param, "k": 0, "helper": 0}
+
+
+def _diff_source_of(source):
+    kind, name = source
+    return f"Raw(root=self.root, name={name!r})" if kind == "raw" else f"T{name}(root=self.root)"
+
+
+def _diff_module(spec, namespace, helper):
+    """The source text of the pipeline module ``spec`` describes."""
+    lines = [_DIFF_PREAMBLE.format(helper=helper, namespace=namespace)]
+    for i, task in enumerate(spec["tasks"]):
+        deps = [_diff_source_of(s) for s in task["static"]]
+        if task["shape"] == "one":
+            requires = deps[0]
+        elif task["shape"] == "dict":
+            requires = "{" + ", ".join(f"'in{n}': {d}" for n, d in enumerate(deps)) + "}"
+        elif task["shape"] == "nested":
+            requires = "{'head': [" + ", ".join(deps[:1]) + "], 'rest': (" + "".join(d + ", " for d in deps[1:]) + ")}"
+        else:
+            requires = "[" + ", ".join(deps) + "]"
+        name = f"T{i}" if task["folder"] else f"T{i}.txt"
+        body = [
+            "",
+            "",
+            f"class T{i}(HashCheckingTask):",
+            "    task_namespace = NS",
+            "    root = luigi.Parameter()",
+            *(["    k = luigi.IntParameter(default=0)"] if spec["param"] == i else []),
+            f"    code_version = {task['version']!r}",
+            *(["    code_dependencies = (helper,)"] if task["helper"] else []),
+            "",
+            "    def requires(self):",
+            f"        return {requires}",
+            "",
+            "    def output(self):",
+            f"        return luigi.LocalTarget(os.path.join(self.root, 'out', {name!r}))",
+            "",
+            "    def run(self):",
+            "        _note(self)",
+            "        dynamic = [" + ", ".join(_diff_source_of(s) for s in task["dynamic"]) + "]",
+            *(f"        {line}" for line in (_DIFF_YIELDS[task["style"]] if task["dynamic"] else [])),
+            # Read the dynamic dependencies' outputs from the tasks, not from what Luigi sends
+            # back, so a dependency the records lost still changes the output.
+            "        text = _read(flatten(self.input()) + [d.output() for d in dynamic])",
+            f"        {_DIFF_FUNCTIONS[task['function']]}",
+            f"        text += '~salt {task['salt']}\\n'",
+            *(["        text += '~k %d\\n' % self.k"] if spec["param"] == i else []),
+            "        text += '~version %s\\n' % self.code_version",
+            *(["        text = helper.mark(text)"] if task["helper"] else []),
+            f"        _emit(self.output(), text, {task['folder']!r})",
+        ]
+        lines += body
+    sinks = set(range(len(spec["tasks"]))) - {s[1] for t in spec["tasks"] for s in t["static"] + t["dynamic"] if s[0] == "task"}
+    lines += ["", "", "def sinks(root):", "    return [" + ", ".join(f"T{i}(root=root)" for i in sorted(sinks)) + "]", ""]
+    return "\n".join(lines)
+
+
+def _diff_helper(spec):
+    return f"def mark(text):\n    return text + '#helper {spec['helper']}\\n'\n"
+
+
+def _diff_outputs(root):
+    """Every file under ``root``/out but the records: {relative path: bytes}."""
+    found = {}
+    out = os.path.join(root, "out")
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if d != hc.RECORD_DIR]
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, out)] = f.read()
+    return found
+
+
+def _diff_owner(relative):
+    """The task index whose output holds the file ``relative`` (to out/)."""
+    return int(relative.split(os.sep)[0].split(".")[0][1:])
+
+
+# Edits, each with the modes it runs in: "in" builds in this process with the same task
+# instances (as a notebook would), "fresh" in a new interpreter for each build.
+_DIFF_IN_PROCESS_BUGS = {"helper": "inprocess_reload", "code_version": "inprocess_code_version"}
+_DIFF_EDITS = {
+    "raw_changed": {"in", "fresh"},
+    "raw_same_bytes": {"in", "fresh"},
+    "raw_touched": {"in", "fresh"},
+    "output_edited": {"in", "fresh"},
+    "output_deleted": {"in", "fresh"},
+    "record_deleted": {"in", "fresh"},
+    "record_damaged": {"in", "fresh"},
+    "parameter": {"in", "fresh"},
+    "code_version": {"in", "fresh"},
+    "helper": {"in", "fresh"},
+    "code": {"fresh"},  # redefining a class in one process makes Luigi call its family ambiguous
+}
+
+
+class _Differential:
+    """One seeded random pipeline, built after each of a series of random edits; each
+    incremental build is checked against a clean build of the same sources."""
+
+    def __init__(self, seed, mode, folder, set_option, monkeypatch):
+        import random
+
+        self.seed, self.mode, self.folder, self.set_option = seed, mode, str(folder), set_option
+        self.rng = random.Random(f"{seed}-{mode}")
+        self.spec = _diff_spec(self.rng)
+        self.history = []
+        self.tag = f"d{seed}_{mode}_{uuid.uuid4().hex[:8]}"
+        self.namespace = self.tag
+        self.src = os.path.join(self.folder, "src")
+        self.root = os.path.join(self.folder, "build")
+        self.cleans = 0
+        # Python would take an edited file of the same size, in the same second, from its
+        # stale bytecode cache, so never write one.
+        monkeypatch.setattr(sys, "dont_write_bytecode", True)
+        monkeypatch.syspath_prepend(self.src)
+        self.helper_name = f"helper_{self.tag}"
+        self.module_name = f"pipe_{self.tag}"
+        write(os.path.join(self.src, self.helper_name + ".py"), _diff_helper(self.spec))
+        write(os.path.join(self.src, self.module_name + ".py"), self.source())
+        self.options = [("worker", "wait_interval", "0.01"), ("worker", "wait_jitter", "0")]
+        for option in self.options:
+            set_option(*option)
+        self.set_parameter()
+        if mode == "in":
+            self.helper = importlib.import_module(self.helper_name)
+            self.module = load_module(self.src, self.source(), self.module_name)
+        self.write_raws(self.root)
+        self.snapshot = None  # {task index: its output's files} after the last clean build
+
+    def source(self):
+        return _diff_module(self.spec, self.namespace, self.helper_name)
+
+    def set_parameter(self):
+        self.parameter = (f"{self.namespace}.T{self.spec['param']}", "k", str(self.spec["k"]))
+        self.set_option(*self.parameter)
+
+    def write_raws(self, root):
+        for name, text in self.spec["raws"].items():
+            write(os.path.join(root, "raw", name), text)
+
+    # -- the graph ------------------------------------------------------------
+
+    def downstream(self, tasks, raws=()):
+        """``tasks`` and every task that reads one of them or one of ``raws``, however far."""
+        cone = set(tasks)
+        for i, task in enumerate(self.spec["tasks"]):
+            for kind, name in task["static"] + task["dynamic"]:
+                if (kind == "raw" and name in raws) or (kind == "task" and name in cone):
+                    cone.add(i)
+        return cone
+
+    def task_of(self, i):
+        return f"T{i}"
+
+    # -- building -------------------------------------------------------------
+
+    def builds(self, jobs):
+        """Build the sinks for each (root, workers) in ``jobs``, in order, in this process or
+        in one fresh interpreter; return the set of tasks whose run() each build entered."""
+        if self.mode == "in":
+            runs = []
+            for root, workers in jobs:
+                if not build(*self.module.sinks(root), workers=workers):
+                    self.fail(f"luigi.build returned False for {root}")
+                runs.append(ran(root))
+        else:
+            job = {"module": self.module_name, "config": [*self.options, self.parameter], "jobs": jobs}
+            result = run_python(["-c", _DIFF_DRIVER, json.dumps(job)], cwd=self.src, env={"PYTHONDONTWRITEBYTECODE": "1"})
+            if result.returncode != 0:
+                self.fail(f"a build in a fresh interpreter failed:\n{result.stderr[-3000:]}")
+            runs = [ran(os.path.join(root, str(n))) for n, (root, _workers) in enumerate(jobs)]
+        # A generator run() is entered again after Luigi abandons it for new dependencies.
+        return [{int(name[1:]) for name in names} for names in runs]
+
+    def fail(self, message):
+        pytest.fail(
+            f"differential test, seed {self.seed}, mode {self.mode!r} (_KNOWN_BUGS={sorted(_KNOWN_BUGS)}): {message}\n"
+            f"edits so far:\n  " + "\n  ".join(self.history or ["(first build)"]) + f"\nmodule:\n{self.source()}",
+            pytrace=False,
+        )
+
+    def step(self, touched, last=False):
+        """Build incrementally and from clean, then check the three promises.
+
+        :param touched: the tasks the edit changed directly, or None for the first build.
+        """
+        workers = self.rng.choice([1, 1, 1, 2])
+        self.cleans += 1
+        clean = os.path.join(self.folder, f"clean{self.cleans}")
+        self.write_raws(clean)
+        runs, _, again = self.builds([(self.root, workers), (clean, 1), (self.root, 1)])
+        expected, got = _diff_outputs(clean), _diff_outputs(self.root)
+        if got != expected:
+            wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+            self.fail(
+                "outputs differ from a clean build: "
+                + "; ".join(f"{k}: got {got.get(k)!r}, clean build made {expected.get(k)!r}" for k in wrong)
+            )
+        if again:
+            self.fail(f"a second build ran {sorted(again)}")
+        # In fresh mode the second build shares the first one's interpreter; now and then,
+        # and after the last edit, a third one has an interpreter of its own.
+        if self.mode == "fresh" and (last or self.rng.random() < 0.25):
+            (again,) = self.builds([(self.root, 1)])
+            if again:
+                self.fail(f"a build in another fresh interpreter ran {sorted(again)}")
+        snapshot = {}
+        for relative, data in expected.items():
+            snapshot.setdefault(_diff_owner(relative), {})[relative] = data
+        every = set(range(len(self.spec["tasks"])))
+        if touched is None:
+            if runs != every:
+                self.fail(f"the first build ran {sorted(runs)}, not every task")
+        else:
+            direct, raws = touched
+            cone = self.downstream(direct, raws)
+            if runs - cone:
+                self.fail(f"ran {sorted(runs)}: {sorted(runs - cone)} outside the downstream cone {sorted(cone)} of the edit")
+            # Tighter: only a task touched directly, one whose inputs changed, or one with a
+            # dynamic dependency in the cone (it must yield again to see it) may run.
+            changed_raws = set(raws)
+            needed = set(direct)
+            for i, task in enumerate(self.spec["tasks"]):
+                for kind, name in task["static"] + task["dynamic"]:
+                    if kind == "raw" and name in changed_raws:
+                        needed.add(i)
+                    if kind == "task" and snapshot.get(name) != self.snapshot.get(name):
+                        needed.add(i)
+                    if kind == "task" and (kind, name) in task["dynamic"] and name in cone:
+                        needed.add(i)
+            if runs - needed:
+                self.fail(f"ran {sorted(runs)}: {sorted(runs - needed)} though their inputs, parameters and code did not change (early cutoff)")
+        self.snapshot = snapshot
+        shutil.rmtree(clean)
+
+    # -- edits ----------------------------------------------------------------
+
+    def edit(self):
+        """Make one random edit; return (tasks it touched directly, raw files whose bytes changed)."""
+        rng, spec = self.rng, self.spec
+        kinds = sorted(k for k, modes in _DIFF_EDITS.items() if self.mode in modes)
+        if self.mode == "in":
+            kinds = [k for k in kinds if _DIFF_IN_PROCESS_BUGS.get(k) not in _KNOWN_BUGS]
+        kind = rng.choice(kinds)
+        n = len(spec["tasks"])
+        i = rng.randrange(n)
+        raw = rng.choice(sorted(spec["raws"]))
+        raw_path = os.path.join(self.root, "raw", raw)
+        output = os.path.join(self.root, "out", f"T{i}" if spec["tasks"][i]["folder"] else f"T{i}.txt")
+        record = os.path.join(self.root, "out", hc.RECORD_DIR, os.path.basename(output) + ".json")
+        direct, raws, what = set(), set(), ""
+        if kind == "raw_changed":
+            lines = spec["raws"][raw].splitlines(True)
+            how = rng.choice(["append", "last", "first", "duplicate"])
+            if how == "append":
+                lines.append(f"z{rng.randint(0, 99)}\n")
+            elif how == "duplicate":
+                lines.append(rng.choice(lines))
+            else:
+                at = -1 if how == "last" else 0
+                lines[at] = lines[at].rstrip("\n") + "x\n"
+            spec["raws"][raw] = "".join(lines)
+            write(raw_path, spec["raws"][raw])
+            raws, what = {raw}, f"{raw}: {how} -> {spec['raws'][raw]!r}"
+        elif kind == "raw_same_bytes":
+            write(raw_path, spec["raws"][raw])
+            what = raw
+        elif kind == "raw_touched":
+            later = time.time() + rng.choice([0, 5])
+            os.utime(raw_path, (later, later))
+            what = raw
+        elif kind == "output_edited":
+            if spec["tasks"][i]["folder"]:
+                how = rng.choice(["a.txt", os.path.join("sub", "b.txt"), "extra.txt"])
+                write(os.path.join(output, how), "by hand\n")
+                what = f"T{i}/{how}"
+            else:
+                write(output, "by hand\n")
+                what = f"T{i}"
+            direct = {i}
+        elif kind == "output_deleted":
+            if spec["tasks"][i]["folder"]:
+                shutil.rmtree(output)
+            else:
+                os.remove(output)
+            direct, what = {i}, f"T{i}"
+        elif kind == "record_deleted":
+            os.remove(record)
+            direct, what = {i}, f"T{i}"
+        elif kind == "record_damaged":
+            data = read(record)
+            how = rng.choice(["truncated", "empty", "not json"])
+            write(record, {"truncated": data[: len(data) // 2], "empty": "", "not json": "{]"}[how])
+            direct, what = {i}, f"T{i}: {how}"
+        elif kind == "parameter":
+            i = spec["param"]
+            spec["k"] += 1
+            self.set_parameter()
+            direct, what = {i}, f"T{i}.k = {spec['k']}"
+        elif kind == "code_version":
+            task = spec["tasks"][i]
+            task["version"] = (task["version"] or 0) + 1
+            if self.mode == "in":
+                getattr(self.module, f"T{i}").code_version = task["version"]  # as a notebook would, at run time
+            direct, what = {i}, f"T{i}.code_version = {task['version']}"
+        elif kind == "helper":
+            spec["helper"] += 1
+            write(os.path.join(self.src, self.helper_name + ".py"), _diff_helper(spec))
+            if self.mode == "in":
+                importlib.reload(self.helper)
+            direct = {j for j, task in enumerate(spec["tasks"]) if task["helper"]}
+            what = f"mark() now adds '#helper {spec['helper']}', used by {sorted(direct)}"
+        elif kind == "code":
+            spec["tasks"][i]["salt"] += 1
+            direct, what = {i}, f"T{i}.run() now adds '~salt {spec['tasks'][i]['salt']}'"
+        if self.mode == "fresh":
+            write(os.path.join(self.src, self.module_name + ".py"), self.source())
+        self.history.append(f"{kind} {what}".rstrip())
+        return direct, raws
+
+    def run(self, edits):
+        self.step(None)
+        for n in range(edits):
+            self.step(self.edit(), last=n == edits - 1)
+
+
+# Runs the builds of one step in a fresh interpreter; each build's run log is kept as
+# runs.log in a folder named by its place in the job, for the test to read.
+_DIFF_DRIVER = """
+import importlib, json, os, sys
+import luigi, luigi.configuration
+job = json.loads(sys.argv[1])
+parser = luigi.configuration.get_config()
+for section, key, value in job["config"]:
+    if not parser.has_section(section):
+        parser.add_section(section)
+    parser.set(section, key, value)
+module = importlib.import_module(job["module"])
+for n, (root, workers) in enumerate(job["jobs"]):
+    if not luigi.build(module.sinks(root), local_scheduler=True, log_level="WARNING", workers=workers):
+        sys.exit("luigi.build returned False for " + root)
+    os.makedirs(os.path.join(root, str(n)), exist_ok=True)
+    if os.path.exists(os.path.join(root, "runs.log")):
+        os.replace(os.path.join(root, "runs.log"), os.path.join(root, str(n), "runs.log"))
+"""
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_differential_in_process(tmp_path, config, monkeypatch, seed):
+    _Differential(seed, "in", tmp_path, config, monkeypatch).run(edits=8)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_differential_fresh_interpreters(tmp_path, config, monkeypatch, seed):
+    _Differential(seed, "fresh", tmp_path, config, monkeypatch).run(edits=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20, 520))
+def test_differential_in_process_many_seeds(tmp_path, config, monkeypatch, seed):
+    _Differential(seed, "in", tmp_path, config, monkeypatch).run(edits=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(2, 102))
+def test_differential_fresh_interpreters_many_seeds(tmp_path, config, monkeypatch, seed):
+    _Differential(seed, "fresh", tmp_path, config, monkeypatch).run(edits=8)
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
