@@ -1009,22 +1009,31 @@ def _files_problem(value):
     return None
 
 
-def _excluded_problem(value):
-    """What is wrong with a folder input's optional list of ``excluded`` paths, or None."""
+def _names_problem(value):
+    """What is wrong with an optional list of names (``excluded``, ``defaulted``), or None."""
     if type(value) is not list or any(_leaf_problem(item, "str") for item in value):
-        return "excluded: a list of relative paths expected"
+        return "a list of names expected"
     return None
 
 
-def _shape_checker(fields, files=False):
-    """Return a function that says what is wrong with an object of ``fields`` (and of the
-    optional ``files`` and ``excluded`` lists, for folder entries), or None.
+# The optional keys of each shape, and their checks: keys added under format 1, which
+# readers that do not know them ignore.
+_OPTIONAL = {
+    "entry": {"excluded": _names_problem, "files": _files_problem},
+    "dynamic dependency": {"defaulted": _names_problem},
+}
+
+
+def _shape_checker(fields, optional=None):
+    """Return a function that says what is wrong with an object of ``fields`` and of the
+    ``optional`` keys it has, or None.
 
     Made once per shape, with the leaf checks inline: a no-op build reads every record,
     and one function call per field would cost more than reading the record.
     """
     leaves = [(key, kind, *_LEAVES[kind]) for key, kind in fields.items() if kind in _LEAVES]
     inner = [(key, kind) for key, kind in fields.items() if kind not in _LEAVES]
+    optional_items = list((optional or {}).items())
 
     def check(value):
         if type(value) is not dict:
@@ -1039,10 +1048,11 @@ def _shape_checker(fields, files=False):
             problem = _CHECKS[kind](value[key])
             if problem:
                 return f"{key}: {problem}"
-        if files and "excluded" in value and _excluded_problem(value["excluded"]):
-            return _excluded_problem(value["excluded"])
-        if files and "files" in value:
-            return _files_problem(value["files"])
+        for key, item_check in optional_items:
+            if key in value:
+                problem = item_check(value[key])
+                if problem:
+                    return problem if problem.startswith(f"{key}:") else f"{key}: {problem}"
         return None
 
     return check
@@ -1064,7 +1074,7 @@ def _list_checker(kind, item_kind):
 
 # kind -> a function saying what is wrong with a value of that kind, or None.
 _CHECKS: dict[str, collections.abc.Callable[[object], str | None]] = {kind: functools.partial(_leaf_problem, kind=kind) for kind in _LEAVES}
-_CHECKS.update({kind: _shape_checker(fields, files=kind == "entry") for kind, fields in _SHAPES.items()})
+_CHECKS.update({kind: _shape_checker(fields, _OPTIONAL.get(kind)) for kind, fields in _SHAPES.items()})
 _CHECKS.update(
     params=_params_problem,
     entries=_list_checker("entries", "entry"),
@@ -1536,9 +1546,11 @@ def _require_hashable(task, targets):
 
 def _task_of(dep):
     """The task a record names as a dynamic dependency, or None. Never imports anything: a
-    record is data, so only classes the pipeline has already imported are looked up."""
+    record is data, so only classes the pipeline has already imported are looked up. The
+    parameters it had by default get their default of today (see _dynamic_dependency)."""
+    defaulted = dep.get("defaulted", ())
     try:
-        return Register.get_task_cls(dep["family"]).from_str_params(dep["params"])
+        return Register.get_task_cls(dep["family"]).from_str_params({k: v for k, v in dep["params"].items() if k not in defaulted})
     except Exception:  # noqa: BLE001 - unknown class or parameters: the record is stale
         return None
 
@@ -2168,11 +2180,7 @@ def _write_records(task, settings, inputs, entries, dynamic):
         root = _project_root(folder, settings)
         named_inputs = [_named(e, _name(t, folder, i, root), isinstance(t, luigi.LocalTarget) and _norm(t.path) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
         named_dynamic = [
-            {
-                "family": dep.task_family,
-                "params": dep.to_str_params(),  # all but private ones, which may be secrets
-                "outputs": [_named(e, _name(t, folder, i, root), _checked(dep) and isinstance(t, luigi.LocalTarget)) for i, (t, e) in enumerate(zip(targets, dep_entries))],
-            }
+            _dynamic_dependency(dep, [_named(e, _name(t, folder, i, root), _checked(dep) and isinstance(t, luigi.LocalTarget)) for i, (t, e) in enumerate(zip(targets, dep_entries))])
             for dep, targets, dep_entries in dynamic
         ]
         output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
@@ -2182,6 +2190,27 @@ def _write_records(task, settings, inputs, entries, dynamic):
         if output_entry["kind"] == "dir" and (build := _active_memo()) is not None:
             build.unnested.clear()  # an output found outside folder outputs may now be inside one
     return written
+
+
+def _dynamic_dependency(dep, outputs):
+    """How a record names a dynamic dependency: enough to make the task again.
+
+    Its parameters are all but private ones, which may be secrets. Those whose value is what
+    Luigi would give without them (the default, or luigi.cfg's ``[Family] name``) are listed
+    in ``defaulted`` and left to Luigi when the task is made again, so that a change to
+    luigi.cfg reaches the task as it would reach the run() that yields it.
+    """
+    params = dep.to_str_params()
+    family = dep.task_family
+    defaulted = [
+        name
+        for name, param in dep.get_params()
+        if name in params and param.has_task_value(family, name) and param.serialize(param.task_value(family, name)) == params[name]
+    ]
+    found = {"family": family, "params": params, "outputs": outputs}
+    if defaulted:
+        found["defaulted"] = defaulted
+    return found
 
 
 def _check_not_nested(path, task=None, settings=None):
