@@ -226,6 +226,12 @@ _sources: dict[object, str] = {}
 # anew; its file on disk alone never counts (inspect.getsource reads an edited file through
 # linecache). Holding the objects keeps their ids from being reused.
 _module_texts: dict[object, tuple[tuple, str]] = {}
+# Module of a function or class in code_dependencies -> its __spec__ when first seen, which
+# importlib.reload() replaces.
+_module_specs: dict[object, object] = {}
+# This process, for code fingerprints taken after a reload (_reloaded): unique to it, and
+# kept by forked workers, which run the same code.
+_PROCESS = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 # Task class -> its significant public parameters. A class's parameters are fixed once made.
 _param_specs: dict[type, list] = {}
 # Folder -> the nearest folder at or above it holding luigi.cfg, or None. Luigi reads its
@@ -250,7 +256,7 @@ _local = threading.local()
 
 def _forget_process_state():
     """Empty every cache of the process, as if it had just started (for tests and notebooks)."""
-    for cache in (_logged, _digest_cache, _sources, _module_texts, _param_specs, _config_folders, _cleaned, _counts):
+    for cache in (_logged, _digest_cache, _sources, _module_texts, _module_specs, _param_specs, _config_folders, _cleaned, _counts):
         cache.clear()
     _norm_absolute.cache_clear()
 
@@ -874,6 +880,8 @@ def _fallback_text(obj, name):
 
 
 def _module_text(module):
+    """The source of a module in code_dependencies, read again once importlib.reload() has
+    re-executed it (its top-level functions and classes are then new objects)."""
     members = tuple(
         value
         for _key, value in sorted(vars(module).items())
@@ -881,8 +889,32 @@ def _module_text(module):
     ) + (getattr(module, "__spec__", None),)  # reload() finds the spec anew, too
     known = _module_texts.get(module)
     if known is None or len(known[0]) != len(members) or any(a is not b for a, b in zip(known[0], members)):
-        known = _module_texts[module] = (members, _source_text(module))
+        text = _source_text(module)
+        if known is not None:
+            text += _reloaded()
+        known = _module_texts[module] = (members, text)
     return known[1]
+
+
+def _dependency_text(dep):
+    """The source of a function or class in code_dependencies. Once importlib.reload() has
+    re-executed its module (which then has a new ``__spec__``), run() likely calls the new
+    one through the module, so that one counts."""
+    module = sys.modules.get(getattr(dep, "__module__", None) or "")
+    if module is None or _module_specs.setdefault(module, module.__spec__) is module.__spec__:
+        return _source_text(dep)
+    return _source_text(getattr(module, getattr(dep, "__name__", ""), dep)) + _reloaded()
+
+
+def _reloaded():
+    """What a fingerprint gets once code it covers was reloaded in this process.
+
+    After importlib.reload() a process runs a mix: new functions through the module, old
+    ones wherever they were bound before (``from helpers import f``). Records it writes
+    then carry a mark no fresh process makes, so the next one runs those tasks again with
+    code that is all new; within this process the mark stays the same, so they run once.
+    """
+    return f"\nreloaded in process {_PROCESS}"
 
 
 def _code_dependencies(cls):
@@ -907,7 +939,7 @@ def _fingerprint(cls: "type[HashCheckingTask]") -> str:
     fingerprint = build.fingerprints.get(cls) if build is not None else None
     if fingerprint is None:
         parts = [_source_text(klass) for klass in cls.__mro__ if klass not in HashCheckingTask.__mro__]
-        parts += [_module_text(dep) if inspect.ismodule(dep) else _source_text(dep) for dep in _code_dependencies(cls)]
+        parts += [_module_text(dep) if inspect.ismodule(dep) else _dependency_text(dep) for dep in _code_dependencies(cls)]
         parts.append(repr(cls.code_version))
         fingerprint = _text_digest("\n".join(parts))
         if build is not None:
@@ -1557,8 +1589,9 @@ def _task_of(dep):
 
 def _checked(task):
     """Whether ``task`` is judged by its records: a HashCheckingTask, unless it is also an
-    ExternalTask, which is complete when its outputs exist (and hashed as an input below)."""
-    return isinstance(task, HashCheckingTask) and not luigi.worker._is_external(task)
+    ExternalTask, which is complete when its outputs exist (and hashed as an input below),
+    or a WrapperTask, which is complete when what it wraps is."""
+    return isinstance(task, HashCheckingTask) and not luigi.worker._is_external(task) and not isinstance(task, luigi.WrapperTask)
 
 
 def _params(task):
@@ -1759,6 +1792,22 @@ def _judge(task, settings, cache):
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs, refreshes)
 
 
+def _recorded_dynamic_tasks(task):
+    """The dynamic dependencies the readable records of ``task`` name, made again."""
+    found = {}
+    for output in _outputs(task):
+        if isinstance(output, luigi.LocalTarget):
+            try:
+                record = _read_record(_record_path(_norm(output.path)))
+            except _DamagedRecord:
+                continue
+            for dep in record["dynamic"] if record else ():
+                dep_task = _task_of(dep)
+                if dep_task is not None:
+                    found.setdefault(dep_task.task_id, dep_task)
+    return list(found.values())
+
+
 def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
     """Return ``target``'s current entry, or None if it does not exist (see ``_look``);
     ``own`` holds the normalised paths of the reading task's outputs (see ``_excluded``)."""
@@ -1880,6 +1929,11 @@ def _walk(roots, memo, explore=False):
             continue
         verdict = own[tid] = _judge(task, settings, cache)
         deps = list(verdict.deps) if verdict.ok or explore else []
+        if explore and not verdict.ok and _checked(task):
+            # The dynamic dependencies its records name: a build reaches them when run()
+            # yields them again, and explain and adopt must see them first.
+            ids = {dep.task_id for dep in deps}
+            deps += [dep for dep in _recorded_dynamic_tasks(task) if dep.task_id not in ids]
         if not explore and verdict.ok and cached is False and verdict.made_ns >= memo.started_ns:
             # Luigi scheduled it in this build and its records were written since the build
             # started: it ran after Luigi saw its dependencies done, so its own records do.
@@ -2167,6 +2221,9 @@ def _write_records(task, settings, inputs, entries, dynamic):
     written = []
     for output in outputs:
         if not isinstance(output, luigi.LocalTarget):
+            if not output.exists():
+                logger.warning("luigi_hashcheck: %s finished without writing its output %s; no input hash stored", task, output)
+                continue
             pairs = [[_name(t, None, i), e["digest"]] for i, (t, e) in enumerate(zip(inputs, entries))]
             output.store_input_hash(_input_hash(algorithm, family, params, code, pairs))
             written.append(_name(output, None, 0))
@@ -2331,6 +2388,8 @@ class HashCheckingTask(luigi.Task):
         depends on, recursively, is complete too."""
         if luigi.worker._is_external(self):  # data made outside Luigi: it has no record
             return super().complete()
+        if isinstance(self, luigi.WrapperTask):  # mixed in: it has no outputs to record
+            return luigi.WrapperTask.complete(self)
         return _is_complete(self, _memo())
 
     def deps(self) -> list:
