@@ -141,9 +141,29 @@ def run_python(args, cwd, timeout=120, env=None):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
 
 
+def cli_main(args, capsys):
+    code = hc.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(folder):
+    """Every file and folder below ``folder`` with its bytes and mtime."""
+    found = {}
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            found[path] = (st.st_mtime_ns, read(path) if os.path.isfile(path) and not name.endswith(".lock") else None)
+    return found
+
+
 ###############################################################################
-# A small pipeline: Seed -> Upper -> Head -> Count ###########################
+# Shared pipelines ############################################################
 ###############################################################################
+
+# Seed -> Upper -> Head -> Count, a folder output, a lattice of any size, and a three-task
+# chain for the command line: the pipelines tests in several sections build.
 
 
 class Seed(luigi.ExternalTask):
@@ -201,8 +221,1520 @@ class Count(HashCheckingTask):
             dst.write(str(len(src.read())))
 
 
+class Folder(HashCheckingTask):
+    root = luigi.Parameter()
+    slash = luigi.BoolParameter(significant=False)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "folder" + ("/" if self.slash else "")))
+
+    def run(self):
+        note_run(self.root, "Folder")
+        with self.output().temporary_path() as tmp:
+            os.makedirs(os.path.join(tmp, "sub"))
+            write(os.path.join(tmp, "one.txt"), "1")
+            write(os.path.join(tmp, "sub", "two.txt"), "2")
+
+
+def lattice(width, depth, pause=0.0, namespace=None):
+    source = f'''
+import hashlib
+import os
+import time
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+class Node(HashCheckingTask):
+    task_namespace = {namespace!r}
+    root = luigi.Parameter()
+    layer = luigi.IntParameter()
+    i = luigi.IntParameter()
+
+    def requires(self):
+        if self.layer == 0:
+            return Src(self.root, self.i)
+        return [Node(self.root, self.layer - 1, (self.i + k) % {width}) for k in range(3)]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"n{{self.layer}}-{{self.i}}.txt"))
+
+    def run(self):
+        time.sleep({pause})
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write(f"{{self.task_id}}\\n")
+        text = "".join(open(t.path).read() for t in luigi.task.flatten(self.input()))
+        with self.output().open("w") as f:
+            f.write(hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+class Src(luigi.ExternalTask):
+    task_namespace = {namespace!r}
+    root = luigi.Parameter()
+    i = luigi.IntParameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"seed-{{self.i}}.txt"))
+
+
+class Top(luigi.WrapperTask):
+    task_namespace = {namespace!r}
+    root = luigi.Parameter()
+
+    def requires(self):
+        return [Node(self.root, {depth - 1}, i) for i in range({width})]
+'''
+    return source
+
+
+def load_lattice(root, width, depth, pause=0.0):
+    """Write seeds and import a lattice module; its families are namespaced by its name."""
+    for i in range(width):
+        write(os.path.join(str(root), f"seed-{i}.txt"), f"seed {i}")
+    name = f"lattice_{uuid.uuid4().hex[:10]}"
+    return load_module(root, lattice(width, depth, pause, namespace=name), name=name)
+
+
+BUILD_SCRIPT = """
+import importlib, sys
+import luigi
+sys.path.insert(0, sys.argv[1])
+module = importlib.import_module(sys.argv[2])
+kwargs = {"workers": int(sys.argv[3]), "log_level": "WARNING"}
+if len(sys.argv) > 4:
+    kwargs.update(scheduler_host="127.0.0.1", scheduler_port=int(sys.argv[4]))
+else:
+    kwargs.update(local_scheduler=True)
+sys.exit(0 if luigi.build([module.Top(sys.argv[1])], **kwargs) else 1)
+"""
+
+
+def start_build(root, module, workers, port=None):
+    """Start a build of the lattice ``module`` in a fresh interpreter, in its own process group."""
+    args = [sys.executable, "-c", BUILD_SCRIPT, str(root), module.__name__, str(workers)] + ([str(port)] if port else [])
+    env = dict(os.environ, PYTHONPATH=HERE)
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+CLI_PIPELINE = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+BASE = {base}
+
+
+class Raw(luigi.ExternalTask):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "raw.txt"))
+
+
+class A(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Raw(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "a.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("A\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read().upper())
+
+
+class B(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def requires(self):
+        return A(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "sub", "b.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("B\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + "!")
+
+
+class C(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def requires(self):
+        return B(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "c.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("C\\n")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + "?")
+"""
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """A built three-task chain, its module importable by name, the current folder its root."""
+    ns = f"cli{uuid.uuid4().hex[:8]}"
+    module = load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    write(tmp_path / "raw.txt", "hello")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert build(module.C("."))
+    ran(".")
+    module.task = lambda name: ["--module", ns, f"{ns}.{name}", "--root", "."]
+    return module
+
+
 ###############################################################################
-# Completeness ################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class Mocked(HashCheckingTask):
+    def output(self):
+        return luigi.mock.MockTarget("mocked")
+
+    def run(self):
+        pass
+
+
+class MockedInput(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Mocked()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "m.txt"))
+
+
+def test_an_unhashable_target_names_task_class_and_fix(root):
+    with pytest.raises(hc.UnhashableTargetError) as info:
+        Mocked().complete()
+    message = str(info.value)
+    assert "Mocked()" in message and "MockTarget" in message and "HashableTarget" in message
+    with pytest.raises(hc.UnhashableTargetError, match="MockTarget"):
+        MockedInput(root).complete()
+    assert not build(MockedInput(root))
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+def test_algorithm_is_configurable_and_each_record_keeps_its_own(root, config):
+    config("hashcheck", "algorithm", "md5")
+    assert build(Upper(root))
+    record = record_of(os.path.join(root, "upper.txt"))
+    assert record["algorithm"] == "md5" and record["output"]["digest"] == hashlib.md5(b"HELLO").hexdigest()
+    config("hashcheck", "algorithm", "sha256")
+    assert build(Upper(root))
+    assert ran(root) == ["Upper"]  # the md5 record still checks with md5
+
+
+@pytest.mark.parametrize("name", ["shake_128", "no-such-hash"])
+def test_a_bad_algorithm_is_a_clear_configuration_error(root, config, name):
+    config("hashcheck", "algorithm", name)
+    with pytest.raises(hc.ConfigError, match=name):
+        Upper(root).complete()
+
+
+###############################################################################
+# State #######################################################################
+###############################################################################
+
+
+def test_same_process_rebuild_sees_an_edit_with_the_same_instances(root):
+    top = Count(root)
+    assert build(top)
+    assert Count(root) is top  # Luigi reuses task instances within a process
+    ran(root)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(top)
+    assert ran(root) == ["Upper", "Head", "Count"]
+    assert build(top)
+    assert ran(root) == []
+
+
+def test_a_worker_kept_open_sees_an_edit_between_runs(root):
+    # The scheduler would not rerun a task within 10 s of it finishing.
+    with luigi.worker.Worker(scheduler=luigi.scheduler.Scheduler(stable_done_cooldown_secs=0)) as worker:
+        assert worker.add(Count(root))
+        assert worker.run()
+        write(os.path.join(root, "seed.txt"), "world")
+        assert worker.add(Count(root))
+        assert worker.run()
+        assert worker.add(Count(root))
+        assert worker.run()
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+    assert read(os.path.join(root, "upper.txt")) == "WORLD"
+
+
+def test_a_cached_incomplete_is_checked_again_at_run_time(root, config):
+    # With check_complete_on_run, Luigi asks each task again right after its run and each
+    # dependency again right before; a remembered "incomplete" would fail the build.
+    config("worker", "check_complete_on_run", "true")
+    assert build(Count(root), workers=2)
+    assert sorted(ran(root)) == ["Count", "Head", "Upper"]
+
+
+class Gate(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "gate.txt"))
+
+    def run(self):
+        gates[self.root][0].set()
+        gates[self.root][1].wait(30)
+        write(self.output().path, "opened")
+
+
+gates = {}
+
+
+def test_a_build_in_another_thread_leaves_this_one_alone(root, config):
+    config("worker", "no_install_shutdown_handler", "true")  # signals only work in the main thread
+    gates[root] = (threading.Event(), threading.Event())
+    thread = threading.Thread(target=build, args=(Gate(root),))
+    thread.start()
+    try:
+        assert gates[root][0].wait(30)
+        assert hc._active_memo() is None  # that thread's build, not this thread's
+        assert not Upper(root).complete()
+    finally:
+        gates[root][1].set()
+        thread.join(30)
+    assert Gate(root).complete()
+
+
+def test_workers_4(tmp_path):
+    module = load_lattice(tmp_path, 4, 5)
+    top = module.Top(str(tmp_path))
+    assert build(top, workers=4)
+    assert len(ran(str(tmp_path))) == 20
+    assert build(top, workers=4)
+    assert ran(str(tmp_path)) == []
+    write(tmp_path / "seed-1.txt", "changed")  # n0-1 and everything built on it rerun
+    assert build(top, workers=4)
+    assert len(ran(str(tmp_path))) == 1 + 3 + 4 + 4 + 4
+
+
+def test_parallel_scheduling_checks_in_a_pool(root):
+    # [core] parallel_scheduling calls complete() in a multiprocessing pool: tasks must pickle.
+    assert build(Count(root), parallel_scheduling=True, workers=2)
+    assert build(Count(root), parallel_scheduling=True, workers=2)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(Count(root), parallel_scheduling=True, workers=2)
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+
+
+def test_the_luigi_command_line_sees_an_edit(tmp_path):
+    ns = f"cmdline{uuid.uuid4().hex[:8]}"
+    write(tmp_path / ns / "__init__.py", CLI_PIPELINE.format(base="HashCheckingTask", ns=ns))  # never imported here
+    args = ["-m", "luigi", "--module", ns, f"{ns}.A", "--root", str(tmp_path), "--local-scheduler"]
+    for text, expected in (("hi", ["A"]), ("hi", []), ("ho", ["A"])):
+        write(tmp_path / "raw.txt", text)
+        result = run_python(args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ran(str(tmp_path)) == expected, result.stderr
+    assert read(tmp_path / "a.txt") == "HO"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_luigid(folder, cooldown):
+    """A real central scheduler on 127.0.0.1 and a free port; yields the port."""
+    (folder / "logs").mkdir()
+    port = free_port()
+    cfg = folder / "luigi.cfg"
+    write(cfg, f"[scheduler]\nstable_done_cooldown_secs = {cooldown}\n[core]\nautoload_range = false\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import luigi.cmdline; luigi.cmdline.luigid()", "--address", "127.0.0.1", "--port", str(port),
+         "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "logs")],
+        env=dict(os.environ, LUIGI_CONFIG_PATH=str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "luigid did not start"
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def luigid(tmp_path_factory):
+    """A luigid that reruns a done task at once, for tests that rebuild right away."""
+    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=0) as port:
+        yield port
+
+
+def test_builds_through_luigid_see_an_edit(root, luigid):
+    remote = {"local_scheduler": False, "scheduler_host": "127.0.0.1", "scheduler_port": luigid}
+    assert build(Count(root), **remote)
+    assert build(Count(root), **remote)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(Count(root), workers=2, **remote)
+    assert ran(root) == ["Upper", "Head", "Count"] * 2
+
+
+def test_three_processes_through_one_luigid_run_each_task_once(tmp_path, tmp_path_factory):
+    module = load_lattice(tmp_path, 4, 5, pause=0.05)
+    # The default 10 s cooldown: a task done by one worker is not handed out again.
+    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=10) as port:
+        builds = [start_build(tmp_path, module, workers=2, port=port) for _ in range(3)]
+        for process in builds:
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err.decode()
+    runs = ran(str(tmp_path))
+    assert len(runs) == 20 and len(set(runs)) == 20
+    assert hc.main(["verify", "--quiet", str(tmp_path)]) == 0
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+
+def test_a_rewrite_within_one_tick_is_caught(root):
+    seed = os.path.join(root, "seed.txt")
+    assert build(Upper(root))
+    st = os.stat(seed)
+    with open(seed, "r+") as f:  # same size, same inode, same mtime
+        f.write("jello")
+    os.utime(seed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(seed).st_size, os.stat(seed).st_ino, os.stat(seed).st_mtime_ns) == (st.st_size, st.st_ino, st.st_mtime_ns)
+    assert not Upper(root).complete()
+
+
+@pytest.mark.parametrize("size", [0, 1, hc._BLOCK - 1, hc._BLOCK, hc._BLOCK + 1, 3 * hc._BLOCK + 5])
+def test_hashing_reads_every_byte_whatever_the_size(tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    entry = hc._hash_file(str(tmp_path / "f"), "sha256")
+    assert entry["digest"] == hashlib.sha256(data).hexdigest()
+    assert entry["size"] == size
+
+
+def test_a_fifo_is_an_error_naming_it_and_never_blocks(root):
+    os.remove(os.path.join(root, "seed.txt"))
+    os.mkfifo(os.path.join(root, "seed.txt"))
+    with pytest.raises(hc.HashCheckError, match="seed.txt"):
+        hc._digest(os.path.join(root, "seed.txt"), "sha256")
+    assert not build(Upper(root))
+    assert ran(root) == []
+
+
+def test_records_refuse_a_symlinked_records_folder(root, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.symlink(elsewhere, os.path.join(root, ".luigi_hashes"))
+    assert not build(Upper(root))
+    assert os.listdir(elsewhere) == []
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        hc._records_folder(root)
+
+
+def test_a_symlinked_records_folder_is_never_written_or_cleared_through(cli, capsys, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.move(".luigi_hashes", elsewhere / "records")
+    os.symlink(elsewhere / "records", ".luigi_hashes")
+    before = snapshot(elsewhere)
+    _code, _, err = cli_main(["verify", "."], capsys)
+    assert "symbolic link" in err
+    cli_main(["forget", "."], capsys)
+    assert snapshot(elsewhere) == before
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        hc._write_record(os.path.abspath(".luigi_hashes/a.txt.json"), {}, hc._settings())
+    assert snapshot(elsewhere) == before
+
+
+def hold_lock(folder, ready, release):
+    with hc._locked(folder, 10):
+        ready.set()
+        release.wait(20)
+
+
+def test_a_lock_held_by_another_process_times_out_naming_the_lock_file(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(20)
+        with pytest.raises(hc.LockTimeout, match=os.path.join(str(tmp_path), ".lock")), hc._locked(str(tmp_path), 0.2):
+            pass
+    finally:
+        release.set()
+        holder.join(20)
+    with hc._locked(str(tmp_path), 5):  # free again once the holder is gone
+        pass
+
+
+def test_threads_of_one_process_take_turns(tmp_path):
+    order = []
+
+    def writer(n):
+        with hc._locked(str(tmp_path), 10):
+            order.append(("in", n))
+            time.sleep(0.05)
+            order.append(("out", n))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(order[k][0] == "in" and order[k + 1] == ("out", order[k][1]) for k in range(0, 8, 2))
+
+
+def add_under_lock(folder, counter, rounds):
+    for _ in range(rounds):
+        with hc._locked(folder, 30):
+            value = int(read(counter))
+            time.sleep(0.001)
+            write(counter, str(value + 1))
+
+
+def test_processes_contending_for_a_lock_lose_no_update(tmp_path):
+    import multiprocessing
+
+    counter = str(tmp_path / "counter")
+    write(counter, "0")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=add_under_lock, args=(str(tmp_path), counter, 40)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert read(counter) == "160"
+
+
+def test_a_long_host_name_keeps_temporary_names_short(tmp_path):
+    code = "import socket; socket.gethostname = lambda: 'h' * 250; import luigi_hashcheck as hc; print(hc._HOST)"
+    result = run_python(["-c", code], cwd=tmp_path)
+    host = result.stdout.strip()
+    assert result.returncode == 0 and 0 < len(host) <= 64, result.stderr
+    assert run_python(["-c", code], cwd=tmp_path).stdout.strip() == host  # the same in every process
+
+
+def test_leftovers_of_dead_writers_are_cleaned_and_live_ones_kept(root, monkeypatch):
+    assert build(Upper(root))
+    records = os.path.join(root, ".luigi_hashes")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".upper.txt.json~{hc._HOST}~{dead.stdout.strip()}~aaaaaaaaaaaa.tmp",
+            "live": f".upper.txt.json~{hc._HOST}~{live.pid}~bbbbbbbbbbbb.tmp",
+            "other host, fresh": ".upper.txt.json~elsewhere~1~cccccccccccc.tmp",
+            "other host, old": ".upper.txt.json~elsewhere~1~dddddddddddd.tmp",
+        }
+        for path in names.values():
+            write(os.path.join(records, path), "{half")
+        old = time.time() - 3600
+        os.utime(os.path.join(records, names["other host, old"]), (old, old))
+        assert hc.main(["verify", "--quiet", root]) == 0  # leftovers are not records
+        hc._cleaned.discard(records)
+        write(os.path.join(root, "seed.txt"), "world")
+        assert build(Upper(root))  # writes a record: cleans up under the lock
+        left = set(os.listdir(records))
+        assert names["dead"] not in left and names["other host, old"] not in left
+        assert names["live"] in left and names["other host, fresh"] in left
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_record_that_is_a_symlink_is_never_written_through(root, tmp_path_factory):
+    assert build(Upper(root))
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "target.json"
+    write(elsewhere, "keep")
+    record_path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
+    record = json.loads(read(record_path))
+    os.remove(record_path)
+    os.symlink(elsewhere, record_path)
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        hc._write_record(record_path, record, hc._settings())
+    assert read(elsewhere) == "keep"
+
+
+###############################################################################
+# Hashing #####################################################################
+###############################################################################
+
+
+def test_recorded_digest_is_what_sha256sum_prints(root):
+    assert build(Upper(root))
+    digest = record_of(os.path.join(root, "upper.txt"))["output"]["digest"]
+    assert digest == hashlib.sha256(b"HELLO").hexdigest()
+    if shutil.which("sha256sum"):
+        out = subprocess.run(["sha256sum", os.path.join(root, "upper.txt")], capture_output=True, text=True, check=True).stdout
+        assert out.split()[0] == digest
+
+
+def test_unchanged_files_are_not_hashed_again(root):
+    assert build(Count(root))
+    age(root)
+    assert build(Count(root))  # re-hashes the aged files once and refreshes the records
+    hc._digest_cache.clear()  # as a new process would start
+    hc._counts.clear()
+    assert build(Count(root))
+    assert hc._counts["reads"] == 0
+    then = time.time() - 50
+    os.utime(os.path.join(root, "seed.txt"), (then, then))  # touched, same bytes
+    hc._digest_cache.clear()
+    hc._counts.clear()
+    assert build(Count(root))
+    assert hc._counts["reads"] == 1
+    hc._digest_cache.clear()
+    hc._counts.clear()
+    assert build(Count(root))  # the touch's new stat fields were recorded
+    assert hc._counts["reads"] == 0
+    assert ran(root) == ["Upper", "Head", "Count"]
+
+
+def test_trust_mtime_false_hashes_every_time(root, config):
+    assert build(Count(root))
+    age(root)
+    config("hashcheck", "trust_mtime", "false")
+    hc._counts.clear()
+    assert build(Count(root))
+    assert hc._counts["reads"] >= 4  # seed, upper, head, count at least
+
+
+def test_directory_output(root):
+    assert build(Folder(root))
+    assert build(Folder(root, slash=True))  # folder/ and folder are one output
+    assert ran(root) == ["Folder"]
+    expected = hashlib.sha256(
+        f"{hashlib.sha256(b'1').hexdigest()}  one.txt\n{hashlib.sha256(b'2').hexdigest()}  sub/two.txt\n".encode()
+    ).hexdigest()
+    assert record_of(os.path.join(root, "folder"))["output"]["digest"] == expected
+    assert record_of(os.path.join(root, "folder"))["output"]["kind"] == "dir"
+    write(os.path.join(root, "folder", "sub", "two.txt"), "changed")
+    assert build(Folder(root))
+    assert ran(root) == ["Folder"]
+
+
+def test_files_in_a_directory_are_not_hashed_again(root):
+    assert build(Folder(root))
+    age(root)
+    assert build(Folder(root))  # re-hashes the aged files once and refreshes the record
+    assert [f[0] for f in record_of(os.path.join(root, "folder"))["output"]["files"]] == ["one.txt", "sub/two.txt"]
+    hc._digest_cache.clear()  # as a new process would start
+    hc._counts.clear()
+    assert Folder(root).complete()
+    assert hc._counts["reads"] == 0
+    write(os.path.join(root, "folder", "one.txt"), "9")  # same size, new mtime: hashed, and seen
+    assert not Folder(root).complete()
+
+
+class LinkingFolder(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "linking"))
+
+    def run(self):
+        note_run(self.root, "LinkingFolder")
+        with self.output().temporary_path() as tmp:
+            os.makedirs(tmp)
+            write(os.path.join(tmp, "file.txt"), "x")
+            os.symlink("nowhere", os.path.join(tmp, "dangling"))
+            os.symlink(self.root, os.path.join(tmp, "to-a-folder"))
+
+
+def test_links_in_a_directory_output_count_by_their_target(root):
+    assert build(LinkingFolder(root))
+    assert build(LinkingFolder(root))
+    assert ran(root) == ["LinkingFolder"]
+    os.remove(os.path.join(root, "linking", "dangling"))
+    os.symlink("elsewhere", os.path.join(root, "linking", "dangling"))
+    assert not LinkingFolder(root).complete()
+
+
+class LoopFolder(HashCheckingTask):
+    """A folder output holding a symbolic link loop, ``a -> b`` and ``b -> a``."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "looped"))
+
+    def run(self):
+        note_run(self.root, "LoopFolder")
+        with self.output().temporary_path() as tmp:
+            os.makedirs(tmp)
+            write(os.path.join(tmp, "file.txt"), "x")
+            os.symlink("b", os.path.join(tmp, "a"))
+            os.symlink("a", os.path.join(tmp, "b"))
+
+
+class ReadLoopFolder(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root, "raw")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "listing.txt"))
+
+    def run(self):
+        note_run(self.root, "ReadLoopFolder")
+        write(self.output().path, " ".join(sorted(os.listdir(self.input().path))))
+
+
+def test_a_symlink_loop_in_a_folder_output_or_input_counts_by_its_target(root, capsys):
+    write(os.path.join(root, "raw", "x.csv"), "1")
+    os.symlink("loop2", os.path.join(root, "raw", "loop1"))
+    os.symlink("loop1", os.path.join(root, "raw", "loop2"))
+    assert build(LoopFolder(root), ReadLoopFolder(root))
+    assert sorted(ran(root)) == ["LoopFolder", "ReadLoopFolder"]
+    files = {item[0]: item[1] for item in record_of(os.path.join(root, "looped"))["output"]["files"]}
+    assert files == {"a": "link:b", "b": "link:a", "file.txt": hashlib.sha256(b"x").hexdigest()}
+    assert build(LoopFolder(root), ReadLoopFolder(root))
+    assert ran(root) == []
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 0 and out.startswith("2 outputs: 2 ok"), out
+    # Pointing a looped link elsewhere changes its name, and so the digest.
+    os.remove(os.path.join(root, "raw", "loop2"))
+    os.symlink("nowhere", os.path.join(root, "raw", "loop2"))
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 1 and "stale" in out and "listing.txt" in out, out
+    code, out, _ = cli_main(["accept", os.path.join(root, "listing.txt")], capsys)
+    assert code == 0 and "accepted" in out, out
+    assert build(LoopFolder(root), ReadLoopFolder(root))
+    assert ran(root) == []
+
+
+###############################################################################
+# Code fingerprints ###########################################################
+###############################################################################
+
+
+CODE = '''
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+def helper(text):
+    return text + "HELPER"
+
+
+class Step(HashCheckingTask):
+    """Docstring."""
+
+    root = luigi.Parameter()
+    code_version = None
+    code_dependencies = (helper,)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "step.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("Step\\n")
+        with self.output().open("w") as f:
+            f.write(helper("BODY"))
+'''
+
+
+@pytest.mark.parametrize(
+    "old, new, reruns",
+    [
+        ('"""Docstring."""', '"""Another docstring, longer."""', False),
+        ("    def run(self):", "    # a comment\n\n    def run(self):", False),
+        ("f.write(helper(\"BODY\"))", "f.write(  helper( \"BODY\" )  )  # spaced", False),
+        ('f.write(helper("BODY"))', 'f.write(helper("BODY2"))', True),
+        ("code_version = None", "code_version = 2", True),
+        ('return text + "HELPER"', 'return text + "HELPER2"', True),
+    ],
+    ids=["docstring", "comment", "formatting", "code", "code_version", "code_dependency"],
+)
+def test_code_fingerprint(root, old, new, reruns):
+    first = load_module(root, CODE)
+    assert build(first.Step(root))
+    assert ran(root) == ["Step"]
+    assert old in CODE
+    second = load_module(root, CODE.replace(old, new))
+    assert build(second.Step(root))
+    assert ran(root) == (["Step"] if reruns else [])
+
+
+def test_fingerprint_includes_bases_up_to_hashcheckingtask(root):
+    base = CODE.replace("class Step(HashCheckingTask):", "class Base(HashCheckingTask):\n    x = 1\n\n\nclass Step(Base):")
+    assert build(load_module(root, base).Step(root))
+    assert build(load_module(root, base).Step(root))
+    assert ran(root) == ["Step"]
+    assert build(load_module(root, base.replace("x = 1", "x = 2")).Step(root))
+    assert ran(root) == ["Step"]
+
+
+def test_a_mixin_after_hashcheckingtask_is_in_the_fingerprint(root):
+    source = CODE.replace("class Step(HashCheckingTask):", "class Helpers:\n    x = 1\n\n\nclass Step(HashCheckingTask, Helpers):")
+    first = hc._fingerprint(load_module(root, source).Step)
+    assert first == hc._fingerprint(load_module(root, source).Step)
+    assert first != hc._fingerprint(load_module(root, source.replace("x = 1", "x = 2")).Step)
+
+
+def test_fingerprint_ignores_python_version_details():
+    tree = hc.ast.parse("def f(a: int = 1):\n    '''doc'''\n    return a")
+    text = hc._ast_text(tree)
+    assert "doc" not in text and "lineno" not in text and "type_params" not in text
+    assert text == hc._ast_text(hc.ast.parse("def f(a:int=1):  # comment\n\n    return a"))
+
+
+def test_a_syntax_tree_too_deep_to_walk_falls_back(root):
+    branches = "".join(f"        elif x == {i}:\n            pass\n" for i in range(400))
+    source = CODE.replace("    def output(self):", f"    def deep(self, x):\n        if x:\n            pass\n{branches}\n    def output(self):", 1)
+    module = load_module(root, source)
+    assert build(module.Step(root))
+    assert module.Step(root).complete()
+
+
+def test_the_fingerprint_is_taken_when_the_class_is_defined(root):
+    module = load_module(root, CODE, name="fingerprint_at_import")
+    path = module.__file__
+    write(path, CODE.replace('f.write(helper("BODY"))', 'f.write(helper("EDITED"))'))  # edited after import
+    assert build(module.Step(root))
+    recorded = record_of(os.path.join(root, "step.txt"))["code"]
+    write(path, CODE)
+    assert recorded == hc._fingerprint(load_module(root, CODE).Step)  # the code that ran
+
+
+def test_no_source_falls_back_to_a_stable_fingerprint(tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, os, luigi
+        from luigi_hashcheck import HashCheckingTask
+        class Inline(HashCheckingTask):
+            def output(self):
+                return luigi.LocalTarget("inline.txt")
+            def run(self):
+                with self.output().open("w") as f:
+                    f.write("x")
+        assert luigi.build([Inline()], local_scheduler=True, log_level="INFO")
+        print(json.load(open(".luigi_hashes/inline.txt.json"))["code"])
+        """
+    )
+    first = run_python(["-c", script], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "no source for Inline" in first.stderr
+    os.remove(tmp_path / "inline.txt")
+    second = run_python(["-c", script], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.split()[-1] == second.stdout.split()[-1]
+
+
+def test_no_source_fingerprint_sees_an_edit_to_run(tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, luigi
+        from luigi_hashcheck import _fingerprint, HashCheckingTask
+        class Inline(HashCheckingTask):
+            def output(self):
+                return luigi.LocalTarget("inline.txt")
+            def run(self):
+                print("BODY")
+        print(_fingerprint(Inline))
+        """
+    )
+    first = run_python(["-c", script], cwd=tmp_path)
+    again = run_python(["-c", script], cwd=tmp_path)
+    edited = run_python(["-c", script.replace('"BODY"', '"EDITED"')], cwd=tmp_path)
+    assert first.returncode == again.returncode == edited.returncode == 0, first.stderr
+    assert first.stdout == again.stdout != edited.stdout
+
+
+def test_no_source_fingerprint_is_stable_across_hash_seeds_and_sees_attributes(tmp_path):
+    script = textwrap.dedent(
+        """
+        import luigi
+        from luigi_hashcheck import _fingerprint, HashCheckingTask
+        class Inline(HashCheckingTask):
+            COLUMNS = ["a", "b"]
+            def output(self):
+                return luigi.LocalTarget("inline.txt")
+            def run(self):
+                return {"x", "y", "z", "w"}
+        print(_fingerprint(Inline))
+        """
+    )
+    seeds = {run_python(["-c", script], cwd=tmp_path, env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(seeds) == 1
+    edited = run_python(["-c", script.replace('["a", "b"]', '["a", "c"]')], cwd=tmp_path, env={"PYTHONHASHSEED": "1"})
+    assert edited.stdout not in seeds
+
+
+def fallback_fingerprint(source):
+    """The fingerprint of class A in ``source``, compiled with no file behind it."""
+    namespace = {"HashCheckingTask": HashCheckingTask}
+    exec(compile(textwrap.dedent(source), "<no file>", "exec"), namespace)  # noqa: S102 - test code
+    return hc._fingerprint(namespace["A"])
+
+
+def test_no_source_fingerprint_sees_attribute_values_and_defaults():
+    dated = "import datetime\nclass A(HashCheckingTask):\n    cutoff = datetime.date({})\n"
+    assert fallback_fingerprint(dated.format("2024, 1, 1")) != fallback_fingerprint(dated.format("2025, 6, 30"))
+    keyed = "class A(HashCheckingTask):\n    def run(self, key=lambda x: x{}):\n        pass\n"
+    assert fallback_fingerprint(keyed.format("")) == fallback_fingerprint(keyed.format(""))
+    assert fallback_fingerprint(keyed.format("")) != fallback_fingerprint(keyed.format(" + 1"))
+
+
+def test_code_dependencies_are_the_union_over_the_mro(root):
+    source = """
+        import luigi
+        from luigi_hashcheck import HashCheckingTask
+
+        def first(text):
+            return text + "FIRST"
+
+        def second(text):
+            return text + "SECOND"
+
+        class Parent(HashCheckingTask):
+            code_dependencies = (first,)
+
+        class Child(Parent):
+            code_dependencies = (second,)
+    """
+    before = load_module(root, source)
+    after = load_module(root, source.replace('"FIRST"', '"FIRST2"'))
+    assert hc._fingerprint(before.Child) != hc._fingerprint(after.Child)
+    assert hc._fingerprint(before.Child) == hc._fingerprint(load_module(root, source).Child)
+
+
+HELPED = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+import {helper}
+
+
+class Helped(HashCheckingTask):
+    root = luigi.Parameter()
+    code_dependencies = ({helper},)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "helped.txt"))
+
+    def run(self):
+        with open(os.path.join(self.root, "runs.log"), "a") as f:
+            f.write("Helped\\n")
+        with self.output().open("w") as f:
+            f.write({helper}.clean(" Text "))
+"""
+
+
+@pytest.fixture
+def helped(root, monkeypatch):
+    """A pipeline whose Helped task lists a helper module in code_dependencies."""
+    name = f"helper_{uuid.uuid4().hex[:8]}"
+    write(os.path.join(root, name + ".py"), "def clean(text):\n    return text.strip()\n")
+    monkeypatch.syspath_prepend(root)
+    pipeline = load_module(root, HELPED.format(helper=name))
+    return pipeline, sys.modules[name]
+
+
+def test_a_reloaded_helper_module_reruns_in_the_same_process(root, helped):
+    import importlib
+
+    pipeline, helper = helped
+    task = pipeline.Helped(root)
+    assert build(task)
+    assert ran(root) == ["Helped"]
+    # Edited on disk but not reloaded: the code that runs is still the old one.
+    write(helper.__file__, "def clean(text):\n    return text.strip().lower()\n")
+    assert build(task)
+    assert ran(root) == []
+    importlib.reload(helper)
+    assert build(task)
+    assert ran(root) == ["Helped"]
+    assert read(os.path.join(root, "helped.txt")) == "text"
+    assert build(task)
+    assert ran(root) == []
+
+
+def test_a_reloaded_helper_module_changes_the_fingerprint(root, monkeypatch):
+    import importlib
+
+    helper_name = f"helpers_{uuid.uuid4().hex[:8]}"
+    write(os.path.join(root, helper_name + ".py"), "def clean(text):\n    return text.strip()\n")
+    monkeypatch.syspath_prepend(root)
+    helper = importlib.import_module(helper_name)
+    pipeline = CODE.replace("code_dependencies = (helper,)", f"code_dependencies = (__import__({helper_name!r}),)")
+    first = hc._fingerprint(load_module(root, pipeline).Step)
+    write(helper.__file__, "def clean(text):\n    return text.strip().lower()\n")
+    importlib.reload(helper)  # as a notebook user would, then run the cell defining Step again
+    assert hc._fingerprint(load_module(root, pipeline).Step) != first
+
+
+def test_code_version_changed_at_run_time_reruns(root, helped):
+    pipeline, _helper = helped
+    task = pipeline.Helped(root)
+    assert build(task)
+    pipeline.Helped.code_version = "2"
+    assert build(task)
+    assert build(task)
+    assert ran(root) == ["Helped", "Helped"]
+
+
+###############################################################################
+# Records #####################################################################
+###############################################################################
+
+
+class LongName(HashCheckingTask):
+    """Upper's text under an output name of its own; ``writer`` says who writes the file."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+    writer = luigi.ChoiceParameter(choices=["open", "run"])
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, self.name))
+
+    def run(self):
+        note_run(self.root, "LongName")
+        text = read(self.input().path).upper()
+        if self.writer == "open":  # through Luigi's -luigi-tmp- file, which limits the name to 234
+            with self.output().open("w") as dst:
+                dst.write(text)
+        else:
+            write(self.output().path, text)
+
+
+def long_name(length, char="n"):
+    """An output name of ``length`` characters, one of them ``x``, the rest ``char``."""
+    return "x" + char * (length - 5) + ".txt"
+
+
+LONG_NAMES = [(215, "n", "open"), (234, "n", "open"), (240, "n", "run"), (251, "n", "run"), (255, "n", "run"), (126, "é", "run")]
+
+
+@pytest.mark.parametrize("length, char, writer", LONG_NAMES)
+def test_long_output_names_get_shortened_records(root, length, char, writer):
+    name = long_name(length, char)
+    assert len(name.encode()) <= 255
+    task = LongName(root, name, writer)
+    assert build(task)
+    assert ran(root) == ["LongName"]
+    assert build(task)
+    assert ran(root) == []
+    records = os.listdir(os.path.join(root, ".luigi_hashes"))
+    assert all(len(n.encode()) <= hc._NAME_LIMIT for n in records)
+    (record_name,) = [n for n in records if n.endswith(".json")]
+    record_path = os.path.join(root, ".luigi_hashes", record_name)
+    assert hc._read_record(record_path)["output"]["path"] == name  # the full name lives inside
+    assert hc._output_of(record_path) == os.path.join(root, name)
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(task)
+    assert ran(root) == ["LongName"]
+    assert read(os.path.join(root, name)) == "WORLD"
+
+
+def test_shortened_record_names_keep_long_names_apart(tmp_path):
+    a, b = long_name(250) + "a", long_name(250) + "b"
+    paths = {hc._record_path(str(tmp_path / n)) for n in (a, b)}
+    assert len(paths) == 2 and all(len(os.path.basename(p).encode()) <= hc._NAME_LIMIT for p in paths)
+    assert hc._record_path(str(tmp_path / "short.txt")).endswith(os.path.join(".luigi_hashes", "short.txt.json"))
+
+
+def test_a_shortened_record_cannot_point_at_another_output(root):
+    task = LongName(root, long_name(240), "run")
+    assert build(task)
+    (record_path,) = [os.path.join(root, ".luigi_hashes", n) for n in os.listdir(os.path.join(root, ".luigi_hashes")) if n.endswith(".json")]
+    record = json.loads(read(record_path))
+    record["output"]["path"] = "seed.txt"
+    write(record_path, json.dumps(record))
+    assert hc._output_of(record_path) != os.path.join(root, "seed.txt")
+
+
+DAMAGE = {
+    "empty": lambda text: "",
+    "truncated": lambda text: text[: len(text) // 2],
+    "not JSON": lambda text: "this is not json",
+    "not an object": lambda text: "[1, 2, 3]",
+    "unknown format": lambda text: text.replace('"format": 1', '"format": 99'),
+    "missing key": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "output"}),
+    "mistyped key": lambda text: json.dumps(dict(json.loads(text), created_ns="yesterday")),
+    "mistyped entry": lambda text: json.dumps(dict(json.loads(text), inputs=[{"path": 1}])),
+    "unknown algorithm": lambda text: text.replace('"sha256"', '"rot13"'),
+    "huge number": lambda text: json.dumps(dict(json.loads(text), format=10**400)),
+    "mistyped files of an input": lambda text: json.dumps(dict(json.loads(text), inputs=[dict(json.loads(text)["inputs"][0], files=[1, 2])])),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_a_damaged_record_means_rebuild_with_one_warning(root, damage, caplog):
+    assert build(Count(root))
+    ran(root)
+    path = os.path.join(root, ".luigi_hashes", "head.txt.json")
+    write(path, DAMAGE[damage](read(path)))
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not Count(root).complete()
+        assert build(Count(root))
+    warned = [r for r in caplog.records if "damaged record" in r.getMessage()]
+    assert len(warned) == 1 and path in warned[0].getMessage()
+    assert ran(root) == ["Head"]
+    assert record_of(os.path.join(root, "head.txt"))["format"] == 1
+
+
+def test_a_record_that_is_a_directory_or_a_symlink_is_damaged(root):
+    assert build(Upper(root))
+    path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
+    os.remove(path)
+    os.mkdir(path)
+    with pytest.raises(hc._DamagedRecord):
+        hc._read_record(path)
+    os.rmdir(path)
+    os.symlink(os.path.join(root, "seed.txt"), path)
+    with pytest.raises(hc._DamagedRecord, match="symbolic link"):
+        hc._read_record(path)
+    assert not Upper(root).complete()
+
+
+@pytest.mark.parametrize("excluded", [[1], "MANIFEST", ["a\0b"]])
+def test_a_mistyped_excluded_list_means_a_damaged_record(root, excluded):
+    write(os.path.join(root, "raw", "x.csv"), "1")
+    assert build(Manifest(root))
+    path = os.path.join(root, "raw", ".luigi_hashes", "MANIFEST.json")
+    record = record_of(os.path.join(root, "raw", "MANIFEST"))
+    record["inputs"][0]["later"] = record["later"] = "a key a later version may add"
+    write(path, json.dumps(record))
+    assert hc._read_record(path) == record and Manifest(root).complete()
+    record["inputs"][0]["excluded"] = excluded
+    write(path, json.dumps(record))
+    with pytest.raises(hc._DamagedRecord, match="excluded"):
+        hc._read_record(path)
+    assert not Manifest(root).complete()
+
+
+ENTRY = {"path": "a", "kind": "file", "digest": "d", "size": 1, "mtime_ns": 2, "inode": None, "hashed_ns": 3}
+
+
+@pytest.mark.parametrize(
+    "kind, value, ok",
+    [
+        ("str", "a b", True),
+        ("str", "a\0b", False),  # would become a path
+        ("str", b"a", False),
+        ("int", 5, True),
+        ("int", True, False),  # JSON true is not a number
+        ("int", 5.0, False),
+        ("int", None, False),
+        ("int?", None, True),
+        ("params", {"a": "1", "b": "\0"}, True),  # values are data, not paths
+        ("params", {"a": 1}, False),
+        ("params", ["a"], False),
+        ("entry", ENTRY, True),
+        ("entry", {k: v for k, v in ENTRY.items() if k != "hashed_ns"}, False),
+        ("entry", dict(ENTRY, size="1"), False),
+        ("entry", dict(ENTRY, kind="dir", files=[["f", "d", 1, 2, 3, 4]]), True),
+        ("entry", dict(ENTRY, kind="dir", files=[["f", "d", 1, 2, 3]]), False),
+        ("entry", dict(ENTRY, kind="dir", files=[["f\0", "d", 1, 2, 3, 4]]), False),
+        ("entry", dict(ENTRY, kind="dir", files={}), False),
+        ("entries", [ENTRY, ENTRY], True),
+        ("entries", [ENTRY, dict(ENTRY, path=None)], False),
+        ("entries", ENTRY, False),
+        ("task", {"family": "T", "params": {}}, True),
+        ("task", {"family": "T"}, False),
+        ("dynamic", [{"family": "T", "params": {"x": "1"}, "outputs": [ENTRY]}], True),
+        ("dynamic", [{"family": "T", "params": {"x": "1"}, "outputs": [dict(ENTRY, digest=7)]}], False),
+    ],
+)
+def test_record_field_kinds(kind, value, ok):
+    problem = hc._problem(value, kind)
+    assert (problem is None) == ok, problem
+
+
+@pytest.fixture
+def built(tmp_path):
+    """A built Seed -> Upper -> Head -> Count, and the path of Head's record."""
+    root = str(tmp_path)
+    write(tmp_path / "seed.txt", "hello")
+    assert build(Count(root))
+    ran(root)
+    record_path = os.path.join(root, ".luigi_hashes", "head.txt.json")
+    built_records[record_path] = read(record_path)
+    return root, record_path
+
+
+built_records = {}  # record path -> the record as first written
+
+
+def settle(root, record_path, data):
+    """Write ``data`` as Head's record; return what complete() and verify say."""
+    with open(record_path, "wb") as f:
+        f.write(data)
+    answer = Count(root).complete()
+    status = hc._Verification(trust_mtime=True).run([record_path])[0][1]
+    return answer, status
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_fuzzed_bytes_mean_rebuild(built, data):
+    root, record_path = built
+    assert settle(root, record_path, data) == (False, "corrupt")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False)
+    | st.text(st.characters(codec="utf-8"), max_size=20) | st.just("\ud800") | st.just("\x00"),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+# Where each kind of field lives in a record, by the kind luigi_hashcheck expects there.
+FIELDS = [((key,), kind) for key, kind in hc._RECORD_FIELDS.items()]
+FIELDS += [(("task", "family"), "str"), (("task", "params"), "params")]
+FIELDS += [((where, *index, key), kind) for where, index in (("output", ()), ("inputs", (0,))) for key, kind in hc._ENTRY_FIELDS.items()]
+
+
+KIND_OF = {"str": str, "int": int, "int?": int, "params": dict, "task": dict, "entry": dict, "entries": list, "dynamic": list}
+
+
+def place(record, path):
+    """Return (container, key) of ``path`` inside ``record``."""
+    for step in path[:-1]:
+        record = record[step]
+    return record, path[-1]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_records_with_a_missing_or_mistyped_key_mean_rebuild(built, data):
+    root, record_path = built
+    record = json.loads(built_records[record_path])
+    path, kind = data.draw(st.sampled_from(FIELDS))
+    container, key = place(record, path)
+    if data.draw(st.booleans()):
+        del container[key]
+    else:
+        container[key] = data.draw(JSON_VALUES.filter(lambda value: hc._problem(value, kind) is not None))
+    assert settle(root, record_path, json.dumps(record).encode()) == (False, "corrupt")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_values_of_the_right_type_never_raise(built, data):
+    root, record_path = built
+    record = json.loads(built_records[record_path])
+    path, kind = data.draw(st.sampled_from([f for f in FIELDS if f[1] in ("str", "int", "int?")]))
+    container, key = place(record, path)
+    if kind == "str":
+        container[key] = data.draw(st.text(st.characters(codec="utf-8"), max_size=30) | st.just("\ud800\udfff") | st.just("../" * 50))
+    else:
+        container[key] = data.draw(st.integers(min_value=-(10**40), max_value=10**40))
+    answer, status = settle(root, record_path, json.dumps(record).encode())
+    assert isinstance(answer, bool) and status in hc._STATUSES
+    if answer:  # a record only vouches for what is really on disk
+        assert status == "ok"
+    assert build(Count(root))  # and a build always ends well
+
+
+def test_an_oserror_propagates_and_nothing_is_deleted(root, monkeypatch):
+    assert build(Count(root))
+    ran(root)
+    before = sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes")))
+
+    def flaky(path):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(hc, "_read_record", flaky)
+    with pytest.raises(OSError, match="Input/output"):
+        Count(root).complete()
+    assert not build(Count(root))
+    monkeypatch.undo()
+    assert ran(root) == []
+    assert sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes"))) == before
+    assert build(Count(root)) and ran(root) == []
+
+
+def test_a_write_that_fails_names_the_record_and_leaves_nothing_half_written(root, monkeypatch):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hc.os, "fsync", full_disk)  # Luigi's own writes never fsync
+    failures = failures_of(Upper, Upper(root))
+    monkeypatch.undo()
+    assert "upper.txt.json" in str(failures[0]) and "No space left" in str(failures[0])
+    assert os.listdir(os.path.join(root, ".luigi_hashes")) == [".lock"]
+    assert build(Upper(root))
+
+
+def failing(error, when):
+    """A stand-in for an os call that fails with ``error`` when ``when(path)`` holds."""
+
+    def wrap(real):
+        def call(path, *args, **kwargs):
+            if when(path if isinstance(path, int) else os.fspath(path), *args):
+                raise OSError(error, os.strerror(error), path)
+            return real(path, *args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+@pytest.mark.parametrize(
+    "name, error, when",
+    [
+        ("open", errno.EROFS, lambda path, flags, *mode: ".luigi_hashes" in path and flags & os.O_CREAT),
+        ("mkdir", errno.EACCES, lambda path, *mode: path.endswith(".luigi_hashes")),
+        ("fsync", errno.ENOSPC, lambda fd: True),
+    ],
+    ids=["read-only filesystem", "permission denied", "disk full"],
+)
+def test_an_unwritable_records_folder_fails_the_task_naming_the_record(root, monkeypatch, name, error, when):
+    monkeypatch.setattr(hc.os, name, failing(error, when)(getattr(os, name)))
+    failures = failures_of(Upper, Upper(root))
+    monkeypatch.undo()
+    assert os.path.join(root, ".luigi_hashes", "upper.txt.json") in str(failures[0])
+    assert os.strerror(error) in str(failures[0])
+    records = os.path.join(root, ".luigi_hashes")
+    assert not os.path.exists(records) or [n for n in os.listdir(records) if n != ".lock"] == []
+    assert build(Upper(root))  # and all is well once the disk is
+    assert ran(root) == ["Upper", "Upper"]
+
+
+def test_a_refresh_never_overwrites_a_newer_record(root):
+    assert build(Upper(root))
+    path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
+    newer = read(path)
+    older = dict(json.loads(newer), created_ns=1)
+    assert not hc._write_record(path, dict(older, code="x"), hc._settings(), replacing=older)
+    assert read(path) == newer
+
+
+def test_inputs_made_by_a_hashcheckingtask_are_marked_recorded_and_stay_so(root):
+    assert build(Count(root))
+    assert "recorded" not in record_of(os.path.join(root, "upper.txt"))["inputs"][0]  # Seed is raw data
+    assert record_of(os.path.join(root, "count.txt"))["inputs"][0]["recorded"] is True
+    before = record_of(os.path.join(root, "count.txt"))
+    age(root)  # the next check re-hashes, finds the same digests and refreshes the stat fields
+    assert build(Count(root))
+    after = record_of(os.path.join(root, "count.txt"))
+    assert after["inputs"][0]["mtime_ns"] != before["inputs"][0]["mtime_ns"]
+    assert after["inputs"][0]["recorded"] is True
+
+
+class Relative(HashCheckingTask):
+    """Paths relative to the working folder, so a whole tree can move."""
+
+    def requires(self):
+        return Seed("data")
+
+    def output(self):
+        return luigi.LocalTarget("out/relative.txt")
+
+    def run(self):
+        note_run(".", "Relative")
+        write(self.output().path, read(self.input().path))
+
+
+def test_a_copied_tree_stays_valid(tmp_path, monkeypatch):
+    write(tmp_path / "a" / "data" / "seed.txt", "hello")
+    monkeypatch.chdir(tmp_path / "a")
+    assert build(Relative())
+    assert record_of("out/relative.txt")["inputs"][0]["path"] == "../data/seed.txt"
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    ran(".")
+    assert build(Relative())
+    assert ran(".") == []
+
+
+class InProject(HashCheckingTask):
+    """Reads one file outside the project, by absolute path, and one inside it."""
+
+    project = luigi.Parameter()
+    shared = luigi.Parameter()
+
+    def requires(self):
+        return [Seed(os.path.dirname(self.shared), os.path.basename(self.shared)), Seed(self.project, os.path.join("data", "in.txt"))]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.project, "out", "report.txt"))
+
+    def run(self):
+        note_run(self.project, "InProject")
+        write(self.output().path, "".join(read(t.path) for t in self.input()))
+
+
+def in_project(tmp_path):
+    """A project with a luigi.cfg, and data outside it; return the task and the shared file."""
+    project, shared = tmp_path / "project", tmp_path / "shared" / "raw" / "x.csv"
+    write(project / "luigi.cfg", "[core]\n")
+    write(project / "data" / "in.txt", "in")
+    write(shared, "x")
+    return InProject(str(project), str(shared)), str(shared)
+
+
+def test_an_input_outside_the_project_is_named_absolute_so_the_project_can_move(tmp_path):
+    task, shared = in_project(tmp_path)
+    assert build(task)
+    assert ran(task.project) == ["InProject"]
+    report = os.path.join(task.project, "out", "report.txt")
+    assert [e["path"] for e in record_of(report)["inputs"]] == [shared, "../data/in.txt"]
+    looked = []
+    real_isfile = os.path.isfile
+    with pytest.MonkeyPatch.context() as patch:  # the project root is looked up once per folder and process
+        patch.setattr(os.path, "isfile", lambda path: looked.append(path) or real_isfile(path))
+        assert build(task)
+    assert ran(task.project) == [] and not [p for p in looked if str(p).endswith("luigi.cfg")]
+    moved = tmp_path / "elsewhere" / "deeper" / "project"
+    os.makedirs(moved.parent)
+    os.rename(task.project, moved)
+    assert hc.main(["verify", "--quiet", str(moved)]) == 0
+
+
+def test_the_project_root_can_be_configured(tmp_path, config):
+    task, _shared = in_project(tmp_path)
+    config("hashcheck", "root", str(tmp_path))
+    assert build(task)
+    assert [e["path"] for e in record_of(os.path.join(task.project, "out", "report.txt"))["inputs"]] == ["../../shared/raw/x.csv", "../data/in.txt"]
+
+
+def test_a_record_naming_inputs_the_old_way_stays_valid(tmp_path):
+    task, shared = in_project(tmp_path)
+    assert build(task)
+    ran(task.project)
+    report = os.path.join(task.project, "out", "report.txt")
+    record = record_of(report)
+    record["inputs"][0]["path"] = "../../shared/raw/x.csv"  # as every input was named before project roots
+    pairs = hc._pairs(record["inputs"], record["dynamic"])
+    record["input_hash"] = hc._input_hash(record["algorithm"], record["task"]["family"], record["task"]["params"], record["code"], pairs)
+    write(os.path.join(task.project, "out", ".luigi_hashes", "report.txt.json"), json.dumps(record))
+    assert build(task)
+    assert ran(task.project) == []
+    write(shared, "y")
+    assert build(task)
+    assert ran(task.project) == ["InProject"]
+
+
+###############################################################################
+# Targets #####################################################################
+###############################################################################
+
+
+class MemoryTarget(HashableTarget):
+    """A third-party target that implements only the three methods (and exists)."""
+
+    store: typing.ClassVar[dict] = {}
+
+    def __init__(self, key):
+        self.key = key
+
+    def exists(self):
+        return self.key in self.store
+
+    def write(self, data):
+        self.store[self.key] = data
+
+    def hash_content(self):
+        return hashlib.sha256(self.store[self.key].encode()).hexdigest()
+
+    def get_current_input_hash(self):
+        return self.store.get(self.key + "#input_hash")
+
+    def store_input_hash(self, input_hash):
+        self.store[self.key + "#input_hash"] = input_hash
+
+
+def make_local(tmp_path, name):
+    target = HashableLocalTarget(os.path.join(str(tmp_path), name))
+    target.write = lambda data: write(target.path, data)
+    return target
+
+
+def make_memory(tmp_path, name):
+    return MemoryTarget(f"{tmp_path}/{name}")
+
+
+def test_hashable_target_has_exactly_three_abstract_methods():
+    own = HashableTarget.__abstractmethods__ - luigi.Target.__abstractmethods__
+    assert own == {"hash_content", "get_current_input_hash", "store_input_hash"}
+    assert issubclass(HashableLocalTarget, luigi.LocalTarget)
+
+
+@pytest.mark.parametrize("make", [make_local, make_memory], ids=["local", "memory"])
+def test_hashable_target_contract(tmp_path, make):
+    target = make(tmp_path, "t.txt")
+    target.write("one")
+    first = target.hash_content()
+    assert isinstance(first, str) and first == make(tmp_path, "t.txt").hash_content()
+    target.write("two")
+    assert target.hash_content() != first
+    assert target.get_current_input_hash() is None
+    target.store_input_hash("abc123")
+    assert target.get_current_input_hash() == "abc123"
+
+
+class ToMemory(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Upper(self.root)
+
+    def output(self):
+        return MemoryTarget(self.root + "/memory")
+
+    def run(self):
+        note_run(self.root, "ToMemory")
+        self.output().write(read(self.input().path))
+
+
+def test_a_third_party_target_gets_the_input_hash_check_only(root):
+    assert build(ToMemory(root))
+    assert ran(root) == ["Upper", "ToMemory"]
+    assert build(ToMemory(root))
+    assert ran(root) == []
+    MemoryTarget(root + "/memory").write("edited by hand")  # no output-digest check
+    assert build(ToMemory(root))
+    assert ran(root) == []
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(ToMemory(root))
+    assert ran(root) == ["Upper", "ToMemory"]
+
+
+###############################################################################
+# Deciding ####################################################################
 ###############################################################################
 
 
@@ -312,47 +1844,28 @@ def test_missing_record_reruns_with_a_hint_to_adopt(root, caplog):
     assert ran(root) == ["Upper"]
 
 
-def test_same_process_rebuild_sees_an_edit_with_the_same_instances(root):
-    top = Count(root)
-    assert build(top)
-    assert Count(root) is top  # Luigi reuses task instances within a process
-    ran(root)
-    write(os.path.join(root, "seed.txt"), "world")
-    assert build(top)
-    assert ran(root) == ["Upper", "Head", "Count"]
-    assert build(top)
-    assert ran(root) == []
+LEFTOVERS = {
+    "none": None,
+    "Luigi's": "upper.txt-luigi-tmp-0123456789",
+    "ours": os.path.join(".luigi_hashes", ".upper.txt.json~elsewhere~1~aaaaaaaaaaaa.tmp"),
+    "another output's": "head.txt-luigi-tmp-0123456789",
+}
 
 
-class Chain(HashCheckingTask):
-    root = luigi.Parameter()
-    i = luigi.IntParameter()
-
-    def requires(self):
-        return Chain(self.root, self.i - 1) if self.i else Seed(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "chain", f"{self.i}.txt"))
-
-    def run(self):
-        with self.input().open() as src, self.output().open("w") as dst:
-            dst.write(src.read()[:5])
-
-
-def test_a_chain_1000_deep_needs_no_python_recursion(root):
-    top = Chain(root, 999)
-    assert build(top)
-    assert len(os.listdir(os.path.join(root, "chain"))) == 1001  # 1000 outputs and .luigi_hashes
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(200)  # far below the depth: a recursive walk would fail
-    try:
-        hc._counts.clear()
-        assert top.complete()
-        assert hc._counts["record_checks"] == 1000
-        write(os.path.join(root, "seed.txt"), "other")
-        assert not top.complete()
-    finally:
-        sys.setrecursionlimit(limit)
+@pytest.mark.parametrize("leftover", list(LEFTOVERS))
+def test_the_missing_record_warning_names_both_cases(root, caplog, leftover):
+    write(os.path.join(root, "upper.txt"), "HEL")  # a run() wrote it, then raised; or plain Luigi made it
+    if LEFTOVERS[leftover]:
+        write(os.path.join(root, LEFTOVERS[leftover]), "half")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not Upper(root).complete()
+    (message,) = [r.getMessage() for r in caplog.records if "has no record" in r.getMessage()]
+    if leftover in ("none", "another output's"):
+        assert "built before luigi_hashcheck" in message and "adopt" in message and "a run that failed left it" in message
+    else:
+        assert "probably a run that failed left it" in message and "adopt" not in message
+    assert build(Upper(root))
+    assert read(os.path.join(root, "upper.txt")) == "HELLO"
 
 
 class RawChecked(HashCheckingTask, luigi.ExternalTask):
@@ -432,189 +1945,6 @@ def test_inputs_in_another_order_rerun_with_a_hint_to_sort_them(root, monkeypatc
     assert read(os.path.join(root, "reads.txt")) == "cab"
 
 
-###############################################################################
-# Code fingerprints ###########################################################
-###############################################################################
-
-CODE = '''
-import os
-import luigi
-from luigi_hashcheck import HashCheckingTask
-
-
-def helper(text):
-    return text + "HELPER"
-
-
-class Step(HashCheckingTask):
-    """Docstring."""
-
-    root = luigi.Parameter()
-    code_version = None
-    code_dependencies = (helper,)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "step.txt"))
-
-    def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("Step\\n")
-        with self.output().open("w") as f:
-            f.write(helper("BODY"))
-'''
-
-
-@pytest.mark.parametrize(
-    "old, new, reruns",
-    [
-        ('"""Docstring."""', '"""Another docstring, longer."""', False),
-        ("    def run(self):", "    # a comment\n\n    def run(self):", False),
-        ("f.write(helper(\"BODY\"))", "f.write(  helper( \"BODY\" )  )  # spaced", False),
-        ('f.write(helper("BODY"))', 'f.write(helper("BODY2"))', True),
-        ("code_version = None", "code_version = 2", True),
-        ('return text + "HELPER"', 'return text + "HELPER2"', True),
-    ],
-    ids=["docstring", "comment", "formatting", "code", "code_version", "code_dependency"],
-)
-def test_code_fingerprint(root, old, new, reruns):
-    first = load_module(root, CODE)
-    assert build(first.Step(root))
-    assert ran(root) == ["Step"]
-    assert old in CODE
-    second = load_module(root, CODE.replace(old, new))
-    assert build(second.Step(root))
-    assert ran(root) == (["Step"] if reruns else [])
-
-
-def test_fingerprint_includes_bases_up_to_hashcheckingtask(root):
-    base = CODE.replace("class Step(HashCheckingTask):", "class Base(HashCheckingTask):\n    x = 1\n\n\nclass Step(Base):")
-    assert build(load_module(root, base).Step(root))
-    assert build(load_module(root, base).Step(root))
-    assert ran(root) == ["Step"]
-    assert build(load_module(root, base.replace("x = 1", "x = 2")).Step(root))
-    assert ran(root) == ["Step"]
-
-
-def test_fingerprint_ignores_python_version_details():
-    tree = hc.ast.parse("def f(a: int = 1):\n    '''doc'''\n    return a")
-    text = hc._ast_text(tree)
-    assert "doc" not in text and "lineno" not in text and "type_params" not in text
-    assert text == hc._ast_text(hc.ast.parse("def f(a:int=1):  # comment\n\n    return a"))
-
-
-def test_no_source_falls_back_to_a_stable_fingerprint(tmp_path):
-    script = textwrap.dedent(
-        """
-        import json, os, luigi
-        from luigi_hashcheck import HashCheckingTask
-        class Inline(HashCheckingTask):
-            def output(self):
-                return luigi.LocalTarget("inline.txt")
-            def run(self):
-                with self.output().open("w") as f:
-                    f.write("x")
-        assert luigi.build([Inline()], local_scheduler=True, log_level="INFO")
-        print(json.load(open(".luigi_hashes/inline.txt.json"))["code"])
-        """
-    )
-    first = run_python(["-c", script], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "no source for Inline" in first.stderr
-    os.remove(tmp_path / "inline.txt")
-    second = run_python(["-c", script], cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert first.stdout.split()[-1] == second.stdout.split()[-1]
-
-
-def test_code_dependencies_are_the_union_over_the_mro(root):
-    source = """
-        import luigi
-        from luigi_hashcheck import HashCheckingTask
-
-        def first(text):
-            return text + "FIRST"
-
-        def second(text):
-            return text + "SECOND"
-
-        class Parent(HashCheckingTask):
-            code_dependencies = (first,)
-
-        class Child(Parent):
-            code_dependencies = (second,)
-    """
-    before = load_module(root, source)
-    after = load_module(root, source.replace('"FIRST"', '"FIRST2"'))
-    assert hc._fingerprint(before.Child) != hc._fingerprint(after.Child)
-    assert hc._fingerprint(before.Child) == hc._fingerprint(load_module(root, source).Child)
-
-
-HELPED = """
-import os
-import luigi
-from luigi_hashcheck import HashCheckingTask
-import {helper}
-
-
-class Helped(HashCheckingTask):
-    root = luigi.Parameter()
-    code_dependencies = ({helper},)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "helped.txt"))
-
-    def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("Helped\\n")
-        with self.output().open("w") as f:
-            f.write({helper}.clean(" Text "))
-"""
-
-
-@pytest.fixture
-def helped(root, monkeypatch):
-    """A pipeline whose Helped task lists a helper module in code_dependencies."""
-    name = f"helper_{uuid.uuid4().hex[:8]}"
-    write(os.path.join(root, name + ".py"), "def clean(text):\n    return text.strip()\n")
-    monkeypatch.syspath_prepend(root)
-    pipeline = load_module(root, HELPED.format(helper=name))
-    return pipeline, sys.modules[name]
-
-
-def test_a_reloaded_helper_module_reruns_in_the_same_process(root, helped):
-    import importlib
-
-    pipeline, helper = helped
-    task = pipeline.Helped(root)
-    assert build(task)
-    assert ran(root) == ["Helped"]
-    # Edited on disk but not reloaded: the code that runs is still the old one.
-    write(helper.__file__, "def clean(text):\n    return text.strip().lower()\n")
-    assert build(task)
-    assert ran(root) == []
-    importlib.reload(helper)
-    assert build(task)
-    assert ran(root) == ["Helped"]
-    assert read(os.path.join(root, "helped.txt")) == "text"
-    assert build(task)
-    assert ran(root) == []
-
-
-def test_code_version_changed_at_run_time_reruns(root, helped):
-    pipeline, _helper = helped
-    task = pipeline.Helped(root)
-    assert build(task)
-    pipeline.Helped.code_version = "2"
-    assert build(task)
-    assert build(task)
-    assert ran(root) == ["Helped", "Helped"]
-
-
-###############################################################################
-# Targets of every shape ######################################################
-###############################################################################
-
-
 class Pair(HashCheckingTask):
     root = luigi.Parameter()
 
@@ -658,249 +1988,201 @@ def test_dict_and_list_inputs_and_outputs(root):
     assert ran(root) == ["Upper", "UsePair"]
 
 
-class Folder(HashCheckingTask):
+class Counted(HashCheckingTask):
+    """A chain whose requires() counts its calls and returns a dict, as input() must too."""
+
     root = luigi.Parameter()
-    slash = luigi.BoolParameter(significant=False)
+    i = luigi.IntParameter()
+    calls: typing.ClassVar[dict] = {}
+
+    def requires(self):
+        Counted.calls[self.i] = Counted.calls.get(self.i, 0) + 1
+        return {"before": Counted(self.root, self.i - 1) if self.i else Seed(self.root)}
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "folder" + ("/" if self.slash else "")))
+        return luigi.LocalTarget(os.path.join(self.root, f"counted-{self.i}.txt"))
 
     def run(self):
-        note_run(self.root, "Folder")
-        with self.output().temporary_path() as tmp:
-            os.makedirs(os.path.join(tmp, "sub"))
-            write(os.path.join(tmp, "one.txt"), "1")
-            write(os.path.join(tmp, "sub", "two.txt"), "2")
+        note_run(self.root, f"Counted{self.i}")
+        write(self.output().path, read(self.input()["before"].path) + "!")
 
 
-class InFolder(HashCheckingTask):
+def test_requires_is_called_once_per_task_and_build(root):
+    Counted.calls.clear()
+    assert build(Counted(root, 3))  # Luigi alone calls it three times per task run
+    assert Counted.calls == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert read(os.path.join(root, "counted-3.txt")) == "hello!!!!"
+    Counted.calls.clear()
+    assert build(Counted(root, 3))
+    assert Counted.calls == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert ran(root) == ["Counted0", "Counted1", "Counted2", "Counted3"]
+    Counted.calls.clear()
+    assert Counted(root, 3).input()["before"].path == os.path.join(root, "counted-2.txt")  # outside a build
+    assert Counted(root, 3).deps() == [Counted(root, 2)]
+    assert Counted.calls == {3: 2}
+
+
+class OwnDeps(HashCheckingTask):
+    """Defines deps() and input() of its own, both through super()."""
+
     root = luigi.Parameter()
 
     def requires(self):
-        return Folder(self.root)
+        return Upper(self.root)
+
+    def deps(self):
+        return super().deps() + [Seed(self.root, "extra.txt")]
+
+    def input(self):
+        return [super().input()]
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "folder", "inside.txt"))
+        return luigi.LocalTarget(os.path.join(self.root, "own-deps.txt"))
 
     def run(self):
-        write(self.output().path, "inside")
+        note_run(self.root, "OwnDeps")
+        write(self.output().path, read(self.input()[0].path))
 
 
-def test_directory_output(root):
-    assert build(Folder(root))
-    assert build(Folder(root, slash=True))  # folder/ and folder are one output
-    assert ran(root) == ["Folder"]
-    expected = hashlib.sha256(
-        f"{hashlib.sha256(b'1').hexdigest()}  one.txt\n{hashlib.sha256(b'2').hexdigest()}  sub/two.txt\n".encode()
-    ).hexdigest()
-    assert record_of(os.path.join(root, "folder"))["output"]["digest"] == expected
-    assert record_of(os.path.join(root, "folder"))["output"]["kind"] == "dir"
-    write(os.path.join(root, "folder", "sub", "two.txt"), "changed")
-    assert build(Folder(root))
-    assert ran(root) == ["Folder"]
+def test_a_task_with_deps_and_input_of_its_own_gets_what_it_defines(root):
+    build(OwnDeps(root))
+    assert ran(root) == ["Upper"]  # extra.txt, a dependency that is no input, is missing
+    write(os.path.join(root, "extra.txt"), "extra")
+    assert build(OwnDeps(root))
+    assert build(OwnDeps(root))
+    assert ran(root) == ["OwnDeps"]
+    assert [e["path"] for e in record_of(os.path.join(root, "own-deps.txt"))["inputs"]] == ["upper.txt"]
+    write(os.path.join(root, "seed.txt"), "world")
+    assert build(OwnDeps(root))
+    assert ran(root) == ["Upper", "OwnDeps"]
+    assert read(os.path.join(root, "own-deps.txt")) == "WORLD"
 
 
-def test_output_inside_a_directory_output_is_an_error(root):
-    assert not build(InFolder(root))
-    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
-    with pytest.raises(hc.HashCheckError, match="inside"):
-        hc._check_not_nested(hc._norm(os.path.join(root, "folder", "inside.txt")))
-
-
-class Beside(HashCheckingTask):
-    """Writes into a folder output without requiring its task."""
-
-    root = luigi.Parameter()
-    name = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "folder", self.name))
-
-    def run(self):
-        note_run(self.root, self.name)
-        write(self.output().path, "beside")
-
-
-def test_every_output_inside_a_directory_output_is_an_error(root):
-    assert build(Folder(root))
-    # The check is made once per folder and build: a refused folder must stay refused.
-    assert not build(Beside(root, "a.txt"), Beside(root, "b.txt"))
-    assert sorted(ran(root)) == ["Folder", "a.txt", "b.txt"]
-    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
-
-
-def test_recorded_digest_is_what_sha256sum_prints(root):
-    assert build(Upper(root))
-    digest = record_of(os.path.join(root, "upper.txt"))["output"]["digest"]
-    assert digest == hashlib.sha256(b"HELLO").hexdigest()
-    if shutil.which("sha256sum"):
-        out = subprocess.run(["sha256sum", os.path.join(root, "upper.txt")], capture_output=True, text=True, check=True).stdout
-        assert out.split()[0] == digest
-
-
-class FileAndFolder(HashCheckingTask):
-    """A file inside its own folder output, listed first."""
+class Parts(HashCheckingTask):
+    """requires() holds a one-shot iterator below the top level."""
 
     root = luigi.Parameter()
 
+    def requires(self):
+        return {"parts": (Seed(self.root, f"part{n}.txt") for n in range(3))}
+
     def output(self):
-        return [luigi.LocalTarget(os.path.join(self.root, "folder", "x.txt")), luigi.LocalTarget(os.path.join(self.root, "folder"))]
+        return luigi.LocalTarget(os.path.join(self.root, "joined.txt"))
 
     def run(self):
-        write(os.path.join(self.root, "folder", "x.txt"), "x")
+        write(self.output().path, "".join(read(t.path) for t in self.input()["parts"]))
 
 
-class Between(HashCheckingTask):
+def test_an_iterator_inside_requires_still_reaches_run(root):
+    for n in range(3):
+        write(os.path.join(root, f"part{n}.txt"), str(n))
+    assert build(Parts(root))
+    assert read(os.path.join(root, "joined.txt")) == "012"
+    assert len(record_of(os.path.join(root, "joined.txt"))["inputs"]) == 3
+
+
+class InputFromDeps(HashCheckingTask):
     root = luigi.Parameter()
 
     def requires(self):
-        return FileAndFolder(self.root)
+        return Seed(self.root)
+
+    def input(self):
+        return [dep.output() for dep in self.deps()]
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "between.txt"))
+        return luigi.LocalTarget(os.path.join(self.root, "input-from-deps.txt"))
 
     def run(self):
-        write(self.output().path, "between")
+        write(self.output().path, read(self.input()[0].path))
 
 
-class BesideLater(Beside):
-    def requires(self):
-        return Between(self.root)
-
-
-def test_an_output_inside_a_folder_output_written_in_the_same_build_is_an_error(root):
-    # The folder was found to hold no folder output's files when x.txt got its record; then
-    # it got a record as a folder output itself, and y.txt, later in the build, lies inside it.
-    assert not build(BesideLater(root, "y.txt"))
-    assert ran(root) == ["y.txt"]
-    assert record_of(os.path.join(root, "folder"))["output"]["kind"] == "dir"
-    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes", "y.txt.json"))
-
-
-@pytest.mark.parametrize("size", [0, 1, hc._BLOCK - 1, hc._BLOCK, hc._BLOCK + 1, 3 * hc._BLOCK + 5])
-def test_hashing_reads_every_byte_whatever_the_size(tmp_path, size):
-    data = os.urandom(size)
-    (tmp_path / "f").write_bytes(data)
-    entry = hc._hash_file(str(tmp_path / "f"), "sha256")
-    assert entry["digest"] == hashlib.sha256(data).hexdigest()
-    assert entry["size"] == size
-
-
-class Relative(HashCheckingTask):
-    """Paths relative to the working folder, so a whole tree can move."""
+class DepsFromInput(HashCheckingTask):
+    root = luigi.Parameter()
 
     def requires(self):
-        return Seed("data")
+        return Seed(self.root)
+
+    def deps(self):
+        assert self.input().exists()
+        return super().deps()
 
     def output(self):
-        return luigi.LocalTarget("out/relative.txt")
+        return luigi.LocalTarget(os.path.join(self.root, "deps-from-input.txt"))
 
     def run(self):
-        note_run(".", "Relative")
         write(self.output().path, read(self.input().path))
 
 
-def test_a_copied_tree_stays_valid(tmp_path, monkeypatch):
-    write(tmp_path / "a" / "data" / "seed.txt", "hello")
-    monkeypatch.chdir(tmp_path / "a")
-    assert build(Relative())
-    assert record_of("out/relative.txt")["inputs"][0]["path"] == "../data/seed.txt"
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    monkeypatch.chdir(tmp_path / "b")
-    ran(".")
-    assert build(Relative())
-    assert ran(".") == []
+@pytest.mark.parametrize("task", [InputFromDeps, DepsFromInput])
+def test_deps_and_input_of_its_own_may_call_each_other(root, task):
+    assert build(task(root))  # no RecursionError
+    assert read(task(root).output().path) == "hello"
+    assert build(task(root))
+    assert task(root).complete()
 
 
-def test_a_fifo_is_an_error_naming_it_and_never_blocks(root):
-    os.remove(os.path.join(root, "seed.txt"))
-    os.mkfifo(os.path.join(root, "seed.txt"))
-    with pytest.raises(hc.HashCheckError, match="seed.txt"):
-        hc._digest(os.path.join(root, "seed.txt"), "sha256")
-    assert not build(Upper(root))
-    assert ran(root) == []
+class ExtraDependency(HashCheckingTask):
+    """A dependency through _requires() that is not an input, as luigi.util.requires allows."""
 
-
-class Mocked(HashCheckingTask):
-    def output(self):
-        return luigi.mock.MockTarget("mocked")
-
-    def run(self):
-        pass
-
-
-class MockedInput(HashCheckingTask):
     root = luigi.Parameter()
 
     def requires(self):
-        return Mocked()
+        return Upper(self.root)
+
+    def _requires(self):
+        return luigi.task.flatten(self.requires()) + [Param(self.root)]
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "m.txt"))
-
-
-def test_an_unhashable_target_names_task_class_and_fix(root):
-    with pytest.raises(hc.UnhashableTargetError) as info:
-        Mocked().complete()
-    message = str(info.value)
-    assert "Mocked()" in message and "MockTarget" in message and "HashableTarget" in message
-    with pytest.raises(hc.UnhashableTargetError, match="MockTarget"):
-        MockedInput(root).complete()
-    assert not build(MockedInput(root))
-
-
-class LoopFolder(HashCheckingTask):
-    """A folder output holding a symbolic link loop, ``a -> b`` and ``b -> a``."""
-
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "looped"))
+        return luigi.LocalTarget(os.path.join(self.root, "extra.txt"))
 
     def run(self):
-        note_run(self.root, "LoopFolder")
-        with self.output().temporary_path() as tmp:
-            os.makedirs(tmp)
-            write(os.path.join(tmp, "file.txt"), "x")
-            os.symlink("b", os.path.join(tmp, "a"))
-            os.symlink("a", os.path.join(tmp, "b"))
+        note_run(self.root, "ExtraDependency")
+        write(self.output().path, read(self.input().path))
 
 
-class ReadLoopFolder(HashCheckingTask):
+def test_inputs_are_what_input_returns_even_with_extra_dependencies(root):
+    assert build(ExtraDependency(root))
+    assert [e["path"] for e in record_of(os.path.join(root, "extra.txt"))["inputs"]] == ["upper.txt"]
+    assert build(ExtraDependency(root))
+    assert ran(root).count("ExtraDependency") == 1
+
+
+class Plain(luigi.Task):
+    """A task not yet converted, between two that are."""
+
     root = luigi.Parameter()
 
     def requires(self):
-        return Seed(self.root, "raw")
+        return Upper(self.root)
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "listing.txt"))
+        return luigi.LocalTarget(os.path.join(self.root, "plain.txt"))
 
     def run(self):
-        note_run(self.root, "ReadLoopFolder")
-        write(self.output().path, " ".join(sorted(os.listdir(self.input().path))))
+        write(self.output().path, read(self.input().path))
 
 
-def test_a_symlink_loop_in_a_folder_output_or_input_counts_by_its_target(root, capsys):
-    write(os.path.join(root, "raw", "x.csv"), "1")
-    os.symlink("loop2", os.path.join(root, "raw", "loop1"))
-    os.symlink("loop1", os.path.join(root, "raw", "loop2"))
-    assert build(LoopFolder(root), ReadLoopFolder(root))
-    assert sorted(ran(root)) == ["LoopFolder", "ReadLoopFolder"]
-    files = {item[0]: item[1] for item in record_of(os.path.join(root, "looped"))["output"]["files"]}
-    assert files == {"a": "link:b", "b": "link:a", "file.txt": hashlib.sha256(b"x").hexdigest()}
-    assert build(LoopFolder(root), ReadLoopFolder(root))
-    assert ran(root) == []
-    code, out, _ = cli_main(["verify", root], capsys)
-    assert code == 0 and out.startswith("2 outputs: 2 ok"), out
-    # Pointing a looped link elsewhere changes its name, and so the digest.
-    os.remove(os.path.join(root, "raw", "loop2"))
-    os.symlink("nowhere", os.path.join(root, "raw", "loop2"))
-    code, out, _ = cli_main(["verify", root], capsys)
-    assert code == 1 and "stale" in out and "listing.txt" in out, out
-    code, out, _ = cli_main(["accept", os.path.join(root, "listing.txt")], capsys)
-    assert code == 0 and "accepted" in out, out
-    assert build(LoopFolder(root), ReadLoopFolder(root))
-    assert ran(root) == []
+class AbovePlain(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Plain(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "above.txt"))
+
+    def run(self):
+        write(self.output().path, read(self.input().path))
+
+
+def test_a_plain_task_in_between_does_not_hide_a_stale_one(root, caplog):
+    assert build(AbovePlain(root))
+    assert AbovePlain(root).complete()
+    write(os.path.join(root, "seed.txt"), "world")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not AbovePlain(root).complete()
+    assert any("Plain" in r.getMessage() and "not a HashCheckingTask" in r.getMessage() for r in caplog.records)
 
 
 class Manifest(HashCheckingTask):
@@ -947,267 +2229,150 @@ def test_an_output_inside_its_own_input_folder_is_left_out_of_its_digest(root, c
     assert ran(root) == []
 
 
-class ManifestOfFolder(Manifest):
-    """Writes into the folder output of another task it reads."""
+class TwoOutputs(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return [luigi.LocalTarget(os.path.join(self.root, name)) for name in ("a.txt", "b.txt")]
+
+    def run(self):
+        for target in self.output():
+            write(target.path, "x")
+
+
+def test_a_stale_task_gets_no_record_refreshed(root):
+    assert build(TwoOutputs(root))
+    age(root)  # both outputs touched: same bytes, a stat their records could take
+    os.remove(os.path.join(root, "b.txt"))
+    before = read(os.path.join(root, ".luigi_hashes", "a.txt.json"))
+    assert not TwoOutputs(root).complete()
+    assert read(os.path.join(root, ".luigi_hashes", "a.txt.json")) == before
+
+
+def test_a_no_op_build_writes_nothing_when_records_saw_a_file_at_different_times(root):
+    assert build(Count(root))
+    age(root)
+    assert build(Count(root))  # the records take the aged stat fields
+    # Head's record saw upper.txt hashed at another moment than Upper's did, as when Head
+    # last ran in another process: both still vouch for the file.
+    head_record = os.path.join(root, ".luigi_hashes", "head.txt.json")
+    record = json.loads(read(head_record))
+    record["inputs"][0]["hashed_ns"] += 1
+    write(head_record, json.dumps(record))
+    records = {name: read(os.path.join(root, ".luigi_hashes", name)) for name in os.listdir(os.path.join(root, ".luigi_hashes")) if name.endswith(".json")}
+    for _ in range(2):
+        hc._digest_cache.clear()
+        assert build(Count(root))
+        assert {name: read(os.path.join(root, ".luigi_hashes", name)) for name in records} == records
+    assert ran(root) == ["Upper", "Head", "Count"]
+
+
+class Chain(HashCheckingTask):
+    root = luigi.Parameter()
+    i = luigi.IntParameter()
 
     def requires(self):
-        return Folder(self.root)
+        return Chain(self.root, self.i - 1) if self.i else Seed(self.root)
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "folder", "MANIFEST"))
-
-
-def test_an_output_inside_an_input_that_is_another_tasks_folder_output_is_an_error(root):
-    failures = failures_of(ManifestOfFolder, ManifestOfFolder(root))
-    assert len(failures) == 1 and "lies inside" in str(failures[0]), failures
-    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
-
-
-@pytest.mark.parametrize("excluded", [[1], "MANIFEST", ["a\0b"]])
-def test_a_mistyped_excluded_list_means_a_damaged_record(root, excluded):
-    write(os.path.join(root, "raw", "x.csv"), "1")
-    assert build(Manifest(root))
-    path = os.path.join(root, "raw", ".luigi_hashes", "MANIFEST.json")
-    record = record_of(os.path.join(root, "raw", "MANIFEST"))
-    record["inputs"][0]["later"] = record["later"] = "a key a later version may add"
-    write(path, json.dumps(record))
-    assert hc._read_record(path) == record and Manifest(root).complete()
-    record["inputs"][0]["excluded"] = excluded
-    write(path, json.dumps(record))
-    with pytest.raises(hc._DamagedRecord, match="excluded"):
-        hc._read_record(path)
-    assert not Manifest(root).complete()
-
-
-FEATURES_V1 = """
-import os
-import luigi
-from luigi_hashcheck import HashCheckingTask
-
-
-class Features(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "data", "features"))
+        return luigi.LocalTarget(os.path.join(self.root, "chain", f"{self.i}.txt"))
 
     def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as log:
-            log.write("Features\\n")
-        os.makedirs(self.output().path)
-        with open(os.path.join(self.output().path, "all.csv"), "w") as f:
-            f.write("v1")
-"""
-
-FEATURES_V2 = FEATURES_V1.replace('"features"))', '"features", "regions.csv"))').replace(
-    """        os.makedirs(self.output().path)
-        with open(os.path.join(self.output().path, "all.csv"), "w") as f:
-            f.write("v1")""",
-    """        with self.output().open("w") as f:
-            f.write("v2")""",
-)
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read()[:5])
 
 
-def test_a_folder_output_that_became_a_file_inside_it_drops_its_stale_record(tmp_path):
-    assert FEATURES_V2 != FEATURES_V1
-    ns = f"features{uuid.uuid4().hex[:8]}"
-    script = f"import luigi, {ns}; print(luigi.build([{ns}.Features({str(tmp_path)!r})], local_scheduler=True, log_level='WARNING'))"
-    old_record = tmp_path / "data" / ".luigi_hashes" / "features.json"
-    for source, expected in ((FEATURES_V1, ["Features"]), (FEATURES_V2, ["Features"]), (FEATURES_V2, [])):
-        write(tmp_path / f"{ns}.py", source)
-        result = run_python(["-c", script], cwd=tmp_path)  # a fresh interpreter for each version
-        assert result.stdout.split() == ["True"], result.stderr
-        assert ran(str(tmp_path)) == expected
-    assert not old_record.exists()  # the record only: the files v1 wrote stay
-    assert read(tmp_path / "data" / "features" / "all.csv") == "v1"
-    assert record_of(tmp_path / "data" / "features" / "regions.csv")["output"]["digest"] == hashlib.sha256(b"v2").hexdigest()
-    assert hc.main(["verify", str(tmp_path)]) == 0
+def test_a_chain_1000_deep_needs_no_python_recursion(root):
+    top = Chain(root, 999)
+    assert build(top)
+    assert len(os.listdir(os.path.join(root, "chain"))) == 1001  # 1000 outputs and .luigi_hashes
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # far below the depth: a recursive walk would fail
+    try:
+        hc._counts.clear()
+        assert top.complete()
+        assert hc._counts["record_checks"] == 1000
+        write(os.path.join(root, "seed.txt"), "other")
+        assert not top.complete()
+    finally:
+        sys.setrecursionlimit(limit)
 
 
-def features_build(tmp_path, ns, source):
-    """Write the Features module ``ns`` as ``source`` and build it in a fresh interpreter;
-    return the tasks that ran."""
-    write(tmp_path / f"{ns}.py", source)
-    script = f"import luigi, {ns}; print(luigi.build([{ns}.Features({str(tmp_path)!r})], local_scheduler=True, log_level='WARNING'))"
-    result = run_python(["-c", script], cwd=tmp_path)
-    assert result.stdout.split() == ["True"], result.stderr
-    return ran(str(tmp_path))
+def count_build(task, **kwargs):
+    hc._counts.clear()
+    hc._digest_cache.clear()
+    assert build(task, **kwargs)
+    return hc._counts["record_checks"], hc._counts["reads"]
 
 
-@pytest.mark.parametrize("versions", [(FEATURES_V2, FEATURES_V1), (FEATURES_V1, FEATURES_V2, FEATURES_V1)], ids=["file-folder", "folder-file-folder"])
-def test_a_file_output_whose_folder_became_the_output_drops_its_stale_record(tmp_path, versions):
-    # regions.csv's record lies inside the new folder output: this task's own, for an
-    # output it no longer has, so it goes with the folder's stale contents.
-    ns = f"features{uuid.uuid4().hex[:8]}"
-    for source in versions:
-        assert features_build(tmp_path, ns, source) == ["Features"]
-        assert features_build(tmp_path, ns, source) == []  # and the next build is a no-op
-    assert sorted(os.listdir(tmp_path / "data" / "features")) == ["all.csv"]
-    assert record_of(tmp_path / "data" / "features")["output"]["kind"] == "dir"
-    assert hc.main(["verify", str(tmp_path)]) == 0
+def test_one_check_looks_at_each_file_once(tmp_path):
+    module = load_lattice(tmp_path, 4, 5)
+    assert build(module.Top(str(tmp_path)))
+    hc._counts.clear()
+    assert module.Node(str(tmp_path), 4, 0).complete()
+    # It reaches 1 + 3 + 4 + 4 + 4 tasks; each output is also the input of up to 3 of them.
+    assert hc._counts["record_checks"] == 16
+    assert hc._counts["looks"] == 16 + 4  # their outputs, and the seeds
 
 
-class FolderThenFile(FileAndFolder):
-    """FileAndFolder's outputs, the folder listed first."""
-
-    def output(self):
-        return super().output()[::-1]
-
-
-@pytest.mark.parametrize("cls", [FileAndFolder, FolderThenFile])
-def test_an_output_inside_a_folder_output_of_its_own_task_is_an_error_that_says_so(root, cls):
-    # Listed first, x.txt gets its record before the folder has one, and its record is found
-    # inside the folder when the task reruns; listed second, x.txt is found inside the folder
-    # just recorded.
-    assert build(cls(root)) is (cls is FileAndFolder)
-    os.remove(os.path.join(root, "folder", "x.txt"))
-    failures = failures_of(cls, cls(root))
-    message = str(failures[0])
-    assert len(failures) == 1 and "lies inside" in message and "same task" in message, message
-    assert "another task" not in message and "forget" not in message, message
-
-
-class Shelf(HashCheckingTask):
-    """A folder output without a name, a file inside that folder with one."""
-
-    root = luigi.Parameter()
-    name = luigi.Parameter(default="")
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "shelf", self.name))
-
-    def run(self):
-        note_run(self.root, f"Shelf({self.name})")
-        if self.name:
-            write(self.output().path, self.name)
-        else:
-            write(os.path.join(self.output().path, "one.txt"), "1")
+def test_cost_grows_linearly_with_the_lattice(tmp_path):
+    costs = {}
+    for depth in (5, 10, 20):
+        root = tmp_path / f"d{depth}"
+        root.mkdir()
+        module = load_lattice(root, 4, depth)
+        top = module.Top(str(root))
+        full = count_build(top)
+        assert len(ran(str(root))) == 4 * depth
+        noop = count_build(top)
+        assert ran(str(root)) == []
+        costs[depth] = (full, noop)
+    for depth, ((full_checks, full_reads), (noop_checks, noop_reads)) in costs.items():
+        tasks = 4 * depth
+        assert noop_checks == tasks  # each task's records looked at once per build
+        assert full_checks <= 5 * tasks  # schedule, 3 dependents' pre-run checks, its own run
+        # A full build hashes each output when it is recorded and again after each run() that
+        # read it (3 here), plus the seeds before the first layer runs. A no-op build hashes
+        # the files written under two seconds ago (all here) at every look (see _TICK_NS).
+        assert full_reads <= 4 * tasks + 4 and noop_reads <= 4 * tasks + 4
+    # Linear: each added task costs the same, whatever the size of the graph.
+    for phase in (0, 1):
+        for kind in (0, 1):
+            small = (costs[10][phase][kind] - costs[5][phase][kind]) / 20
+            large = (costs[20][phase][kind] - costs[10][phase][kind]) / 40
+            assert abs(large - small) <= 0.2 * small + 0.01
 
 
-@pytest.mark.parametrize("cls, args, folder", [(Beside, ("a.txt",), "folder"), (Shelf, ("a.txt",), "shelf")])
-def test_an_output_inside_another_tasks_folder_output_names_its_record_and_forget(root, capsys, cls, args, folder):
-    assert build(Folder(root) if folder == "folder" else Shelf(root))
-    ran(root)
-    failures = failures_of(cls, cls(root, *args))
-    assert ran(root) == ["a.txt" if cls is Beside else "Shelf(a.txt)"]
-    message = str(failures[0])
-    record = os.path.join(root, ".luigi_hashes", folder + ".json")
-    assert len(failures) == 1 and record in message, message
-    command = message.split("`")[1]
-    assert command == f"python -m luigi_hashcheck forget {os.path.join(root, folder)}"
-    assert os.path.exists(record)  # another task's record: never removed by a build
-    assert cli_main(command.split()[3:], capsys)[0] == 0
-    assert build(cls(root, *args))
-    assert os.path.exists(os.path.join(root, folder, ".luigi_hashes", "a.txt.json"))
+def counting_checks(monkeypatch, log):
+    """Count the judgements of tasks in this process and in forked workers, through a file."""
+    real = hc._judge
+
+    def counted(task, settings, cache):
+        with open(log, "a") as f:
+            f.write("x")
+        return real(task, settings, cache)
+
+    monkeypatch.setattr(hc, "_judge", counted)
 
 
-@pytest.mark.parametrize("cls, args", [(Beside, ("a.txt",)), (Shelf, ("a.txt",))])
-def test_a_folder_output_holding_another_tasks_record_names_it_and_forget(root, capsys, cls, args):
-    # The file output's task, cls(root, "a.txt"), is another task than the folder's:
-    # another family (Beside, Folder) or other parameters (Shelf).
-    folder_task = Folder(root) if cls is Beside else cls(root)
-    assert build(cls(root, *args))
-    ran(root)
-    failures = failures_of(type(folder_task), folder_task)
-    assert ran(root) == []
-    message = str(failures[0])
-    record = os.path.join(root, "folder" if cls is Beside else "shelf", ".luigi_hashes", "a.txt.json")
-    assert len(failures) == 1 and record in message, message
-    command = message.split("`")[1]
-    assert command == f"python -m luigi_hashcheck forget {os.path.join(os.path.dirname(os.path.dirname(record)), 'a.txt')}"
-    assert os.path.exists(record)  # another task's record: never removed by a build
-    assert cli_main(command.split()[3:], capsys)[0] == 0
-    assert build(folder_task)
-    assert ran(root) == ["Folder" if cls is Beside else "Shelf()"]
+def test_early_cutoff_with_forked_workers_stays_linear(tmp_path, monkeypatch):
+    checks = {}
+    for depth in (20, 40):
+        root = tmp_path / f"chain{depth}"
+        write(root / "seed.txt", "abcde-1")
+        assert build(Chain(str(root), depth - 1), workers=2)
+        write(root / "seed.txt", "abcde-2")  # Chain(0) reruns with the same first 5 bytes
+        log = tmp_path / f"checks{depth}"
+        with monkeypatch.context() as patch:
+            counting_checks(patch, log)
+            assert build(Chain(str(root), depth - 1), workers=2)
+        checks[depth] = len(read(log))
+        assert Chain(str(root), depth - 1).complete()
+    assert checks[40] <= 2.5 * checks[20], checks
 
 
 ###############################################################################
-# HashableTarget contract #####################################################
-###############################################################################
-
-
-class MemoryTarget(HashableTarget):
-    """A third-party target that implements only the three methods (and exists)."""
-
-    store: typing.ClassVar[dict] = {}
-
-    def __init__(self, key):
-        self.key = key
-
-    def exists(self):
-        return self.key in self.store
-
-    def write(self, data):
-        self.store[self.key] = data
-
-    def hash_content(self):
-        return hashlib.sha256(self.store[self.key].encode()).hexdigest()
-
-    def get_current_input_hash(self):
-        return self.store.get(self.key + "#input_hash")
-
-    def store_input_hash(self, input_hash):
-        self.store[self.key + "#input_hash"] = input_hash
-
-
-def make_local(tmp_path, name):
-    target = HashableLocalTarget(os.path.join(str(tmp_path), name))
-    target.write = lambda data: write(target.path, data)
-    return target
-
-
-def make_memory(tmp_path, name):
-    return MemoryTarget(f"{tmp_path}/{name}")
-
-
-def test_hashable_target_has_exactly_three_abstract_methods():
-    own = HashableTarget.__abstractmethods__ - luigi.Target.__abstractmethods__
-    assert own == {"hash_content", "get_current_input_hash", "store_input_hash"}
-    assert issubclass(HashableLocalTarget, luigi.LocalTarget)
-
-
-@pytest.mark.parametrize("make", [make_local, make_memory], ids=["local", "memory"])
-def test_hashable_target_contract(tmp_path, make):
-    target = make(tmp_path, "t.txt")
-    target.write("one")
-    first = target.hash_content()
-    assert isinstance(first, str) and first == make(tmp_path, "t.txt").hash_content()
-    target.write("two")
-    assert target.hash_content() != first
-    assert target.get_current_input_hash() is None
-    target.store_input_hash("abc123")
-    assert target.get_current_input_hash() == "abc123"
-
-
-class ToMemory(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Upper(self.root)
-
-    def output(self):
-        return MemoryTarget(self.root + "/memory")
-
-    def run(self):
-        note_run(self.root, "ToMemory")
-        self.output().write(read(self.input().path))
-
-
-def test_a_third_party_target_gets_the_input_hash_check_only(root):
-    assert build(ToMemory(root))
-    assert ran(root) == ["Upper", "ToMemory"]
-    assert build(ToMemory(root))
-    assert ran(root) == []
-    MemoryTarget(root + "/memory").write("edited by hand")  # no output-digest check
-    assert build(ToMemory(root))
-    assert ran(root) == []
-    write(os.path.join(root, "seed.txt"), "world")
-    assert build(ToMemory(root))
-    assert ran(root) == ["Upper", "ToMemory"]
-
-
-###############################################################################
-# Running and recording #######################################################
+# The task ####################################################################
 ###############################################################################
 
 
@@ -1266,6 +2431,157 @@ def test_check_complete_on_run_fails_a_task_that_left_an_output_unwritten(root, 
     assert not build(HalfWrittenChecked(root))
     assert ran(root) == ["HalfWritten", "HalfWrittenChecked"]
     assert "without writing its output" in caplog.text
+
+
+class Failing(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "failing.txt"))
+
+    def run(self):
+        note_run(self.root, "Failing")
+        write(self.output().path, "half")
+        if os.path.exists(os.path.join(self.root, "fail")):
+            raise RuntimeError("boom")
+
+
+def test_a_failed_run_leaves_no_record(root):
+    write(os.path.join(root, "fail"), "")
+    assert not build(Failing(root))
+    assert os.path.exists(os.path.join(root, "failing.txt"))
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "failing.txt.json"))
+    assert not Failing(root).complete()
+    os.remove(os.path.join(root, "fail"))
+    assert build(Failing(root))
+    assert build(Failing(root))
+    assert ran(root) == ["Failing", "Failing"]
+
+
+class Editor(HashCheckingTask):
+    """Edits its own input while it runs, as a second user might."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "edited.txt"))
+
+    def run(self):
+        note_run(self.root, "Editor")
+        text = read(self.input().path)
+        if os.path.exists(os.path.join(self.root, "edit-during-run")):
+            os.remove(os.path.join(self.root, "edit-during-run"))
+            write(self.input().path, text + " and more")
+        write(self.output().path, text)
+
+
+def test_an_input_edited_during_run_fails_the_task_and_records_nothing(root):
+    write(os.path.join(root, "edit-during-run"), "")
+    failures = failures_of(Editor, Editor(root))
+    assert isinstance(failures[0], hc.InputChangedError)
+    assert "seed.txt" in str(failures[0])
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "edited.txt.json"))
+    assert not Editor(root).complete()
+    assert build(Editor(root))
+    assert ran(root) == ["Editor", "Editor"]
+    assert read(os.path.join(root, "edited.txt")) == "hello and more"
+
+
+class SameStatEditor(HashCheckingTask):
+    """Rewrites its input, made moments ago in the same build, without changing its stat."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Upper(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "same-stat.txt"))
+
+    def run(self):
+        note_run(self.root, "SameStatEditor")
+        path = self.input().path
+        text = read(path)
+        st = os.stat(path)
+        with open(path, "r+") as f:  # same size, same inode
+            f.write(text.lower())
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+        write(self.output().path, text)
+
+
+def test_an_input_rewritten_during_run_with_the_same_stat_is_caught(root):
+    # Before run() the input's digest may come from when Upper recorded it; only hashing
+    # it again after run() can tell that it changed.
+    failures = failures_of(SameStatEditor, SameStatEditor(root))
+    assert isinstance(failures[0], hc.InputChangedError)
+    assert "upper.txt" in str(failures[0])
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "same-stat.txt.json"))
+
+
+def lattice_output(path, root):
+    """What a lattice node's output must hold, computed from its inputs' current bytes."""
+    name = os.path.basename(path)[1:-4]
+    layer, i = (int(x) for x in name.split("-"))
+    width = len([n for n in os.listdir(root) if n.startswith("seed-")])
+    if layer == 0:
+        sources = [os.path.join(root, f"seed-{i}.txt")]
+    else:
+        sources = [os.path.join(root, f"n{layer - 1}-{(i + k) % width}.txt") for k in range(3)]
+    text = "".join(read(p) for p in sources)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_records_are_true(root):
+    """Every record parses, and none vouches for an output its inputs did not make."""
+    records = os.path.join(root, ".luigi_hashes")
+    checker = hc._Verification(trust_mtime=False)
+    for name in os.listdir(records):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        record_path = os.path.join(records, name)
+        assert hc._read_record(record_path) is not None
+        status, _reason, _ = checker.own(record_path)
+        output = hc._output_of(record_path)
+        if status == "ok":
+            assert read(output) == lattice_output(output, root), f"{output} recorded as made from inputs it was not made from"
+
+
+def crash_rounds(tmp_path, rounds, seed):
+    """Kill 3-worker builds at random moments, checking after each that no record lies."""
+    import random
+    import signal
+
+    rng = random.Random(seed)
+    module = load_lattice(tmp_path, 4, 5, pause=0.3)  # a build takes some seconds
+    killed = 0
+    for _ in range(rounds):
+        for i in rng.sample(range(4), 2):  # make much of the graph stale again
+            write(tmp_path / f"seed-{i}.txt", f"seed {i} {rng.random()}")
+        process = start_build(tmp_path, module, workers=3)
+        time.sleep(rng.uniform(0.5, 2.5))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        killed += process.wait(timeout=30) == -signal.SIGKILL
+        process.stderr.close()
+        check_records_are_true(str(tmp_path))
+    assert killed, "no build was killed before it finished"
+    process = start_build(tmp_path, module, workers=3)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()
+    check_records_are_true(str(tmp_path))
+    assert hc.main(["verify", "--quiet", str(tmp_path)]) == 0
+
+
+def test_builds_killed_at_random_moments_never_leave_a_false_record(tmp_path):
+    crash_rounds(tmp_path, rounds=5, seed=2024)
+
+
+@pytest.mark.slow
+def test_fifty_kills(tmp_path):
+    crash_rounds(tmp_path, rounds=50, seed=7)
 
 
 class Leaf(HashCheckingTask):
@@ -1404,837 +2720,787 @@ def test_a_dynamic_dependency_whose_default_changes_in_luigi_cfg_reruns(root, co
     assert read(os.path.join(root, "yields-configured.txt")) == "1"
 
 
-class Editor(HashCheckingTask):
-    """Edits its own input while it runs, as a second user might."""
+class HiddenLeaf(HashCheckingTask):
+    root = luigi.Parameter()
+    token = luigi.Parameter(visibility=luigi.parameter.ParameterVisibility.HIDDEN)
 
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "hidden-leaf.txt"))
+
+    def run(self):
+        write(self.output().path, self.token)
+
+
+class HiddenTop(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "hidden-top.txt"))
+
+    def run(self):
+        leaf = yield HiddenLeaf(self.root, token="t1")
+        note_run(self.root, "HiddenTop")
+        write(self.output().path, read(leaf.path))
+
+
+def test_a_dynamic_dependency_with_a_hidden_parameter_can_be_rebuilt(root):
+    assert build(HiddenTop(root))
+    assert build(HiddenTop(root))
+    assert ran(root) == ["HiddenTop"]
+
+
+class InFolder(HashCheckingTask):
     root = luigi.Parameter()
 
     def requires(self):
-        return Seed(self.root)
+        return Folder(self.root)
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "edited.txt"))
+        return luigi.LocalTarget(os.path.join(self.root, "folder", "inside.txt"))
 
     def run(self):
-        note_run(self.root, "Editor")
-        text = read(self.input().path)
-        if os.path.exists(os.path.join(self.root, "edit-during-run")):
-            os.remove(os.path.join(self.root, "edit-during-run"))
-            write(self.input().path, text + " and more")
-        write(self.output().path, text)
+        write(self.output().path, "inside")
 
 
-def test_an_input_edited_during_run_fails_the_task_and_records_nothing(root):
-    write(os.path.join(root, "edit-during-run"), "")
-    failures = failures_of(Editor, Editor(root))
-    assert isinstance(failures[0], hc.InputChangedError)
-    assert "seed.txt" in str(failures[0])
-    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "edited.txt.json"))
-    assert not Editor(root).complete()
-    assert build(Editor(root))
-    assert ran(root) == ["Editor", "Editor"]
-    assert read(os.path.join(root, "edited.txt")) == "hello and more"
+def test_output_inside_a_directory_output_is_an_error(root):
+    assert not build(InFolder(root))
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
+    with pytest.raises(hc.HashCheckError, match="inside"):
+        hc._check_not_nested(hc._norm(os.path.join(root, "folder", "inside.txt")))
 
 
-class SameStatEditor(HashCheckingTask):
-    """Rewrites its input, made moments ago in the same build, without changing its stat."""
-
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Upper(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "same-stat.txt"))
-
-    def run(self):
-        note_run(self.root, "SameStatEditor")
-        path = self.input().path
-        text = read(path)
-        st = os.stat(path)
-        with open(path, "r+") as f:  # same size, same inode
-            f.write(text.lower())
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
-        write(self.output().path, text)
-
-
-def test_an_input_rewritten_during_run_with_the_same_stat_is_caught(root):
-    # Before run() the input's digest may come from when Upper recorded it; only hashing
-    # it again after run() can tell that it changed.
-    failures = failures_of(SameStatEditor, SameStatEditor(root))
-    assert isinstance(failures[0], hc.InputChangedError)
-    assert "upper.txt" in str(failures[0])
-    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "same-stat.txt.json"))
-
-
-class Failing(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "failing.txt"))
-
-    def run(self):
-        note_run(self.root, "Failing")
-        write(self.output().path, "half")
-        if os.path.exists(os.path.join(self.root, "fail")):
-            raise RuntimeError("boom")
-
-
-def test_a_failed_run_leaves_no_record(root):
-    write(os.path.join(root, "fail"), "")
-    assert not build(Failing(root))
-    assert os.path.exists(os.path.join(root, "failing.txt"))
-    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "failing.txt.json"))
-    assert not Failing(root).complete()
-    os.remove(os.path.join(root, "fail"))
-    assert build(Failing(root))
-    assert build(Failing(root))
-    assert ran(root) == ["Failing", "Failing"]
-
-
-###############################################################################
-# Records #####################################################################
-###############################################################################
-
-DAMAGE = {
-    "empty": lambda text: "",
-    "truncated": lambda text: text[: len(text) // 2],
-    "not JSON": lambda text: "this is not json",
-    "not an object": lambda text: "[1, 2, 3]",
-    "unknown format": lambda text: text.replace('"format": 1', '"format": 99'),
-    "missing key": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "output"}),
-    "mistyped key": lambda text: json.dumps(dict(json.loads(text), created_ns="yesterday")),
-    "mistyped entry": lambda text: json.dumps(dict(json.loads(text), inputs=[{"path": 1}])),
-    "unknown algorithm": lambda text: text.replace('"sha256"', '"rot13"'),
-    "huge number": lambda text: json.dumps(dict(json.loads(text), format=10**400)),
-    "mistyped files of an input": lambda text: json.dumps(dict(json.loads(text), inputs=[dict(json.loads(text)["inputs"][0], files=[1, 2])])),
-}
-
-
-@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
-def test_a_damaged_record_means_rebuild_with_one_warning(root, damage, caplog):
-    assert build(Count(root))
-    ran(root)
-    path = os.path.join(root, ".luigi_hashes", "head.txt.json")
-    write(path, DAMAGE[damage](read(path)))
-    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
-        assert not Count(root).complete()
-        assert build(Count(root))
-    warned = [r for r in caplog.records if "damaged record" in r.getMessage()]
-    assert len(warned) == 1 and path in warned[0].getMessage()
-    assert ran(root) == ["Head"]
-    assert record_of(os.path.join(root, "head.txt"))["format"] == 1
-
-
-def test_a_record_that_is_a_directory_or_a_symlink_is_damaged(root):
-    assert build(Upper(root))
-    path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
-    os.remove(path)
-    os.mkdir(path)
-    with pytest.raises(hc._DamagedRecord):
-        hc._read_record(path)
-    os.rmdir(path)
-    os.symlink(os.path.join(root, "seed.txt"), path)
-    with pytest.raises(hc._DamagedRecord, match="symbolic link"):
-        hc._read_record(path)
-    assert not Upper(root).complete()
-
-
-def test_an_oserror_propagates_and_nothing_is_deleted(root, monkeypatch):
-    assert build(Count(root))
-    ran(root)
-    before = sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes")))
-
-    def flaky(path):
-        raise OSError(errno.EIO, "Input/output error", path)
-
-    monkeypatch.setattr(hc, "_read_record", flaky)
-    with pytest.raises(OSError, match="Input/output"):
-        Count(root).complete()
-    assert not build(Count(root))
-    monkeypatch.undo()
-    assert ran(root) == []
-    assert sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes"))) == before
-    assert build(Count(root)) and ran(root) == []
-
-
-def test_a_write_that_fails_names_the_record_and_leaves_nothing_half_written(root, monkeypatch):
-    def full_disk(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(hc.os, "fsync", full_disk)  # Luigi's own writes never fsync
-    failures = failures_of(Upper, Upper(root))
-    monkeypatch.undo()
-    assert "upper.txt.json" in str(failures[0]) and "No space left" in str(failures[0])
-    assert os.listdir(os.path.join(root, ".luigi_hashes")) == [".lock"]
-    assert build(Upper(root))
-
-
-def test_records_refuse_a_symlinked_records_folder(root, tmp_path_factory):
-    elsewhere = tmp_path_factory.mktemp("elsewhere")
-    os.symlink(elsewhere, os.path.join(root, ".luigi_hashes"))
-    assert not build(Upper(root))
-    assert os.listdir(elsewhere) == []
-    with pytest.raises(hc.HashCheckError, match="symbolic link"):
-        hc._records_folder(root)
-
-
-def test_algorithm_is_configurable_and_each_record_keeps_its_own(root, config):
-    config("hashcheck", "algorithm", "md5")
-    assert build(Upper(root))
-    record = record_of(os.path.join(root, "upper.txt"))
-    assert record["algorithm"] == "md5" and record["output"]["digest"] == hashlib.md5(b"HELLO").hexdigest()
-    config("hashcheck", "algorithm", "sha256")
-    assert build(Upper(root))
-    assert ran(root) == ["Upper"]  # the md5 record still checks with md5
-
-
-@pytest.mark.parametrize("name", ["shake_128", "no-such-hash"])
-def test_a_bad_algorithm_is_a_clear_configuration_error(root, config, name):
-    config("hashcheck", "algorithm", name)
-    with pytest.raises(hc.ConfigError, match=name):
-        Upper(root).complete()
-
-
-class LongName(HashCheckingTask):
-    """Upper's text under an output name of its own; ``writer`` says who writes the file."""
+class Beside(HashCheckingTask):
+    """Writes into a folder output without requiring its task."""
 
     root = luigi.Parameter()
     name = luigi.Parameter()
-    writer = luigi.ChoiceParameter(choices=["open", "run"])
-
-    def requires(self):
-        return Seed(self.root)
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, self.name))
+        return luigi.LocalTarget(os.path.join(self.root, "folder", self.name))
 
     def run(self):
-        note_run(self.root, "LongName")
-        text = read(self.input().path).upper()
-        if self.writer == "open":  # through Luigi's -luigi-tmp- file, which limits the name to 234
-            with self.output().open("w") as dst:
-                dst.write(text)
+        note_run(self.root, self.name)
+        write(self.output().path, "beside")
+
+
+def test_every_output_inside_a_directory_output_is_an_error(root):
+    assert build(Folder(root))
+    # The check is made once per folder and build: a refused folder must stay refused.
+    assert not build(Beside(root, "a.txt"), Beside(root, "b.txt"))
+    assert sorted(ran(root)) == ["Folder", "a.txt", "b.txt"]
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
+
+
+class FileAndFolder(HashCheckingTask):
+    """A file inside its own folder output, listed first."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return [luigi.LocalTarget(os.path.join(self.root, "folder", "x.txt")), luigi.LocalTarget(os.path.join(self.root, "folder"))]
+
+    def run(self):
+        write(os.path.join(self.root, "folder", "x.txt"), "x")
+
+
+class Between(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return FileAndFolder(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "between.txt"))
+
+    def run(self):
+        write(self.output().path, "between")
+
+
+class BesideLater(Beside):
+    def requires(self):
+        return Between(self.root)
+
+
+def test_an_output_inside_a_folder_output_written_in_the_same_build_is_an_error(root):
+    # The folder was found to hold no folder output's files when x.txt got its record; then
+    # it got a record as a folder output itself, and y.txt, later in the build, lies inside it.
+    assert not build(BesideLater(root, "y.txt"))
+    assert ran(root) == ["y.txt"]
+    assert record_of(os.path.join(root, "folder"))["output"]["kind"] == "dir"
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes", "y.txt.json"))
+
+
+class ManifestOfFolder(Manifest):
+    """Writes into the folder output of another task it reads."""
+
+    def requires(self):
+        return Folder(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "folder", "MANIFEST"))
+
+
+def test_an_output_inside_an_input_that_is_another_tasks_folder_output_is_an_error(root):
+    failures = failures_of(ManifestOfFolder, ManifestOfFolder(root))
+    assert len(failures) == 1 and "lies inside" in str(failures[0]), failures
+    assert not os.path.exists(os.path.join(root, "folder", ".luigi_hashes"))
+
+
+class FolderThenFile(FileAndFolder):
+    """FileAndFolder's outputs, the folder listed first."""
+
+    def output(self):
+        return super().output()[::-1]
+
+
+@pytest.mark.parametrize("cls", [FileAndFolder, FolderThenFile])
+def test_an_output_inside_a_folder_output_of_its_own_task_is_an_error_that_says_so(root, cls):
+    # Listed first, x.txt gets its record before the folder has one, and its record is found
+    # inside the folder when the task reruns; listed second, x.txt is found inside the folder
+    # just recorded.
+    assert build(cls(root)) is (cls is FileAndFolder)
+    os.remove(os.path.join(root, "folder", "x.txt"))
+    failures = failures_of(cls, cls(root))
+    message = str(failures[0])
+    assert len(failures) == 1 and "lies inside" in message and "same task" in message, message
+    assert "another task" not in message and "forget" not in message, message
+
+
+class Shelf(HashCheckingTask):
+    """A folder output without a name, a file inside that folder with one."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter(default="")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "shelf", self.name))
+
+    def run(self):
+        note_run(self.root, f"Shelf({self.name})")
+        if self.name:
+            write(self.output().path, self.name)
         else:
-            write(self.output().path, text)
+            write(os.path.join(self.output().path, "one.txt"), "1")
 
 
-def long_name(length, char="n"):
-    """An output name of ``length`` characters, one of them ``x``, the rest ``char``."""
-    return "x" + char * (length - 5) + ".txt"
+@pytest.mark.parametrize("cls, args, folder", [(Beside, ("a.txt",), "folder"), (Shelf, ("a.txt",), "shelf")])
+def test_an_output_inside_another_tasks_folder_output_names_its_record_and_forget(root, capsys, cls, args, folder):
+    assert build(Folder(root) if folder == "folder" else Shelf(root))
+    ran(root)
+    failures = failures_of(cls, cls(root, *args))
+    assert ran(root) == ["a.txt" if cls is Beside else "Shelf(a.txt)"]
+    message = str(failures[0])
+    record = os.path.join(root, ".luigi_hashes", folder + ".json")
+    assert len(failures) == 1 and record in message, message
+    command = message.split("`")[1]
+    assert command == f"python -m luigi_hashcheck forget {os.path.join(root, folder)}"
+    assert os.path.exists(record)  # another task's record: never removed by a build
+    assert cli_main(command.split()[3:], capsys)[0] == 0
+    assert build(cls(root, *args))
+    assert os.path.exists(os.path.join(root, folder, ".luigi_hashes", "a.txt.json"))
 
 
-LONG_NAMES = [(215, "n", "open"), (234, "n", "open"), (240, "n", "run"), (251, "n", "run"), (255, "n", "run"), (126, "é", "run")]
-
-
-@pytest.mark.parametrize("length, char, writer", LONG_NAMES)
-def test_long_output_names_get_shortened_records(root, length, char, writer):
-    name = long_name(length, char)
-    assert len(name.encode()) <= 255
-    task = LongName(root, name, writer)
-    assert build(task)
-    assert ran(root) == ["LongName"]
-    assert build(task)
+@pytest.mark.parametrize("cls, args", [(Beside, ("a.txt",)), (Shelf, ("a.txt",))])
+def test_a_folder_output_holding_another_tasks_record_names_it_and_forget(root, capsys, cls, args):
+    # The file output's task, cls(root, "a.txt"), is another task than the folder's:
+    # another family (Beside, Folder) or other parameters (Shelf).
+    folder_task = Folder(root) if cls is Beside else cls(root)
+    assert build(cls(root, *args))
+    ran(root)
+    failures = failures_of(type(folder_task), folder_task)
     assert ran(root) == []
-    records = os.listdir(os.path.join(root, ".luigi_hashes"))
-    assert all(len(n.encode()) <= hc._NAME_LIMIT for n in records)
-    (record_name,) = [n for n in records if n.endswith(".json")]
-    record_path = os.path.join(root, ".luigi_hashes", record_name)
-    assert hc._read_record(record_path)["output"]["path"] == name  # the full name lives inside
-    assert hc._output_of(record_path) == os.path.join(root, name)
-    write(os.path.join(root, "seed.txt"), "world")
-    assert build(task)
-    assert ran(root) == ["LongName"]
-    assert read(os.path.join(root, name)) == "WORLD"
+    message = str(failures[0])
+    record = os.path.join(root, "folder" if cls is Beside else "shelf", ".luigi_hashes", "a.txt.json")
+    assert len(failures) == 1 and record in message, message
+    command = message.split("`")[1]
+    assert command == f"python -m luigi_hashcheck forget {os.path.join(os.path.dirname(os.path.dirname(record)), 'a.txt')}"
+    assert os.path.exists(record)  # another task's record: never removed by a build
+    assert cli_main(command.split()[3:], capsys)[0] == 0
+    assert build(folder_task)
+    assert ran(root) == ["Folder" if cls is Beside else "Shelf()"]
 
 
-def test_shortened_record_names_keep_long_names_apart(tmp_path):
-    a, b = long_name(250) + "a", long_name(250) + "b"
-    paths = {hc._record_path(str(tmp_path / n)) for n in (a, b)}
-    assert len(paths) == 2 and all(len(os.path.basename(p).encode()) <= hc._NAME_LIMIT for p in paths)
-    assert hc._record_path(str(tmp_path / "short.txt")).endswith(os.path.join(".luigi_hashes", "short.txt.json"))
-
-
-def test_a_shortened_record_cannot_point_at_another_output(root):
-    task = LongName(root, long_name(240), "run")
-    assert build(task)
-    (record_path,) = [os.path.join(root, ".luigi_hashes", n) for n in os.listdir(os.path.join(root, ".luigi_hashes")) if n.endswith(".json")]
-    record = json.loads(read(record_path))
-    record["output"]["path"] = "seed.txt"
-    write(record_path, json.dumps(record))
-    assert hc._output_of(record_path) != os.path.join(root, "seed.txt")
-
-
-def test_inputs_made_by_a_hashcheckingtask_are_marked_recorded_and_stay_so(root):
-    assert build(Count(root))
-    assert "recorded" not in record_of(os.path.join(root, "upper.txt"))["inputs"][0]  # Seed is raw data
-    assert record_of(os.path.join(root, "count.txt"))["inputs"][0]["recorded"] is True
-    before = record_of(os.path.join(root, "count.txt"))
-    age(root)  # the next check re-hashes, finds the same digests and refreshes the stat fields
-    assert build(Count(root))
-    after = record_of(os.path.join(root, "count.txt"))
-    assert after["inputs"][0]["mtime_ns"] != before["inputs"][0]["mtime_ns"]
-    assert after["inputs"][0]["recorded"] is True
-
-
-LEFTOVERS = {
-    "none": None,
-    "Luigi's": "upper.txt-luigi-tmp-0123456789",
-    "ours": os.path.join(".luigi_hashes", ".upper.txt.json~elsewhere~1~aaaaaaaaaaaa.tmp"),
-    "another output's": "head.txt-luigi-tmp-0123456789",
-}
-
-
-@pytest.mark.parametrize("leftover", list(LEFTOVERS))
-def test_the_missing_record_warning_names_both_cases(root, caplog, leftover):
-    write(os.path.join(root, "upper.txt"), "HEL")  # a run() wrote it, then raised; or plain Luigi made it
-    if LEFTOVERS[leftover]:
-        write(os.path.join(root, LEFTOVERS[leftover]), "half")
-    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
-        assert not Upper(root).complete()
-    (message,) = [r.getMessage() for r in caplog.records if "has no record" in r.getMessage()]
-    if leftover in ("none", "another output's"):
-        assert "built before luigi_hashcheck" in message and "adopt" in message and "a run that failed left it" in message
-    else:
-        assert "probably a run that failed left it" in message and "adopt" not in message
-    assert build(Upper(root))
-    assert read(os.path.join(root, "upper.txt")) == "HELLO"
-
-
-class InProject(HashCheckingTask):
-    """Reads one file outside the project, by absolute path, and one inside it."""
-
-    project = luigi.Parameter()
-    shared = luigi.Parameter()
-
-    def requires(self):
-        return [Seed(os.path.dirname(self.shared), os.path.basename(self.shared)), Seed(self.project, os.path.join("data", "in.txt"))]
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.project, "out", "report.txt"))
-
-    def run(self):
-        note_run(self.project, "InProject")
-        write(self.output().path, "".join(read(t.path) for t in self.input()))
-
-
-def in_project(tmp_path):
-    """A project with a luigi.cfg, and data outside it; return the task and the shared file."""
-    project, shared = tmp_path / "project", tmp_path / "shared" / "raw" / "x.csv"
-    write(project / "luigi.cfg", "[core]\n")
-    write(project / "data" / "in.txt", "in")
-    write(shared, "x")
-    return InProject(str(project), str(shared)), str(shared)
-
-
-def test_an_input_outside_the_project_is_named_absolute_so_the_project_can_move(tmp_path):
-    task, shared = in_project(tmp_path)
-    assert build(task)
-    assert ran(task.project) == ["InProject"]
-    report = os.path.join(task.project, "out", "report.txt")
-    assert [e["path"] for e in record_of(report)["inputs"]] == [shared, "../data/in.txt"]
-    looked = []
-    real_isfile = os.path.isfile
-    with pytest.MonkeyPatch.context() as patch:  # the project root is looked up once per folder and process
-        patch.setattr(os.path, "isfile", lambda path: looked.append(path) or real_isfile(path))
-        assert build(task)
-    assert ran(task.project) == [] and not [p for p in looked if str(p).endswith("luigi.cfg")]
-    moved = tmp_path / "elsewhere" / "deeper" / "project"
-    os.makedirs(moved.parent)
-    os.rename(task.project, moved)
-    assert hc.main(["verify", "--quiet", str(moved)]) == 0
-
-
-def test_the_project_root_can_be_configured(tmp_path, config):
-    task, _shared = in_project(tmp_path)
-    config("hashcheck", "root", str(tmp_path))
-    assert build(task)
-    assert [e["path"] for e in record_of(os.path.join(task.project, "out", "report.txt"))["inputs"]] == ["../../shared/raw/x.csv", "../data/in.txt"]
-
-
-def test_a_record_naming_inputs_the_old_way_stays_valid(tmp_path):
-    task, shared = in_project(tmp_path)
-    assert build(task)
-    ran(task.project)
-    report = os.path.join(task.project, "out", "report.txt")
-    record = record_of(report)
-    record["inputs"][0]["path"] = "../../shared/raw/x.csv"  # as every input was named before project roots
-    pairs = hc._pairs(record["inputs"], record["dynamic"])
-    record["input_hash"] = hc._input_hash(record["algorithm"], record["task"]["family"], record["task"]["params"], record["code"], pairs)
-    write(os.path.join(task.project, "out", ".luigi_hashes", "report.txt.json"), json.dumps(record))
-    assert build(task)
-    assert ran(task.project) == []
-    write(shared, "y")
-    assert build(task)
-    assert ran(task.project) == ["InProject"]
-
-
-def test_a_long_host_name_keeps_temporary_names_short(tmp_path):
-    code = "import socket; socket.gethostname = lambda: 'h' * 250; import luigi_hashcheck as hc; print(hc._HOST)"
-    result = run_python(["-c", code], cwd=tmp_path)
-    host = result.stdout.strip()
-    assert result.returncode == 0 and 0 < len(host) <= 64, result.stderr
-    assert run_python(["-c", code], cwd=tmp_path).stdout.strip() == host  # the same in every process
-
-
-###############################################################################
-# Cost ########################################################################
-###############################################################################
-
-
-def test_unchanged_files_are_not_hashed_again(root):
-    assert build(Count(root))
-    age(root)
-    assert build(Count(root))  # re-hashes the aged files once and refreshes the records
-    hc._digest_cache.clear()  # as a new process would start
-    hc._counts.clear()
-    assert build(Count(root))
-    assert hc._counts["reads"] == 0
-    then = time.time() - 50
-    os.utime(os.path.join(root, "seed.txt"), (then, then))  # touched, same bytes
-    hc._digest_cache.clear()
-    hc._counts.clear()
-    assert build(Count(root))
-    assert hc._counts["reads"] == 1
-    hc._digest_cache.clear()
-    hc._counts.clear()
-    assert build(Count(root))  # the touch's new stat fields were recorded
-    assert hc._counts["reads"] == 0
-    assert ran(root) == ["Upper", "Head", "Count"]
-
-
-def test_a_no_op_build_writes_nothing_when_records_saw_a_file_at_different_times(root):
-    assert build(Count(root))
-    age(root)
-    assert build(Count(root))  # the records take the aged stat fields
-    # Head's record saw upper.txt hashed at another moment than Upper's did, as when Head
-    # last ran in another process: both still vouch for the file.
-    head_record = os.path.join(root, ".luigi_hashes", "head.txt.json")
-    record = json.loads(read(head_record))
-    record["inputs"][0]["hashed_ns"] += 1
-    write(head_record, json.dumps(record))
-    records = {name: read(os.path.join(root, ".luigi_hashes", name)) for name in os.listdir(os.path.join(root, ".luigi_hashes")) if name.endswith(".json")}
-    for _ in range(2):
-        hc._digest_cache.clear()
-        assert build(Count(root))
-        assert {name: read(os.path.join(root, ".luigi_hashes", name)) for name in records} == records
-    assert ran(root) == ["Upper", "Head", "Count"]
-
-
-class TwoOutputs(HashCheckingTask):
+class Inner(HashCheckingTask):
     root = luigi.Parameter()
 
     def output(self):
-        return [luigi.LocalTarget(os.path.join(self.root, name)) for name in ("a.txt", "b.txt")]
+        return luigi.LocalTarget(os.path.join(self.root, "outer", "inner.txt"))
 
     def run(self):
-        for target in self.output():
-            write(target.path, "x")
+        write(self.output().path, "inner")
 
 
-def test_a_stale_task_gets_no_record_refreshed(root):
-    assert build(TwoOutputs(root))
-    age(root)  # both outputs touched: same bytes, a stat their records could take
-    os.remove(os.path.join(root, "b.txt"))
-    before = read(os.path.join(root, ".luigi_hashes", "a.txt.json"))
-    assert not TwoOutputs(root).complete()
-    assert read(os.path.join(root, ".luigi_hashes", "a.txt.json")) == before
-
-
-def test_trust_mtime_false_hashes_every_time(root, config):
-    assert build(Count(root))
-    age(root)
-    config("hashcheck", "trust_mtime", "false")
-    hc._counts.clear()
-    assert build(Count(root))
-    assert hc._counts["reads"] >= 4  # seed, upper, head, count at least
-
-
-def test_a_rewrite_within_one_tick_is_caught(root):
-    seed = os.path.join(root, "seed.txt")
-    assert build(Upper(root))
-    st = os.stat(seed)
-    with open(seed, "r+") as f:  # same size, same inode, same mtime
-        f.write("jello")
-    os.utime(seed, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert (os.stat(seed).st_size, os.stat(seed).st_ino, os.stat(seed).st_mtime_ns) == (st.st_size, st.st_ino, st.st_mtime_ns)
-    assert not Upper(root).complete()
-
-
-class Counted(HashCheckingTask):
-    """A chain whose requires() counts its calls and returns a dict, as input() must too."""
-
-    root = luigi.Parameter()
-    i = luigi.IntParameter()
-    calls: typing.ClassVar[dict] = {}
-
-    def requires(self):
-        Counted.calls[self.i] = Counted.calls.get(self.i, 0) + 1
-        return {"before": Counted(self.root, self.i - 1) if self.i else Seed(self.root)}
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, f"counted-{self.i}.txt"))
-
-    def run(self):
-        note_run(self.root, f"Counted{self.i}")
-        write(self.output().path, read(self.input()["before"].path) + "!")
-
-
-def test_requires_is_called_once_per_task_and_build(root):
-    Counted.calls.clear()
-    assert build(Counted(root, 3))  # Luigi alone calls it three times per task run
-    assert Counted.calls == {0: 1, 1: 1, 2: 1, 3: 1}
-    assert read(os.path.join(root, "counted-3.txt")) == "hello!!!!"
-    Counted.calls.clear()
-    assert build(Counted(root, 3))
-    assert Counted.calls == {0: 1, 1: 1, 2: 1, 3: 1}
-    assert ran(root) == ["Counted0", "Counted1", "Counted2", "Counted3"]
-    Counted.calls.clear()
-    assert Counted(root, 3).input()["before"].path == os.path.join(root, "counted-2.txt")  # outside a build
-    assert Counted(root, 3).deps() == [Counted(root, 2)]
-    assert Counted.calls == {3: 2}
-
-
-class OwnDeps(HashCheckingTask):
-    """Defines deps() and input() of its own, both through super()."""
+class Outer(HashCheckingTask):
+    """A folder output that would swallow the output of a task it requires."""
 
     root = luigi.Parameter()
 
     def requires(self):
-        return Upper(self.root)
-
-    def deps(self):
-        return super().deps() + [Seed(self.root, "extra.txt")]
-
-    def input(self):
-        return [super().input()]
+        return Inner(self.root)
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "own-deps.txt"))
+        return luigi.LocalTarget(os.path.join(self.root, "outer"))
 
     def run(self):
-        note_run(self.root, "OwnDeps")
-        write(self.output().path, read(self.input()[0].path))
+        write(os.path.join(self.output().path, "more.txt"), "more")
 
 
-def test_a_task_with_deps_and_input_of_its_own_gets_what_it_defines(root):
-    build(OwnDeps(root))
-    assert ran(root) == ["Upper"]  # extra.txt, a dependency that is no input, is missing
-    write(os.path.join(root, "extra.txt"), "extra")
-    assert build(OwnDeps(root))
-    assert build(OwnDeps(root))
-    assert ran(root) == ["OwnDeps"]
-    assert [e["path"] for e in record_of(os.path.join(root, "own-deps.txt"))["inputs"]] == ["upper.txt"]
-    write(os.path.join(root, "seed.txt"), "world")
-    assert build(OwnDeps(root))
-    assert ran(root) == ["Upper", "OwnDeps"]
-    assert read(os.path.join(root, "own-deps.txt")) == "WORLD"
+def test_a_folder_output_holding_another_output_is_refused_before_anything_is_removed(root):
+    failures = failures_of(Outer, Outer(root))
+    assert "inner.txt" in str(failures[0]) and "folder output of Outer" in str(failures[0])
+    assert read(os.path.join(root, "outer", "inner.txt")) == "inner"
+    assert Inner(root).complete()
 
 
-class Parts(HashCheckingTask):
-    """requires() holds a one-shot iterator below the top level."""
-
-    root = luigi.Parameter()
-
-    def requires(self):
-        return {"parts": (Seed(self.root, f"part{n}.txt") for n in range(3))}
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "joined.txt"))
-
-    def run(self):
-        write(self.output().path, "".join(read(t.path) for t in self.input()["parts"]))
-
-
-def test_an_iterator_inside_requires_still_reaches_run(root):
-    for n in range(3):
-        write(os.path.join(root, f"part{n}.txt"), str(n))
-    assert build(Parts(root))
-    assert read(os.path.join(root, "joined.txt")) == "012"
-    assert len(record_of(os.path.join(root, "joined.txt"))["inputs"]) == 3
-
-
-class InputFromDeps(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Seed(self.root)
-
-    def input(self):
-        return [dep.output() for dep in self.deps()]
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "input-from-deps.txt"))
-
-    def run(self):
-        write(self.output().path, read(self.input()[0].path))
-
-
-class DepsFromInput(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Seed(self.root)
-
-    def deps(self):
-        assert self.input().exists()
-        return super().deps()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "deps-from-input.txt"))
-
-    def run(self):
-        write(self.output().path, read(self.input().path))
-
-
-@pytest.mark.parametrize("task", [InputFromDeps, DepsFromInput])
-def test_deps_and_input_of_its_own_may_call_each_other(root, task):
-    assert build(task(root))  # no RecursionError
-    assert read(task(root).output().path) == "hello"
-    assert build(task(root))
-    assert task(root).complete()
-
-
-def lattice(width, depth, pause=0.0, namespace=None):
-    source = f'''
-import hashlib
+FEATURES_V1 = """
 import os
-import time
 import luigi
 from luigi_hashcheck import HashCheckingTask
 
 
-class Node(HashCheckingTask):
-    task_namespace = {namespace!r}
+class Features(HashCheckingTask):
     root = luigi.Parameter()
-    layer = luigi.IntParameter()
-    i = luigi.IntParameter()
-
-    def requires(self):
-        if self.layer == 0:
-            return Src(self.root, self.i)
-        return [Node(self.root, self.layer - 1, (self.i + k) % {width}) for k in range(3)]
 
     def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, f"n{{self.layer}}-{{self.i}}.txt"))
+        return luigi.LocalTarget(os.path.join(self.root, "data", "features"))
 
     def run(self):
-        time.sleep({pause})
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write(f"{{self.task_id}}\\n")
-        text = "".join(open(t.path).read() for t in luigi.task.flatten(self.input()))
-        with self.output().open("w") as f:
-            f.write(hashlib.sha256(text.encode()).hexdigest()[:16])
+        with open(os.path.join(self.root, "runs.log"), "a") as log:
+            log.write("Features\\n")
+        os.makedirs(self.output().path)
+        with open(os.path.join(self.output().path, "all.csv"), "w") as f:
+            f.write("v1")
+"""
 
 
-class Src(luigi.ExternalTask):
-    task_namespace = {namespace!r}
-    root = luigi.Parameter()
-    i = luigi.IntParameter()
+FEATURES_V2 = FEATURES_V1.replace('"features"))', '"features", "regions.csv"))').replace(
+    """        os.makedirs(self.output().path)
+        with open(os.path.join(self.output().path, "all.csv"), "w") as f:
+            f.write("v1")""",
+    """        with self.output().open("w") as f:
+            f.write("v2")""",
+)
 
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, f"seed-{{self.i}}.txt"))
+
+def test_a_folder_output_that_became_a_file_inside_it_drops_its_stale_record(tmp_path):
+    assert FEATURES_V2 != FEATURES_V1
+    ns = f"features{uuid.uuid4().hex[:8]}"
+    script = f"import luigi, {ns}; print(luigi.build([{ns}.Features({str(tmp_path)!r})], local_scheduler=True, log_level='WARNING'))"
+    old_record = tmp_path / "data" / ".luigi_hashes" / "features.json"
+    for source, expected in ((FEATURES_V1, ["Features"]), (FEATURES_V2, ["Features"]), (FEATURES_V2, [])):
+        write(tmp_path / f"{ns}.py", source)
+        result = run_python(["-c", script], cwd=tmp_path)  # a fresh interpreter for each version
+        assert result.stdout.split() == ["True"], result.stderr
+        assert ran(str(tmp_path)) == expected
+    assert not old_record.exists()  # the record only: the files v1 wrote stay
+    assert read(tmp_path / "data" / "features" / "all.csv") == "v1"
+    assert record_of(tmp_path / "data" / "features" / "regions.csv")["output"]["digest"] == hashlib.sha256(b"v2").hexdigest()
+    assert hc.main(["verify", str(tmp_path)]) == 0
 
 
-class Top(luigi.WrapperTask):
-    task_namespace = {namespace!r}
+def features_build(tmp_path, ns, source):
+    """Write the Features module ``ns`` as ``source`` and build it in a fresh interpreter;
+    return the tasks that ran."""
+    write(tmp_path / f"{ns}.py", source)
+    script = f"import luigi, {ns}; print(luigi.build([{ns}.Features({str(tmp_path)!r})], local_scheduler=True, log_level='WARNING'))"
+    result = run_python(["-c", script], cwd=tmp_path)
+    assert result.stdout.split() == ["True"], result.stderr
+    return ran(str(tmp_path))
+
+
+@pytest.mark.parametrize("versions", [(FEATURES_V2, FEATURES_V1), (FEATURES_V1, FEATURES_V2, FEATURES_V1)], ids=["file-folder", "folder-file-folder"])
+def test_a_file_output_whose_folder_became_the_output_drops_its_stale_record(tmp_path, versions):
+    # regions.csv's record lies inside the new folder output: this task's own, for an
+    # output it no longer has, so it goes with the folder's stale contents.
+    ns = f"features{uuid.uuid4().hex[:8]}"
+    for source in versions:
+        assert features_build(tmp_path, ns, source) == ["Features"]
+        assert features_build(tmp_path, ns, source) == []  # and the next build is a no-op
+    assert sorted(os.listdir(tmp_path / "data" / "features")) == ["all.csv"]
+    assert record_of(tmp_path / "data" / "features")["output"]["kind"] == "dir"
+    assert hc.main(["verify", str(tmp_path)]) == 0
+
+
+class RunsInAMixin:
+    def run(self):
+        note_run(self.root, "Mixed")
+        write(self.output().path, read(self.input().path))
+
+
+class Mixed(RunsInAMixin, HashCheckingTask):
     root = luigi.Parameter()
 
     def requires(self):
-        return [Node(self.root, {depth - 1}, i) for i in range({width})]
-'''
-    return source
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "mixed.txt"))
 
 
-def load_lattice(root, width, depth, pause=0.0):
-    """Write seeds and import a lattice module; its families are namespaced by its name."""
-    for i in range(width):
-        write(os.path.join(str(root), f"seed-{i}.txt"), f"seed {i}")
-    name = f"lattice_{uuid.uuid4().hex[:10]}"
-    return load_module(root, lattice(width, depth, pause, namespace=name), name=name)
+def test_a_run_inherited_from_a_mixin_is_recorded(root):
+    assert build(Mixed(root))
+    assert build(Mixed(root))
+    assert ran(root) == ["Mixed"]
+    assert record_of(os.path.join(root, "mixed.txt"))["inputs"][0]["path"] == "seed.txt"
 
 
-def count_build(task, **kwargs):
-    hc._counts.clear()
-    hc._digest_cache.clear()
-    assert build(task, **kwargs)
-    return hc._counts["record_checks"], hc._counts["reads"]
+def test_batch_method_parameters_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+
+        class Batched(HashCheckingTask):
+            day = luigi.Parameter(batch_method=",".join)
+
+    assert any("batch_method" in r.getMessage() and "Batched" in r.getMessage() for r in caplog.records)
 
 
-def test_one_check_looks_at_each_file_once(tmp_path):
-    module = load_lattice(tmp_path, 4, 5)
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def test_verify_all_ok(cli, capsys):
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 0
+    assert out.strip() == "3 outputs: 3 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded"
+
+
+def test_verify_every_status_and_propagation_along_the_chain(cli, capsys):
+    write("raw.txt", "world")  # A stale; B and C stale through it
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1
+    lines = out.splitlines()
+    assert any(line.startswith("stale") and "a.txt: input raw.txt changed" in line for line in lines)
+    assert any(line.startswith("stale") and os.path.join("sub", "b.txt") + ": upstream a.txt is stale" in line for line in lines)
+    assert any(line.startswith("stale") and "c.txt: upstream " + os.path.join("sub", "b.txt") + " is stale" in line for line in lines)
+    write("raw.txt", "hello")
+    write("sub/b.txt", "edited")  # modified outranks nothing; C is stale through B
+    os.remove("c.txt")  # missing outranks the upstream problem
+    write(".luigi_hashes/a.txt.json", "{")  # corrupt
+    code, out, _ = cli_main(["verify", "--json"], capsys)
+    assert code == 1
+    entries = {entry["path"]: entry for entry in json.loads(out)["outputs"]}
+    assert entries["a.txt"]["status"] == "corrupt" and "not JSON" in entries["a.txt"]["reason"]
+    assert entries[os.path.join("sub", "b.txt")]["status"] == "modified"
+    assert entries["c.txt"]["status"] == "missing"
+    assert json.loads(out)["counts"] == {"ok": 0, "stale": 0, "modified": 1, "missing": 1, "corrupt": 1, "unrecorded": 0}
+
+
+def test_verify_a_single_output_and_a_directory_output(cli, capsys, tmp_path):
+    code, out, _ = cli_main(["verify", "sub/b.txt"], capsys)
+    assert code == 0 and out.startswith("1 outputs")
+    assert build(Folder(str(tmp_path)))
+    code, out, _ = cli_main(["verify", "--json", "folder"], capsys)  # the folder is one output
+    assert code == 0 and [e["path"] for e in json.loads(out)["outputs"]] == ["folder"]
+    write("folder/one.txt", "changed")
+    code, out, _ = cli_main(["verify", "folder/"], capsys)
+    assert code == 1 and out.startswith("modified  folder")
+
+
+def test_verify_no_trust_mtime_sees_a_same_tick_rewrite_only_when_asked(cli, capsys):
+    age(".")
+    cli_main(["accept", "."], capsys)  # records now vouch for the aged stat fields
+    st = os.stat("a.txt")
+    with open("a.txt", "r+") as f:
+        f.write("J")  # same size, inode and mtime: only a hash can tell
+    os.utime("a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cli_main(["verify", "a.txt"], capsys)[0] == 0
+    code, out, _ = cli_main(["verify", "--no-trust-mtime", "a.txt"], capsys)
+    assert code == 1 and out.startswith("modified")
+
+
+def test_verify_follows_trust_mtime_in_luigi_cfg(cli, capsys, config):
+    age(".")
+    cli_main(["accept", "."], capsys)
+    st = os.stat("a.txt")
+    with open("a.txt", "r+") as f:
+        f.write("J")
+    os.utime("a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    config("hashcheck", "trust_mtime", "false")
+    code, out, _ = cli_main(["verify", "a.txt"], capsys)
+    assert code == 1 and out.startswith("modified")
+
+
+def test_verify_usage_errors_exit_2(cli, capsys):
+    code, _, err = cli_main(["verify", "no-such-path"], capsys)
+    assert code == 2 and "no-such-path" in err
+    code, _, err = cli_main(["verify", "raw.txt"], capsys)
+    assert code == 2 and "has no record" in err
+    assert cli_main(["verify", "--bogus"], capsys)[0] == 2
+    assert cli_main(["frobnicate"], capsys)[0] == 2
+    assert cli_main([], capsys)[0] == 2
+    code, out, _ = cli_main(["verify", "--help"], capsys)
+    assert code == 0 and "--no-trust-mtime" in out
+
+
+def test_verify_ignores_leftover_temporary_files(cli, capsys):
+    write(".luigi_hashes/.a.txt.json~host~99999~0123456789ab.tmp", "{half")
+    assert cli_main(["verify"], capsys)[0] == 0
+
+
+def test_verify_needs_no_pipeline_code_and_writes_nothing(cli, tmp_path_factory):
+    root = os.getcwd()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.remove(f"{cli.__name__}.py")  # the pipeline cannot be imported at all
+    before = snapshot(root)
+    env = {"PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-m", "luigi_hashcheck", "verify", root], cwd=elsewhere,
+                            capture_output=True, text=True, env=dict(os.environ, **env), check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "3 ok" in result.stdout
+    write(os.path.join(root, "raw.txt"), "changed")
+    result = subprocess.run([sys.executable, "-m", "luigi_hashcheck", "verify", "--quiet", root], cwd=elsewhere,
+                            capture_output=True, text=True, env=dict(os.environ, **env), check=False, timeout=60)
+    assert result.returncode == 1 and "stale" in result.stdout
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if not k.endswith("raw.txt")} == {k: v for k, v in before.items() if not k.endswith("raw.txt")}
+
+
+def test_verify_calls_an_input_whose_record_is_gone_unrecorded(cli, capsys):
+    assert cli_main(["accept", "c.txt"], capsys)[0] == 0
+    assert record_of("c.txt")["inputs"][0]["recorded"] is True  # accept keeps the key
+    os.remove(os.path.join("sub", ".luigi_hashes", "b.txt.json"))
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1
+    b = os.path.join("sub", "b.txt")
+    assert f"unrecorded {b}: no record, though c.txt reads it as a HashCheckingTask's output" in out
+    assert f"stale     c.txt: upstream {b} is unrecorded" in out
+    assert out.splitlines()[-1] == "3 outputs: 1 ok, 1 stale, 0 modified, 0 missing, 0 corrupt, 1 unrecorded"
+    code, out, _ = cli_main(["verify", "--json", "c.txt"], capsys)
+    document = json.loads(out)
+    assert code == 1 and document["counts"]["unrecorded"] == 1
+    assert [(e["path"], e["status"]) for e in document["outputs"]] == [("c.txt", "stale"), (b, "unrecorded")]
+    # A record written before the key existed says nothing of its inputs' records.
+    record_path = os.path.join(".luigi_hashes", "c.txt.json")
+    record = json.loads(read(record_path))
+    del record["inputs"][0]["recorded"]
+    write(record_path, json.dumps(record))
+    assert cli_main(["verify"], capsys)[:2] == (0, "2 outputs: 2 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded\n")
+
+
+def test_verify_of_a_tree_without_records_exits_1(tmp_path, monkeypatch, capsys):
+    write(tmp_path / "plain" / "out.txt", "built by plain Luigi")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_main(["verify"], capsys)
+    assert code == 1 and "no records under ." in err and out.startswith("0 outputs")
+    code, out, err = cli_main(["verify", "--json", "plain"], capsys)
+    assert code == 1 and "no records under plain" in err and json.loads(out)["outputs"] == []
+
+
+def test_verify_forget_and_accept_find_shortened_records(cli, capsys):
+    name = long_name(255)
+    write("seed.txt", "hello")
+    assert build(LongName(".", name, "run"))
+    code, out, _ = cli_main(["verify", "--json"], capsys)
+    statuses = {entry["path"]: entry["status"] for entry in json.loads(out)["outputs"]}
+    assert code == 0 and statuses[name] == "ok"
+    write("seed.txt", "world")  # a harmless change, say
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1 and f"stale     {name}: input seed.txt changed" in out
+    code, out, _ = cli_main(["accept", "."], capsys)
+    assert code == 0 and f"accepted {name}: seed.txt" in out
+    assert cli_main(["verify", name], capsys)[0] == 0
+    code, out, _ = cli_main(["forget", name], capsys)
+    assert code == 0 and out.startswith(f"forgot {name}\n")
+    assert [n for n in os.listdir(".luigi_hashes") if n.startswith("x")] == []
+
+
+class Marker(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, ".done"))
+
+    def run(self):
+        write(self.output().path, "done")
+
+
+def test_verify_and_forget_find_outputs_whose_names_start_with_a_dot(root, capsys):
+    assert build(Marker(root))
+    code, out, _ = cli_main(["verify", root], capsys)
+    assert code == 0 and out.startswith("1 outputs")
+    write(os.path.join(root, ".done"), "changed")
+    assert cli_main(["verify", root], capsys)[0] == 1
+    cli_main(["forget", root], capsys)
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", ".done.json"))
+
+
+def test_verify_shows_progress_only_on_a_terminal(monkeypatch, capsys):
+    clock = itertools.count()
+    monkeypatch.setattr(hc.time, "monotonic", lambda: next(clock) * 0.5)
+    monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: True, raising=False)
+    report = hc._progress(10)
+    for done in range(1, 6):
+        report(done)
+    assert "checked 5 records" in capsys.readouterr().err
+    monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: False, raising=False)
+    assert hc._progress(10) is None
+
+
+def test_show_keeps_a_path_on_another_drive(monkeypatch):
+    def other_drive(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(hc.os.path, "relpath", other_drive)
+    assert hc._show("/data/x") == "/data/x"
+
+
+def test_hostile_records_cannot_hang_or_reach_outside(tmp_path_factory, capsys):
+    root = tmp_path_factory.mktemp("tree")
+    outside = tmp_path_factory.mktemp("outside")
+    write(outside / "precious.txt", "keep me")
+    write(root / "out.txt", "output")
+    os.mkfifo(root / "fifo")
+    os.symlink(outside / "precious.txt", root / "link")
+    records = root / ".luigi_hashes"
+    records.mkdir()
+    entry = {"kind": "file", "digest": "0" * 64, "size": 1, "mtime_ns": 1, "inode": 1, "hashed_ns": 1}
+    hostile = [str(outside / "precious.txt"), "../" * 30 + "dev/zero", "/dev/zero", "link", "fifo", "../" + outside.name + "/precious.txt"]
+    record = {
+        "format": 1, "algorithm": "sha256", "created_ns": 1, "task": {"family": "X", "params": {}}, "code": "c",
+        "input_hash": "h", "output": dict(entry, path="out.txt"),
+        "inputs": [dict(entry, path=p) for p in hostile],
+        "dynamic": [{"family": "os.system", "params": {"command": "touch /tmp/pwned"}, "outputs": [dict(entry, path="/dev/zero")]}],
+    }
+    write(records / "out.txt.json", json.dumps(record))
+    os.symlink(outside / "precious.txt", records / "evil.json")  # a record that is a link
+    before_outside = snapshot(outside)
+    outputs_before = {p: read(root / p) for p in ("out.txt",)}
+    # Each command in a fresh interpreter with a timeout: a hang fails the test, not CI.
+    for command in (["verify", str(root)], ["accept", str(root)], ["verify", "--no-trust-mtime", str(root)], ["forget", str(root)]):
+        result = run_python(["-m", "luigi_hashcheck", *command], cwd=root, timeout=60)
+        assert result.returncode in (0, 1), result.stderr
+    assert snapshot(outside) == before_outside
+    assert {p: read(root / p) for p in outputs_before} == outputs_before
+    assert os.path.exists(root / "fifo") and os.path.islink(root / "link")
+    assert not os.path.exists("/tmp/pwned") or os.path.getmtime("/tmp/pwned") < time.time() - 60
+    assert sorted(os.listdir(records)) == [".lock"]  # forget removed both records, links only
+
+
+def test_explain_says_why_and_writes_nothing(cli, capsys):
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert code == 0 and "4 tasks: 4 ok" in out
+    write("raw.txt", "world")
+    before = snapshot(".")
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert snapshot(".") == before
+    assert code == 1
+    lines = out.splitlines()
+    assert "upstream task" in lines[0] and "will run" in lines[0]
+    assert any("input raw.txt changed" in line for line in lines)
+    assert any(line.strip().startswith("ok") and "Raw" in line for line in lines)
+    assert ran(".") == []
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda: os.remove("c.txt"), "output missing"),
+        (lambda: write("c.txt", "x"), "output modified"),
+        (lambda: os.remove(".luigi_hashes/c.txt.json"), "no record"),
+    ],
+    ids=["missing", "modified", "no record"],
+)
+def test_explain_reasons(cli, capsys, change, reason):
+    change()
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert code == 1 and reason in out.splitlines()[0]
+
+
+def test_explain_parameters_and_code_changed(cli, capsys, tmp_path):
+    record = json.loads(read(".luigi_hashes/c.txt.json"))
+    write(".luigi_hashes/c.txt.json", json.dumps(dict(record, code="0" * 64)))
+    assert "code changed" in cli_main(["explain", *cli.task("C")], capsys)[1]
+    write(".luigi_hashes/c.txt.json", json.dumps(dict(record, task={"family": record["task"]["family"], "params": {"root": "elsewhere"}})))
+    assert "parameters changed" in cli_main(["explain", *cli.task("C")], capsys)[1]
+
+
+def test_explain_bad_task_exits_2(cli, capsys):
+    code, _, err = cli_main(["explain", "--module", "no_such_module_here", "X"], capsys)
+    assert code == 2 and "no_such_module_here" in err
+    assert cli_main(["explain", *cli.task("C"), "--no-such-flag", "1"], capsys)[0] == 2
+    code, _, err = cli_main(["explain"], capsys)
+    assert code == 2 and "needs a task" in err
+    code, _, err = cli_main(["explain", "--module", cli.__name__, f"{cli.__name__}.C"], capsys)  # --root missing
+    assert code == 2 and "root" in err
+    code, out, _ = cli_main(["explain", "--help"], capsys)
+    assert code == 0 and "--module" in out
+
+
+def test_explain_under_a_wrapper_task_writes_nothing(tmp_path, capsys, monkeypatch):
+    module = load_lattice(tmp_path, 3, 3)
     assert build(module.Top(str(tmp_path)))
-    hc._counts.clear()
-    assert module.Node(str(tmp_path), 4, 0).complete()
-    # It reaches 1 + 3 + 4 + 4 + 4 tasks; each output is also the input of up to 3 of them.
-    assert hc._counts["record_checks"] == 16
-    assert hc._counts["looks"] == 16 + 4  # their outputs, and the seeds
+    age(tmp_path)  # every record's stat fields are now out of date: a check would refresh them
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = snapshot(tmp_path)
+    args = ["--module", module.__name__, f"{module.__name__}.Top", "--root", str(tmp_path)]
+    assert cli_main(["explain", *args], capsys)[0] == 0
+    assert cli_main(["adopt", "--dry-run", *args], capsys)[0] == 0
+    assert snapshot(tmp_path) == before
 
 
-def test_cost_grows_linearly_with_the_lattice(tmp_path):
-    costs = {}
-    for depth in (5, 10, 20):
-        root = tmp_path / f"d{depth}"
-        root.mkdir()
-        module = load_lattice(root, 4, depth)
-        top = module.Top(str(root))
-        full = count_build(top)
-        assert len(ran(str(root))) == 4 * depth
-        noop = count_build(top)
-        assert ran(str(root)) == []
-        costs[depth] = (full, noop)
-    for depth, ((full_checks, full_reads), (noop_checks, noop_reads)) in costs.items():
-        tasks = 4 * depth
-        assert noop_checks == tasks  # each task's records looked at once per build
-        assert full_checks <= 5 * tasks  # schedule, 3 dependents' pre-run checks, its own run
-        # A full build hashes each output when it is recorded and again after each run() that
-        # read it (3 here), plus the seeds before the first layer runs. A no-op build hashes
-        # the files written under two seconds ago (all here) at every look (see _TICK_NS).
-        assert full_reads <= 4 * tasks + 4 and noop_reads <= 4 * tasks + 4
-    # Linear: each added task costs the same, whatever the size of the graph.
-    for phase in (0, 1):
-        for kind in (0, 1):
-            small = (costs[10][phase][kind] - costs[5][phase][kind]) / 20
-            large = (costs[20][phase][kind] - costs[10][phase][kind]) / 40
-            assert abs(large - small) <= 0.2 * small + 0.01
+@pytest.mark.parametrize("flag", [["--hashcheck-algorithm", "sha257"], ["--hashcheck-lock-timeout", "soon"], ["--hashcheck-trust-mtime", "maybe"]])
+def test_bad_configuration_on_the_command_line_exits_2(cli, capsys, flag):
+    code, _, err = cli_main(["explain", *cli.task("C"), *flag], capsys)
+    assert code == 2 and err.startswith("luigi-hashcheck:")
+
+
+def test_adopt_a_tree_built_by_plain_luigi_then_nothing_runs(tmp_path, monkeypatch, capsys):
+    ns = f"plain{uuid.uuid4().hex[:8]}"
+    write(tmp_path / "raw.txt", "hello")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = load_module(tmp_path, CLI_PIPELINE.format(base="luigi.Task", ns=ns + "p"), name=ns + "p")
+    assert build(plain.C("."))
+    assert ran(".") == ["A", "B", "C"]
+    os.remove("a.txt")  # one output lost: its task is left alone, and named
+    converted = load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    args = ["adopt", "--module", ns, f"{ns}.C", "--root", "."]
+    before = snapshot(".")
+    code, out, _ = cli_main([args[0], "--dry-run", *args[1:]], capsys)
+    assert snapshot(".") == before
+    assert code == 1 and "left alone" in out and "a.txt" in out and "would record" in out
+    assert build(converted.A("."))
+    ran(".")
+    code, out, _ = cli_main(args, capsys)
+    assert code == 0 and "recorded" in out and "b.txt" in out and "c.txt" in out
+    assert build(converted.C("."))
+    assert ran(".") == []
+
+
+def test_adopt_accepts_a_harmless_code_change(cli, capsys, tmp_path):
+    # A real change to C's code that does not alter its output.
+    edited = CLI_PIPELINE.format(base="HashCheckingTask", ns=cli.__name__).replace('dst.write(src.read() + "?")', 'dst.write((src.read() + "?").strip())')
+    module = load_module(tmp_path, edited, name=cli.__name__)
+    assert not module.C(".").complete()
+    # A fresh process, as a user would run it: this one now holds two classes named C.
+    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    assert f"recorded {cli.__name__}.C" in result.stdout and "recorded" not in result.stdout.replace(f"recorded {cli.__name__}.C", "")
+    assert build(module.C("."))
+    assert ran(".") == []
+
+
+DYNAMIC_PIPELINE = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+BASE = {base}
+
+
+class Leaf(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "leaf.txt"))
+
+    def run(self):
+        with self.output().open("w") as f:
+            f.write("leaf")
+
+
+class Top(BASE):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "top.txt"))
+
+    def run(self):
+        leaf = yield Leaf(self.root)
+        with leaf.open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + "!")
+"""
+
+
+def test_adopt_leaves_a_task_with_dynamic_dependencies_alone(tmp_path, monkeypatch, capsys):
+    ns = f"dyn{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = load_module(tmp_path, DYNAMIC_PIPELINE.format(base="luigi.Task", ns=ns + "p"), name=ns + "p")
+    assert build(plain.Top("."))
+    converted = load_module(tmp_path, DYNAMIC_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    code, out, _ = cli_main(["adopt", "--module", ns, f"{ns}.Top", "--root", "."], capsys)
+    assert code == 1 and "yields dynamic dependencies" in out
+    assert not os.path.exists(".luigi_hashes/top.txt.json")
+    assert build(converted.Top("."))  # a run records what it yields
+    assert len(record_of("top.txt")["dynamic"]) == 1
+    write(".luigi_hashes/ignored", "")
+    code, out, _ = cli_main(["adopt", "--module", ns, f"{ns}.Top", "--root", "."], capsys)
+    assert code == 0  # now everything is recorded
+
+
+def test_forget_removes_records_and_leaves_outputs(cli, capsys):
+    outputs = {p: read(p) for p in ("a.txt", "sub/b.txt", "c.txt", "raw.txt")}
+    code, out, _ = cli_main(["forget", "sub/b.txt"], capsys)
+    assert code == 0 and "forgot" in out
+    assert not os.path.exists("sub/.luigi_hashes/b.txt.json") and os.path.exists(".luigi_hashes/a.txt.json")
+    code, _, _ = cli_main(["forget", "."], capsys)
+    assert code == 0
+    assert not os.path.exists(".luigi_hashes/a.txt.json") and not os.path.exists(".luigi_hashes/c.txt.json")
+    assert {p: read(p) for p in outputs} == outputs
+    assert cli_main(["forget", "nowhere"], capsys)[0] == 2
+    assert cli_main(["forget"], capsys)[0] == 2
+
+
+def test_forget_reports_a_folder_named_like_a_record(cli, capsys):
+    os.mkdir(".luigi_hashes/odd.json")
+    code, out, _ = cli_main(["forget", "."], capsys)
+    assert code == 1 and "is a folder" in out
+    assert os.path.isdir(".luigi_hashes/odd.json") and not os.path.exists(".luigi_hashes/a.txt.json")
+
+
+def test_accept_a_harmless_change_then_nothing_runs(cli, capsys):
+    write("raw.txt", "hello ")  # a change the user knows is harmless to A
+    code, out, _ = cli_main(["accept", "a.txt"], capsys)
+    assert code == 0 and "accepted a.txt: raw.txt" in out
+    assert cli_main(["verify"], capsys)[0] == 0
+    assert build(cli.C("."))
+    assert ran(".") == []
+    os.remove("a.txt")
+    code, out, _ = cli_main(["accept", "a.txt"], capsys)
+    assert code == 1 and "cannot accept" in out
+
+
+def test_python_dash_m_keeps_hashcheck_flags(cli):
+    # python -m runs the file as __main__; without the hand-off, a second hashcheck Config
+    # would make Luigi drop --hashcheck-algorithm ("unrecognized arguments").
+    os.remove(".luigi_hashes/a.txt.json")
+    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C"), "--hashcheck-algorithm", "md5"], cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(read(".luigi_hashes/a.txt.json"))["algorithm"] == "md5"
+
+
+def test_explain_adopt_forget_and_accept_as_subprocesses(cli):
+    write("raw.txt", "world")
+    result = run_python(["-m", "luigi_hashcheck", "explain", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 1 and "input raw.txt changed" in result.stdout, result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "accept", "a.txt"], cwd=os.getcwd())
+    assert result.returncode == 0 and "accepted a.txt" in result.stdout, result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "explain", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 0, result.stdout
+    result = run_python(["-m", "luigi_hashcheck", "forget", "c.txt"], cwd=os.getcwd())
+    assert result.returncode == 0 and "forgot c.txt" in result.stdout
+    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C")], cwd=os.getcwd())
+    assert result.returncode == 0 and "recorded" in result.stdout and "c.txt" in result.stdout, result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "verify", "--json"], cwd=os.getcwd())
+    assert result.returncode == 0 and json.loads(result.stdout)["counts"]["ok"] == 3
+
+
+def test_console_script_is_the_same_entry_point(cli):
+    script = shutil.which("luigi-hashcheck", path=os.path.dirname(sys.executable)) or shutil.which("luigi-hashcheck")
+    if script is None:
+        pytest.skip("luigi-hashcheck is not installed here (pip install -e . installs it)")
+    result = subprocess.run([script, "verify"], capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0 and "3 ok" in result.stdout
+    result = subprocess.run([script, "verify", "nowhere"], capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 2 and "nowhere" in result.stderr
 
 
 ###############################################################################
-# Builds ######################################################################
+# Platform ####################################################################
 ###############################################################################
-
-
-def test_workers_4(tmp_path):
-    module = load_lattice(tmp_path, 4, 5)
-    top = module.Top(str(tmp_path))
-    assert build(top, workers=4)
-    assert len(ran(str(tmp_path))) == 20
-    assert build(top, workers=4)
-    assert ran(str(tmp_path)) == []
-    write(tmp_path / "seed-1.txt", "changed")  # n0-1 and everything built on it rerun
-    assert build(top, workers=4)
-    assert len(ran(str(tmp_path))) == 1 + 3 + 4 + 4 + 4
-
-
-def test_parallel_scheduling_checks_in_a_pool(root):
-    # [core] parallel_scheduling calls complete() in a multiprocessing pool: tasks must pickle.
-    assert build(Count(root), parallel_scheduling=True, workers=2)
-    assert build(Count(root), parallel_scheduling=True, workers=2)
-    write(os.path.join(root, "seed.txt"), "world")
-    assert build(Count(root), parallel_scheduling=True, workers=2)
-    assert ran(root) == ["Upper", "Head", "Count"] * 2
-
-
-def test_a_cached_incomplete_is_checked_again_at_run_time(root, config):
-    # With check_complete_on_run, Luigi asks each task again right after its run and each
-    # dependency again right before; a remembered "incomplete" would fail the build.
-    config("worker", "check_complete_on_run", "true")
-    assert build(Count(root), workers=2)
-    assert sorted(ran(root)) == ["Count", "Head", "Upper"]
-
-
-def test_a_worker_kept_open_sees_an_edit_between_runs(root):
-    # The scheduler would not rerun a task within 10 s of it finishing.
-    with luigi.worker.Worker(scheduler=luigi.scheduler.Scheduler(stable_done_cooldown_secs=0)) as worker:
-        assert worker.add(Count(root))
-        assert worker.run()
-        write(os.path.join(root, "seed.txt"), "world")
-        assert worker.add(Count(root))
-        assert worker.run()
-        assert worker.add(Count(root))
-        assert worker.run()
-    assert ran(root) == ["Upper", "Head", "Count"] * 2
-    assert read(os.path.join(root, "upper.txt")) == "WORLD"
-
-
-def test_the_luigi_command_line_sees_an_edit(tmp_path):
-    ns = f"cmdline{uuid.uuid4().hex[:8]}"
-    write(tmp_path / ns / "__init__.py", CLI_PIPELINE.format(base="HashCheckingTask", ns=ns))  # never imported here
-    args = ["-m", "luigi", "--module", ns, f"{ns}.A", "--root", str(tmp_path), "--local-scheduler"]
-    for text, expected in (("hi", ["A"]), ("hi", []), ("ho", ["A"])):
-        write(tmp_path / "raw.txt", text)
-        result = run_python(args, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert ran(str(tmp_path)) == expected, result.stderr
-    assert read(tmp_path / "a.txt") == "HO"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_luigid(folder, cooldown):
-    """A real central scheduler on 127.0.0.1 and a free port; yields the port."""
-    (folder / "logs").mkdir()
-    port = free_port()
-    cfg = folder / "luigi.cfg"
-    write(cfg, f"[scheduler]\nstable_done_cooldown_secs = {cooldown}\n[core]\nautoload_range = false\n")
-    process = subprocess.Popen(
-        [sys.executable, "-c", "import luigi.cmdline; luigi.cmdline.luigid()", "--address", "127.0.0.1", "--port", str(port),
-         "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "logs")],
-        env=dict(os.environ, LUIGI_CONFIG_PATH=str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "luigid did not start"
-                time.sleep(0.1)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-@pytest.fixture
-def luigid(tmp_path_factory):
-    """A luigid that reruns a done task at once, for tests that rebuild right away."""
-    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=0) as port:
-        yield port
-
-
-def test_builds_through_luigid_see_an_edit(root, luigid):
-    remote = {"local_scheduler": False, "scheduler_host": "127.0.0.1", "scheduler_port": luigid}
-    assert build(Count(root), **remote)
-    assert build(Count(root), **remote)
-    write(os.path.join(root, "seed.txt"), "world")
-    assert build(Count(root), workers=2, **remote)
-    assert ran(root) == ["Upper", "Head", "Count"] * 2
-
-
-###############################################################################
-# Locks #######################################################################
-###############################################################################
-
-
-def hold_lock(folder, ready, release):
-    with hc._locked(folder, 10):
-        ready.set()
-        release.wait(20)
-
-
-def test_a_lock_held_by_another_process_times_out_naming_the_lock_file(tmp_path):
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork")
-    ready, release = context.Event(), context.Event()
-    holder = context.Process(target=hold_lock, args=(str(tmp_path), ready, release))
-    holder.start()
-    try:
-        assert ready.wait(20)
-        with pytest.raises(hc.LockTimeout, match=os.path.join(str(tmp_path), ".lock")), hc._locked(str(tmp_path), 0.2):
-            pass
-    finally:
-        release.set()
-        holder.join(20)
-    with hc._locked(str(tmp_path), 5):  # free again once the holder is gone
-        pass
 
 
 class FakeMsvcrt:
@@ -2301,868 +3567,9 @@ def test_windows_locks_with_a_stand_in_msvcrt(root, monkeypatch):
 
 
 ###############################################################################
-# Reliability #################################################################
-###############################################################################
-
-BUILD_SCRIPT = """
-import importlib, sys
-import luigi
-sys.path.insert(0, sys.argv[1])
-module = importlib.import_module(sys.argv[2])
-kwargs = {"workers": int(sys.argv[3]), "log_level": "WARNING"}
-if len(sys.argv) > 4:
-    kwargs.update(scheduler_host="127.0.0.1", scheduler_port=int(sys.argv[4]))
-else:
-    kwargs.update(local_scheduler=True)
-sys.exit(0 if luigi.build([module.Top(sys.argv[1])], **kwargs) else 1)
-"""
-
-
-def start_build(root, module, workers, port=None):
-    """Start a build of the lattice ``module`` in a fresh interpreter, in its own process group."""
-    args = [sys.executable, "-c", BUILD_SCRIPT, str(root), module.__name__, str(workers)] + ([str(port)] if port else [])
-    env = dict(os.environ, PYTHONPATH=HERE)
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def test_three_processes_through_one_luigid_run_each_task_once(tmp_path, tmp_path_factory):
-    module = load_lattice(tmp_path, 4, 5, pause=0.05)
-    # The default 10 s cooldown: a task done by one worker is not handed out again.
-    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=10) as port:
-        builds = [start_build(tmp_path, module, workers=2, port=port) for _ in range(3)]
-        for process in builds:
-            _, err = process.communicate(timeout=300)
-            assert process.returncode == 0, err.decode()
-    runs = ran(str(tmp_path))
-    assert len(runs) == 20 and len(set(runs)) == 20
-    assert hc.main(["verify", "--quiet", str(tmp_path)]) == 0
-
-
-def lattice_output(path, root):
-    """What a lattice node's output must hold, computed from its inputs' current bytes."""
-    name = os.path.basename(path)[1:-4]
-    layer, i = (int(x) for x in name.split("-"))
-    width = len([n for n in os.listdir(root) if n.startswith("seed-")])
-    if layer == 0:
-        sources = [os.path.join(root, f"seed-{i}.txt")]
-    else:
-        sources = [os.path.join(root, f"n{layer - 1}-{(i + k) % width}.txt") for k in range(3)]
-    text = "".join(read(p) for p in sources)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_records_are_true(root):
-    """Every record parses, and none vouches for an output its inputs did not make."""
-    records = os.path.join(root, ".luigi_hashes")
-    checker = hc._Verification(trust_mtime=False)
-    for name in os.listdir(records):
-        if not name.endswith(".json") or name.startswith("."):
-            continue
-        record_path = os.path.join(records, name)
-        assert hc._read_record(record_path) is not None
-        status, _reason, _ = checker.own(record_path)
-        output = hc._output_of(record_path)
-        if status == "ok":
-            assert read(output) == lattice_output(output, root), f"{output} recorded as made from inputs it was not made from"
-
-
-def crash_rounds(tmp_path, rounds, seed):
-    """Kill 3-worker builds at random moments, checking after each that no record lies."""
-    import random
-    import signal
-
-    rng = random.Random(seed)
-    module = load_lattice(tmp_path, 4, 5, pause=0.3)  # a build takes some seconds
-    killed = 0
-    for _ in range(rounds):
-        for i in rng.sample(range(4), 2):  # make much of the graph stale again
-            write(tmp_path / f"seed-{i}.txt", f"seed {i} {rng.random()}")
-        process = start_build(tmp_path, module, workers=3)
-        time.sleep(rng.uniform(0.5, 2.5))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        killed += process.wait(timeout=30) == -signal.SIGKILL
-        process.stderr.close()
-        check_records_are_true(str(tmp_path))
-    assert killed, "no build was killed before it finished"
-    process = start_build(tmp_path, module, workers=3)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err.decode()
-    check_records_are_true(str(tmp_path))
-    assert hc.main(["verify", "--quiet", str(tmp_path)]) == 0
-
-
-def test_builds_killed_at_random_moments_never_leave_a_false_record(tmp_path):
-    crash_rounds(tmp_path, rounds=5, seed=2024)
-
-
-@pytest.mark.slow
-def test_fifty_kills(tmp_path):
-    crash_rounds(tmp_path, rounds=50, seed=7)
-
-
-@pytest.fixture
-def built(tmp_path):
-    """A built Seed -> Upper -> Head -> Count, and the path of Head's record."""
-    root = str(tmp_path)
-    write(tmp_path / "seed.txt", "hello")
-    assert build(Count(root))
-    ran(root)
-    record_path = os.path.join(root, ".luigi_hashes", "head.txt.json")
-    built_records[record_path] = read(record_path)
-    return root, record_path
-
-
-built_records = {}  # record path -> the record as first written
-
-
-def settle(root, record_path, data):
-    """Write ``data`` as Head's record; return what complete() and verify say."""
-    with open(record_path, "wb") as f:
-        f.write(data)
-    answer = Count(root).complete()
-    status = hc._Verification(trust_mtime=True).run([record_path])[0][1]
-    return answer, status
-
-
-ENTRY = {"path": "a", "kind": "file", "digest": "d", "size": 1, "mtime_ns": 2, "inode": None, "hashed_ns": 3}
-
-
-@pytest.mark.parametrize(
-    "kind, value, ok",
-    [
-        ("str", "a b", True),
-        ("str", "a\0b", False),  # would become a path
-        ("str", b"a", False),
-        ("int", 5, True),
-        ("int", True, False),  # JSON true is not a number
-        ("int", 5.0, False),
-        ("int", None, False),
-        ("int?", None, True),
-        ("params", {"a": "1", "b": "\0"}, True),  # values are data, not paths
-        ("params", {"a": 1}, False),
-        ("params", ["a"], False),
-        ("entry", ENTRY, True),
-        ("entry", {k: v for k, v in ENTRY.items() if k != "hashed_ns"}, False),
-        ("entry", dict(ENTRY, size="1"), False),
-        ("entry", dict(ENTRY, kind="dir", files=[["f", "d", 1, 2, 3, 4]]), True),
-        ("entry", dict(ENTRY, kind="dir", files=[["f", "d", 1, 2, 3]]), False),
-        ("entry", dict(ENTRY, kind="dir", files=[["f\0", "d", 1, 2, 3, 4]]), False),
-        ("entry", dict(ENTRY, kind="dir", files={}), False),
-        ("entries", [ENTRY, ENTRY], True),
-        ("entries", [ENTRY, dict(ENTRY, path=None)], False),
-        ("entries", ENTRY, False),
-        ("task", {"family": "T", "params": {}}, True),
-        ("task", {"family": "T"}, False),
-        ("dynamic", [{"family": "T", "params": {"x": "1"}, "outputs": [ENTRY]}], True),
-        ("dynamic", [{"family": "T", "params": {"x": "1"}, "outputs": [dict(ENTRY, digest=7)]}], False),
-    ],
-)
-def test_record_field_kinds(kind, value, ok):
-    problem = hc._problem(value, kind)
-    assert (problem is None) == ok, problem
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=2048))
-def test_fuzzed_bytes_mean_rebuild(built, data):
-    root, record_path = built
-    assert settle(root, record_path, data) == (False, "corrupt")
-
-
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False)
-    | st.text(st.characters(codec="utf-8"), max_size=20) | st.just("\ud800") | st.just("\x00"),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
-    max_leaves=8,
-)
-
-
-# Where each kind of field lives in a record, by the kind luigi_hashcheck expects there.
-FIELDS = [((key,), kind) for key, kind in hc._RECORD_FIELDS.items()]
-FIELDS += [(("task", "family"), "str"), (("task", "params"), "params")]
-FIELDS += [((where, *index, key), kind) for where, index in (("output", ()), ("inputs", (0,))) for key, kind in hc._ENTRY_FIELDS.items()]
-KIND_OF = {"str": str, "int": int, "int?": int, "params": dict, "task": dict, "entry": dict, "entries": list, "dynamic": list}
-
-
-def place(record, path):
-    """Return (container, key) of ``path`` inside ``record``."""
-    for step in path[:-1]:
-        record = record[step]
-    return record, path[-1]
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_fuzzed_records_with_a_missing_or_mistyped_key_mean_rebuild(built, data):
-    root, record_path = built
-    record = json.loads(built_records[record_path])
-    path, kind = data.draw(st.sampled_from(FIELDS))
-    container, key = place(record, path)
-    if data.draw(st.booleans()):
-        del container[key]
-    else:
-        container[key] = data.draw(JSON_VALUES.filter(lambda value: hc._problem(value, kind) is not None))
-    assert settle(root, record_path, json.dumps(record).encode()) == (False, "corrupt")
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_fuzzed_values_of_the_right_type_never_raise(built, data):
-    root, record_path = built
-    record = json.loads(built_records[record_path])
-    path, kind = data.draw(st.sampled_from([f for f in FIELDS if f[1] in ("str", "int", "int?")]))
-    container, key = place(record, path)
-    if kind == "str":
-        container[key] = data.draw(st.text(st.characters(codec="utf-8"), max_size=30) | st.just("\ud800\udfff") | st.just("../" * 50))
-    else:
-        container[key] = data.draw(st.integers(min_value=-(10**40), max_value=10**40))
-    answer, status = settle(root, record_path, json.dumps(record).encode())
-    assert isinstance(answer, bool) and status in hc._STATUSES
-    if answer:  # a record only vouches for what is really on disk
-        assert status == "ok"
-    assert build(Count(root))  # and a build always ends well
-
-
-def test_hostile_records_cannot_hang_or_reach_outside(tmp_path_factory, capsys):
-    root = tmp_path_factory.mktemp("tree")
-    outside = tmp_path_factory.mktemp("outside")
-    write(outside / "precious.txt", "keep me")
-    write(root / "out.txt", "output")
-    os.mkfifo(root / "fifo")
-    os.symlink(outside / "precious.txt", root / "link")
-    records = root / ".luigi_hashes"
-    records.mkdir()
-    entry = {"kind": "file", "digest": "0" * 64, "size": 1, "mtime_ns": 1, "inode": 1, "hashed_ns": 1}
-    hostile = [str(outside / "precious.txt"), "../" * 30 + "dev/zero", "/dev/zero", "link", "fifo", "../" + outside.name + "/precious.txt"]
-    record = {
-        "format": 1, "algorithm": "sha256", "created_ns": 1, "task": {"family": "X", "params": {}}, "code": "c",
-        "input_hash": "h", "output": dict(entry, path="out.txt"),
-        "inputs": [dict(entry, path=p) for p in hostile],
-        "dynamic": [{"family": "os.system", "params": {"command": "touch /tmp/pwned"}, "outputs": [dict(entry, path="/dev/zero")]}],
-    }
-    write(records / "out.txt.json", json.dumps(record))
-    os.symlink(outside / "precious.txt", records / "evil.json")  # a record that is a link
-    before_outside = snapshot(outside)
-    outputs_before = {p: read(root / p) for p in ("out.txt",)}
-    # Each command in a fresh interpreter with a timeout: a hang fails the test, not CI.
-    for command in (["verify", str(root)], ["accept", str(root)], ["verify", "--no-trust-mtime", str(root)], ["forget", str(root)]):
-        result = run_python(["-m", "luigi_hashcheck", *command], cwd=root, timeout=60)
-        assert result.returncode in (0, 1), result.stderr
-    assert snapshot(outside) == before_outside
-    assert {p: read(root / p) for p in outputs_before} == outputs_before
-    assert os.path.exists(root / "fifo") and os.path.islink(root / "link")
-    assert not os.path.exists("/tmp/pwned") or os.path.getmtime("/tmp/pwned") < time.time() - 60
-    assert sorted(os.listdir(records)) == [".lock"]  # forget removed both records, links only
-
-
-def test_a_symlinked_records_folder_is_never_written_or_cleared_through(cli, capsys, tmp_path_factory):
-    elsewhere = tmp_path_factory.mktemp("elsewhere")
-    shutil.move(".luigi_hashes", elsewhere / "records")
-    os.symlink(elsewhere / "records", ".luigi_hashes")
-    before = snapshot(elsewhere)
-    _code, _, err = cli_main(["verify", "."], capsys)
-    assert "symbolic link" in err
-    cli_main(["forget", "."], capsys)
-    assert snapshot(elsewhere) == before
-    with pytest.raises(hc.HashCheckError, match="symbolic link"):
-        hc._write_record(os.path.abspath(".luigi_hashes/a.txt.json"), {}, hc._settings())
-    assert snapshot(elsewhere) == before
-
-
-def failing(error, when):
-    """A stand-in for an os call that fails with ``error`` when ``when(path)`` holds."""
-
-    def wrap(real):
-        def call(path, *args, **kwargs):
-            if when(path if isinstance(path, int) else os.fspath(path), *args):
-                raise OSError(error, os.strerror(error), path)
-            return real(path, *args, **kwargs)
-
-        return call
-
-    return wrap
-
-
-@pytest.mark.parametrize(
-    "name, error, when",
-    [
-        ("open", errno.EROFS, lambda path, flags, *mode: ".luigi_hashes" in path and flags & os.O_CREAT),
-        ("mkdir", errno.EACCES, lambda path, *mode: path.endswith(".luigi_hashes")),
-        ("fsync", errno.ENOSPC, lambda fd: True),
-    ],
-    ids=["read-only filesystem", "permission denied", "disk full"],
-)
-def test_an_unwritable_records_folder_fails_the_task_naming_the_record(root, monkeypatch, name, error, when):
-    monkeypatch.setattr(hc.os, name, failing(error, when)(getattr(os, name)))
-    failures = failures_of(Upper, Upper(root))
-    monkeypatch.undo()
-    assert os.path.join(root, ".luigi_hashes", "upper.txt.json") in str(failures[0])
-    assert os.strerror(error) in str(failures[0])
-    records = os.path.join(root, ".luigi_hashes")
-    assert not os.path.exists(records) or [n for n in os.listdir(records) if n != ".lock"] == []
-    assert build(Upper(root))  # and all is well once the disk is
-    assert ran(root) == ["Upper", "Upper"]
-
-
-def test_leftovers_of_dead_writers_are_cleaned_and_live_ones_kept(root, monkeypatch):
-    assert build(Upper(root))
-    records = os.path.join(root, ".luigi_hashes")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        names = {
-            "dead": f".upper.txt.json~{hc._HOST}~{dead.stdout.strip()}~aaaaaaaaaaaa.tmp",
-            "live": f".upper.txt.json~{hc._HOST}~{live.pid}~bbbbbbbbbbbb.tmp",
-            "other host, fresh": ".upper.txt.json~elsewhere~1~cccccccccccc.tmp",
-            "other host, old": ".upper.txt.json~elsewhere~1~dddddddddddd.tmp",
-        }
-        for path in names.values():
-            write(os.path.join(records, path), "{half")
-        old = time.time() - 3600
-        os.utime(os.path.join(records, names["other host, old"]), (old, old))
-        assert hc.main(["verify", "--quiet", root]) == 0  # leftovers are not records
-        hc._cleaned.discard(records)
-        write(os.path.join(root, "seed.txt"), "world")
-        assert build(Upper(root))  # writes a record: cleans up under the lock
-        left = set(os.listdir(records))
-        assert names["dead"] not in left and names["other host, old"] not in left
-        assert names["live"] in left and names["other host, fresh"] in left
-    finally:
-        live.kill()
-        live.wait()
-
-
-def test_threads_of_one_process_take_turns(tmp_path):
-    order = []
-
-    def writer(n):
-        with hc._locked(str(tmp_path), 10):
-            order.append(("in", n))
-            time.sleep(0.05)
-            order.append(("out", n))
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert all(order[k][0] == "in" and order[k + 1] == ("out", order[k][1]) for k in range(0, 8, 2))
-
-
-###############################################################################
-# Edges found in review #######################################################
-###############################################################################
-
-
-def test_the_fingerprint_is_taken_when_the_class_is_defined(root):
-    module = load_module(root, CODE, name="fingerprint_at_import")
-    path = module.__file__
-    write(path, CODE.replace('f.write(helper("BODY"))', 'f.write(helper("EDITED"))'))  # edited after import
-    assert build(module.Step(root))
-    recorded = record_of(os.path.join(root, "step.txt"))["code"]
-    write(path, CODE)
-    assert recorded == hc._fingerprint(load_module(root, CODE).Step)  # the code that ran
-
-
-def test_a_mixin_after_hashcheckingtask_is_in_the_fingerprint(root):
-    source = CODE.replace("class Step(HashCheckingTask):", "class Helpers:\n    x = 1\n\n\nclass Step(HashCheckingTask, Helpers):")
-    first = hc._fingerprint(load_module(root, source).Step)
-    assert first == hc._fingerprint(load_module(root, source).Step)
-    assert first != hc._fingerprint(load_module(root, source.replace("x = 1", "x = 2")).Step)
-
-
-class RunsInAMixin:
-    def run(self):
-        note_run(self.root, "Mixed")
-        write(self.output().path, read(self.input().path))
-
-
-class Mixed(RunsInAMixin, HashCheckingTask):
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Seed(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "mixed.txt"))
-
-
-def test_a_run_inherited_from_a_mixin_is_recorded(root):
-    assert build(Mixed(root))
-    assert build(Mixed(root))
-    assert ran(root) == ["Mixed"]
-    assert record_of(os.path.join(root, "mixed.txt"))["inputs"][0]["path"] == "seed.txt"
-
-
-def test_no_source_fingerprint_sees_an_edit_to_run(tmp_path):
-    script = textwrap.dedent(
-        """
-        import json, luigi
-        from luigi_hashcheck import _fingerprint, HashCheckingTask
-        class Inline(HashCheckingTask):
-            def output(self):
-                return luigi.LocalTarget("inline.txt")
-            def run(self):
-                print("BODY")
-        print(_fingerprint(Inline))
-        """
-    )
-    first = run_python(["-c", script], cwd=tmp_path)
-    again = run_python(["-c", script], cwd=tmp_path)
-    edited = run_python(["-c", script.replace('"BODY"', '"EDITED"')], cwd=tmp_path)
-    assert first.returncode == again.returncode == edited.returncode == 0, first.stderr
-    assert first.stdout == again.stdout != edited.stdout
-
-
-def test_a_syntax_tree_too_deep_to_walk_falls_back(root):
-    branches = "".join(f"        elif x == {i}:\n            pass\n" for i in range(400))
-    source = CODE.replace("    def output(self):", f"    def deep(self, x):\n        if x:\n            pass\n{branches}\n    def output(self):", 1)
-    module = load_module(root, source)
-    assert build(module.Step(root))
-    assert module.Step(root).complete()
-
-
-class Plain(luigi.Task):
-    """A task not yet converted, between two that are."""
-
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Upper(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "plain.txt"))
-
-    def run(self):
-        write(self.output().path, read(self.input().path))
-
-
-class AbovePlain(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Plain(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "above.txt"))
-
-    def run(self):
-        write(self.output().path, read(self.input().path))
-
-
-def test_a_plain_task_in_between_does_not_hide_a_stale_one(root, caplog):
-    assert build(AbovePlain(root))
-    assert AbovePlain(root).complete()
-    write(os.path.join(root, "seed.txt"), "world")
-    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
-        assert not AbovePlain(root).complete()
-    assert any("Plain" in r.getMessage() and "not a HashCheckingTask" in r.getMessage() for r in caplog.records)
-
-
-class ExtraDependency(HashCheckingTask):
-    """A dependency through _requires() that is not an input, as luigi.util.requires allows."""
-
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Upper(self.root)
-
-    def _requires(self):
-        return luigi.task.flatten(self.requires()) + [Param(self.root)]
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "extra.txt"))
-
-    def run(self):
-        note_run(self.root, "ExtraDependency")
-        write(self.output().path, read(self.input().path))
-
-
-def test_inputs_are_what_input_returns_even_with_extra_dependencies(root):
-    assert build(ExtraDependency(root))
-    assert [e["path"] for e in record_of(os.path.join(root, "extra.txt"))["inputs"]] == ["upper.txt"]
-    assert build(ExtraDependency(root))
-    assert ran(root).count("ExtraDependency") == 1
-
-
-class HiddenLeaf(HashCheckingTask):
-    root = luigi.Parameter()
-    token = luigi.Parameter(visibility=luigi.parameter.ParameterVisibility.HIDDEN)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "hidden-leaf.txt"))
-
-    def run(self):
-        write(self.output().path, self.token)
-
-
-class HiddenTop(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "hidden-top.txt"))
-
-    def run(self):
-        leaf = yield HiddenLeaf(self.root, token="t1")
-        note_run(self.root, "HiddenTop")
-        write(self.output().path, read(leaf.path))
-
-
-def test_a_dynamic_dependency_with_a_hidden_parameter_can_be_rebuilt(root):
-    assert build(HiddenTop(root))
-    assert build(HiddenTop(root))
-    assert ran(root) == ["HiddenTop"]
-
-
-class LinkingFolder(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "linking"))
-
-    def run(self):
-        note_run(self.root, "LinkingFolder")
-        with self.output().temporary_path() as tmp:
-            os.makedirs(tmp)
-            write(os.path.join(tmp, "file.txt"), "x")
-            os.symlink("nowhere", os.path.join(tmp, "dangling"))
-            os.symlink(self.root, os.path.join(tmp, "to-a-folder"))
-
-
-def test_links_in_a_directory_output_count_by_their_target(root):
-    assert build(LinkingFolder(root))
-    assert build(LinkingFolder(root))
-    assert ran(root) == ["LinkingFolder"]
-    os.remove(os.path.join(root, "linking", "dangling"))
-    os.symlink("elsewhere", os.path.join(root, "linking", "dangling"))
-    assert not LinkingFolder(root).complete()
-
-
-def test_explain_under_a_wrapper_task_writes_nothing(tmp_path, capsys, monkeypatch):
-    module = load_lattice(tmp_path, 3, 3)
-    assert build(module.Top(str(tmp_path)))
-    age(tmp_path)  # every record's stat fields are now out of date: a check would refresh them
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = snapshot(tmp_path)
-    args = ["--module", module.__name__, f"{module.__name__}.Top", "--root", str(tmp_path)]
-    assert cli_main(["explain", *args], capsys)[0] == 0
-    assert cli_main(["adopt", "--dry-run", *args], capsys)[0] == 0
-    assert snapshot(tmp_path) == before
-
-
-def test_a_refresh_never_overwrites_a_newer_record(root):
-    assert build(Upper(root))
-    path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
-    newer = read(path)
-    older = dict(json.loads(newer), created_ns=1)
-    assert not hc._write_record(path, dict(older, code="x"), hc._settings(), replacing=older)
-    assert read(path) == newer
-
-
-def test_forget_reports_a_folder_named_like_a_record(cli, capsys):
-    os.mkdir(".luigi_hashes/odd.json")
-    code, out, _ = cli_main(["forget", "."], capsys)
-    assert code == 1 and "is a folder" in out
-    assert os.path.isdir(".luigi_hashes/odd.json") and not os.path.exists(".luigi_hashes/a.txt.json")
-
-
-def test_a_reloaded_helper_module_changes_the_fingerprint(root, monkeypatch):
-    import importlib
-
-    helper_name = f"helpers_{uuid.uuid4().hex[:8]}"
-    write(os.path.join(root, helper_name + ".py"), "def clean(text):\n    return text.strip()\n")
-    monkeypatch.syspath_prepend(root)
-    helper = importlib.import_module(helper_name)
-    pipeline = CODE.replace("code_dependencies = (helper,)", f"code_dependencies = (__import__({helper_name!r}),)")
-    first = hc._fingerprint(load_module(root, pipeline).Step)
-    write(helper.__file__, "def clean(text):\n    return text.strip().lower()\n")
-    importlib.reload(helper)  # as a notebook user would, then run the cell defining Step again
-    assert hc._fingerprint(load_module(root, pipeline).Step) != first
-
-
-def test_no_source_fingerprint_is_stable_across_hash_seeds_and_sees_attributes(tmp_path):
-    script = textwrap.dedent(
-        """
-        import luigi
-        from luigi_hashcheck import _fingerprint, HashCheckingTask
-        class Inline(HashCheckingTask):
-            COLUMNS = ["a", "b"]
-            def output(self):
-                return luigi.LocalTarget("inline.txt")
-            def run(self):
-                return {"x", "y", "z", "w"}
-        print(_fingerprint(Inline))
-        """
-    )
-    seeds = {run_python(["-c", script], cwd=tmp_path, env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
-    assert len(seeds) == 1
-    edited = run_python(["-c", script.replace('["a", "b"]', '["a", "c"]')], cwd=tmp_path, env={"PYTHONHASHSEED": "1"})
-    assert edited.stdout not in seeds
-
-
-class Gate(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "gate.txt"))
-
-    def run(self):
-        gates[self.root][0].set()
-        gates[self.root][1].wait(30)
-        write(self.output().path, "opened")
-
-
-gates = {}
-
-
-def test_a_build_in_another_thread_leaves_this_one_alone(root, config):
-    config("worker", "no_install_shutdown_handler", "true")  # signals only work in the main thread
-    gates[root] = (threading.Event(), threading.Event())
-    thread = threading.Thread(target=build, args=(Gate(root),))
-    thread.start()
-    try:
-        assert gates[root][0].wait(30)
-        assert hc._active_memo() is None  # that thread's build, not this thread's
-        assert not Upper(root).complete()
-    finally:
-        gates[root][1].set()
-        thread.join(30)
-    assert Gate(root).complete()
-
-
-def test_verify_follows_trust_mtime_in_luigi_cfg(cli, capsys, config):
-    age(".")
-    cli_main(["accept", "."], capsys)
-    st = os.stat("a.txt")
-    with open("a.txt", "r+") as f:
-        f.write("J")
-    os.utime("a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
-    config("hashcheck", "trust_mtime", "false")
-    code, out, _ = cli_main(["verify", "a.txt"], capsys)
-    assert code == 1 and out.startswith("modified")
-
-
-class Marker(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, ".done"))
-
-    def run(self):
-        write(self.output().path, "done")
-
-
-def test_verify_and_forget_find_outputs_whose_names_start_with_a_dot(root, capsys):
-    assert build(Marker(root))
-    code, out, _ = cli_main(["verify", root], capsys)
-    assert code == 0 and out.startswith("1 outputs")
-    write(os.path.join(root, ".done"), "changed")
-    assert cli_main(["verify", root], capsys)[0] == 1
-    cli_main(["forget", root], capsys)
-    assert not os.path.exists(os.path.join(root, ".luigi_hashes", ".done.json"))
-
-
-@pytest.mark.parametrize("flag", [["--hashcheck-algorithm", "sha257"], ["--hashcheck-lock-timeout", "soon"], ["--hashcheck-trust-mtime", "maybe"]])
-def test_bad_configuration_on_the_command_line_exits_2(cli, capsys, flag):
-    code, _, err = cli_main(["explain", *cli.task("C"), *flag], capsys)
-    assert code == 2 and err.startswith("luigi-hashcheck:")
-
-
-def test_batch_method_parameters_are_warned_about(caplog):
-    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
-
-        class Batched(HashCheckingTask):
-            day = luigi.Parameter(batch_method=",".join)
-
-    assert any("batch_method" in r.getMessage() and "Batched" in r.getMessage() for r in caplog.records)
-
-
-def test_files_in_a_directory_are_not_hashed_again(root):
-    assert build(Folder(root))
-    age(root)
-    assert build(Folder(root))  # re-hashes the aged files once and refreshes the record
-    assert [f[0] for f in record_of(os.path.join(root, "folder"))["output"]["files"]] == ["one.txt", "sub/two.txt"]
-    hc._digest_cache.clear()  # as a new process would start
-    hc._counts.clear()
-    assert Folder(root).complete()
-    assert hc._counts["reads"] == 0
-    write(os.path.join(root, "folder", "one.txt"), "9")  # same size, new mtime: hashed, and seen
-    assert not Folder(root).complete()
-
-
-def test_show_keeps_a_path_on_another_drive(monkeypatch):
-    def other_drive(path, start=None):
-        raise ValueError("path is on mount 'D:', start on mount 'C:'")
-
-    monkeypatch.setattr(hc.os.path, "relpath", other_drive)
-    assert hc._show("/data/x") == "/data/x"
-
-
-def fallback_fingerprint(source):
-    """The fingerprint of class A in ``source``, compiled with no file behind it."""
-    namespace = {"HashCheckingTask": HashCheckingTask}
-    exec(compile(textwrap.dedent(source), "<no file>", "exec"), namespace)  # noqa: S102 - test code
-    return hc._fingerprint(namespace["A"])
-
-
-def test_no_source_fingerprint_sees_attribute_values_and_defaults():
-    dated = "import datetime\nclass A(HashCheckingTask):\n    cutoff = datetime.date({})\n"
-    assert fallback_fingerprint(dated.format("2024, 1, 1")) != fallback_fingerprint(dated.format("2025, 6, 30"))
-    keyed = "class A(HashCheckingTask):\n    def run(self, key=lambda x: x{}):\n        pass\n"
-    assert fallback_fingerprint(keyed.format("")) == fallback_fingerprint(keyed.format(""))
-    assert fallback_fingerprint(keyed.format("")) != fallback_fingerprint(keyed.format(" + 1"))
-
-
-class Inner(HashCheckingTask):
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "outer", "inner.txt"))
-
-    def run(self):
-        write(self.output().path, "inner")
-
-
-class Outer(HashCheckingTask):
-    """A folder output that would swallow the output of a task it requires."""
-
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Inner(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "outer"))
-
-    def run(self):
-        write(os.path.join(self.output().path, "more.txt"), "more")
-
-
-def test_a_folder_output_holding_another_output_is_refused_before_anything_is_removed(root):
-    failures = failures_of(Outer, Outer(root))
-    assert "inner.txt" in str(failures[0]) and "folder output of Outer" in str(failures[0])
-    assert read(os.path.join(root, "outer", "inner.txt")) == "inner"
-    assert Inner(root).complete()
-
-
-DYNAMIC_PIPELINE = """
-import os
-import luigi
-from luigi_hashcheck import HashCheckingTask
-
-BASE = {base}
-
-
-class Leaf(BASE):
-    task_namespace = "{ns}"
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "leaf.txt"))
-
-    def run(self):
-        with self.output().open("w") as f:
-            f.write("leaf")
-
-
-class Top(BASE):
-    task_namespace = "{ns}"
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "top.txt"))
-
-    def run(self):
-        leaf = yield Leaf(self.root)
-        with leaf.open() as src, self.output().open("w") as dst:
-            dst.write(src.read() + "!")
-"""
-
-
-def test_adopt_leaves_a_task_with_dynamic_dependencies_alone(tmp_path, monkeypatch, capsys):
-    ns = f"dyn{uuid.uuid4().hex[:8]}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plain = load_module(tmp_path, DYNAMIC_PIPELINE.format(base="luigi.Task", ns=ns + "p"), name=ns + "p")
-    assert build(plain.Top("."))
-    converted = load_module(tmp_path, DYNAMIC_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
-    code, out, _ = cli_main(["adopt", "--module", ns, f"{ns}.Top", "--root", "."], capsys)
-    assert code == 1 and "yields dynamic dependencies" in out
-    assert not os.path.exists(".luigi_hashes/top.txt.json")
-    assert build(converted.Top("."))  # a run records what it yields
-    assert len(record_of("top.txt")["dynamic"]) == 1
-    write(".luigi_hashes/ignored", "")
-    code, out, _ = cli_main(["adopt", "--module", ns, f"{ns}.Top", "--root", "."], capsys)
-    assert code == 0  # now everything is recorded
-
-
-def counting_checks(monkeypatch, log):
-    """Count the judgements of tasks in this process and in forked workers, through a file."""
-    real = hc._judge
-
-    def counted(task, settings, cache):
-        with open(log, "a") as f:
-            f.write("x")
-        return real(task, settings, cache)
-
-    monkeypatch.setattr(hc, "_judge", counted)
-
-
-def test_early_cutoff_with_forked_workers_stays_linear(tmp_path, monkeypatch):
-    checks = {}
-    for depth in (20, 40):
-        root = tmp_path / f"chain{depth}"
-        write(root / "seed.txt", "abcde-1")
-        assert build(Chain(str(root), depth - 1), workers=2)
-        write(root / "seed.txt", "abcde-2")  # Chain(0) reruns with the same first 5 bytes
-        log = tmp_path / f"checks{depth}"
-        with monkeypatch.context() as patch:
-            counting_checks(patch, log)
-            assert build(Chain(str(root), depth - 1), workers=2)
-        checks[depth] = len(read(log))
-        assert Chain(str(root), depth - 1).complete()
-    assert checks[40] <= 2.5 * checks[20], checks
-
-
-def add_under_lock(folder, counter, rounds):
-    for _ in range(rounds):
-        with hc._locked(folder, 30):
-            value = int(read(counter))
-            time.sleep(0.001)
-            write(counter, str(value + 1))
-
-
-def test_processes_contending_for_a_lock_lose_no_update(tmp_path):
-    import multiprocessing
-
-    counter = str(tmp_path / "counter")
-    write(counter, "0")
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=add_under_lock, args=(str(tmp_path), counter, 40)) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
-    assert read(counter) == "160"
-
-
-def test_verify_shows_progress_only_on_a_terminal(monkeypatch, capsys):
-    clock = itertools.count()
-    monkeypatch.setattr(hc.time, "monotonic", lambda: next(clock) * 0.5)
-    monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: True, raising=False)
-    report = hc._progress(10)
-    for done in range(1, 6):
-        report(done)
-    assert "checked 5 records" in capsys.readouterr().err
-    monkeypatch.setattr(hc.sys.stderr, "isatty", lambda: False, raising=False)
-    assert hc._progress(10) is None
-
-
-###############################################################################
 # Differential test ###########################################################
 ###############################################################################
+
 
 # Edit kinds today's code is known to get wrong (issue 10): dynamic dependencies yielded as
 # iterators are recorded as empty (finding 1), and a reloaded helper module or a code_version
@@ -3170,6 +3577,8 @@ def test_verify_shows_progress_only_on_a_terminal(monkeypatch, capsys):
 # random pipelines and edits while it is listed here, so the rest runs green. REMOVE each one
 # when its fix lands; the test covers all of them once this set is empty.
 _KNOWN_BUGS: set[str] = set()
+
+
 # "dynamic_dependency_parameter" is not in issue 10; this test found it. A task that is only
 # ever a dynamic dependency, and whose parameter changes from outside its parent ([T] k in
 # luigi.cfg, --T-k), is rebuilt from the parent's record with the old value, which matches its
@@ -3186,6 +3595,7 @@ _DIFF_FUNCTIONS = {
     "sorted": "text = ''.join(sorted(set(text.splitlines(True))))",
 }
 
+
 # How run() yields its dynamic dependencies (the list ``dynamic``); the last three are iterators.
 _DIFF_YIELDS = {
     "list": ["yield dynamic"],
@@ -3196,7 +3606,10 @@ _DIFF_YIELDS = {
     "map": ["yield map(_same, dynamic)"],
     "nested_map": ["yield [map(_same, dynamic)]"],
 }
+
+
 _DIFF_ITERATOR_YIELDS = {"generator", "map", "nested_map"}
+
 
 _DIFF_PREAMBLE = '''
 import os
@@ -3374,6 +3787,8 @@ def _diff_owner(relative):
 # Edits, each with the modes it runs in: "in" builds in this process with the same task
 # instances (as a notebook would), "fresh" in a new interpreter for each build.
 _DIFF_IN_PROCESS_BUGS = {"helper": "inprocess_reload", "code_version": "inprocess_code_version"}
+
+
 _DIFF_EDITS = {
     "raw_changed": {"in", "fresh"},
     "raw_same_bytes": {"in", "fresh"},
@@ -3661,402 +4076,6 @@ def test_differential_in_process_many_seeds(tmp_path, config, monkeypatch, seed)
 @pytest.mark.parametrize("seed", range(2, 102))
 def test_differential_fresh_interpreters_many_seeds(tmp_path, config, monkeypatch, seed):
     _Differential(seed, "fresh", tmp_path, config, monkeypatch).run(edits=8)
-
-
-###############################################################################
-# Command line ################################################################
-###############################################################################
-
-CLI_PIPELINE = """
-import os
-import luigi
-from luigi_hashcheck import HashCheckingTask
-
-BASE = {base}
-
-
-class Raw(luigi.ExternalTask):
-    task_namespace = "{ns}"
-    root = luigi.Parameter()
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "raw.txt"))
-
-
-class A(BASE):
-    task_namespace = "{ns}"
-    root = luigi.Parameter()
-
-    def requires(self):
-        return Raw(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "a.txt"))
-
-    def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("A\\n")
-        with self.input().open() as src, self.output().open("w") as dst:
-            dst.write(src.read().upper())
-
-
-class B(BASE):
-    task_namespace = "{ns}"
-    root = luigi.Parameter()
-
-    def requires(self):
-        return A(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "sub", "b.txt"))
-
-    def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("B\\n")
-        with self.input().open() as src, self.output().open("w") as dst:
-            dst.write(src.read() + "!")
-
-
-class C(BASE):
-    task_namespace = "{ns}"
-    root = luigi.Parameter()
-
-    def requires(self):
-        return B(self.root)
-
-    def output(self):
-        return luigi.LocalTarget(os.path.join(self.root, "c.txt"))
-
-    def run(self):
-        with open(os.path.join(self.root, "runs.log"), "a") as f:
-            f.write("C\\n")
-        with self.input().open() as src, self.output().open("w") as dst:
-            dst.write(src.read() + "?")
-"""
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    """A built three-task chain, its module importable by name, the current folder its root."""
-    ns = f"cli{uuid.uuid4().hex[:8]}"
-    module = load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
-    write(tmp_path / "raw.txt", "hello")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert build(module.C("."))
-    ran(".")
-    module.task = lambda name: ["--module", ns, f"{ns}.{name}", "--root", "."]
-    return module
-
-
-def cli_main(args, capsys):
-    code = hc.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(folder):
-    """Every file and folder below ``folder`` with its bytes and mtime."""
-    found = {}
-    for parent, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = os.path.join(parent, name)
-            st = os.lstat(path)
-            found[path] = (st.st_mtime_ns, read(path) if os.path.isfile(path) and not name.endswith(".lock") else None)
-    return found
-
-
-def test_verify_all_ok(cli, capsys):
-    code, out, _ = cli_main(["verify"], capsys)
-    assert code == 0
-    assert out.strip() == "3 outputs: 3 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded"
-
-
-def test_verify_every_status_and_propagation_along_the_chain(cli, capsys):
-    write("raw.txt", "world")  # A stale; B and C stale through it
-    code, out, _ = cli_main(["verify"], capsys)
-    assert code == 1
-    lines = out.splitlines()
-    assert any(line.startswith("stale") and "a.txt: input raw.txt changed" in line for line in lines)
-    assert any(line.startswith("stale") and os.path.join("sub", "b.txt") + ": upstream a.txt is stale" in line for line in lines)
-    assert any(line.startswith("stale") and "c.txt: upstream " + os.path.join("sub", "b.txt") + " is stale" in line for line in lines)
-    write("raw.txt", "hello")
-    write("sub/b.txt", "edited")  # modified outranks nothing; C is stale through B
-    os.remove("c.txt")  # missing outranks the upstream problem
-    write(".luigi_hashes/a.txt.json", "{")  # corrupt
-    code, out, _ = cli_main(["verify", "--json"], capsys)
-    assert code == 1
-    entries = {entry["path"]: entry for entry in json.loads(out)["outputs"]}
-    assert entries["a.txt"]["status"] == "corrupt" and "not JSON" in entries["a.txt"]["reason"]
-    assert entries[os.path.join("sub", "b.txt")]["status"] == "modified"
-    assert entries["c.txt"]["status"] == "missing"
-    assert json.loads(out)["counts"] == {"ok": 0, "stale": 0, "modified": 1, "missing": 1, "corrupt": 1, "unrecorded": 0}
-
-
-def test_verify_a_single_output_and_a_directory_output(cli, capsys, tmp_path):
-    code, out, _ = cli_main(["verify", "sub/b.txt"], capsys)
-    assert code == 0 and out.startswith("1 outputs")
-    assert build(Folder(str(tmp_path)))
-    code, out, _ = cli_main(["verify", "--json", "folder"], capsys)  # the folder is one output
-    assert code == 0 and [e["path"] for e in json.loads(out)["outputs"]] == ["folder"]
-    write("folder/one.txt", "changed")
-    code, out, _ = cli_main(["verify", "folder/"], capsys)
-    assert code == 1 and out.startswith("modified  folder")
-
-
-def test_verify_no_trust_mtime_sees_a_same_tick_rewrite_only_when_asked(cli, capsys):
-    age(".")
-    cli_main(["accept", "."], capsys)  # records now vouch for the aged stat fields
-    st = os.stat("a.txt")
-    with open("a.txt", "r+") as f:
-        f.write("J")  # same size, inode and mtime: only a hash can tell
-    os.utime("a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert cli_main(["verify", "a.txt"], capsys)[0] == 0
-    code, out, _ = cli_main(["verify", "--no-trust-mtime", "a.txt"], capsys)
-    assert code == 1 and out.startswith("modified")
-
-
-def test_verify_usage_errors_exit_2(cli, capsys):
-    code, _, err = cli_main(["verify", "no-such-path"], capsys)
-    assert code == 2 and "no-such-path" in err
-    code, _, err = cli_main(["verify", "raw.txt"], capsys)
-    assert code == 2 and "has no record" in err
-    assert cli_main(["verify", "--bogus"], capsys)[0] == 2
-    assert cli_main(["frobnicate"], capsys)[0] == 2
-    assert cli_main([], capsys)[0] == 2
-    code, out, _ = cli_main(["verify", "--help"], capsys)
-    assert code == 0 and "--no-trust-mtime" in out
-
-
-def test_verify_ignores_leftover_temporary_files(cli, capsys):
-    write(".luigi_hashes/.a.txt.json~host~99999~0123456789ab.tmp", "{half")
-    assert cli_main(["verify"], capsys)[0] == 0
-
-
-def test_verify_needs_no_pipeline_code_and_writes_nothing(cli, tmp_path_factory):
-    root = os.getcwd()
-    elsewhere = tmp_path_factory.mktemp("elsewhere")
-    os.remove(f"{cli.__name__}.py")  # the pipeline cannot be imported at all
-    before = snapshot(root)
-    env = {"PYTHONPATH": HERE}
-    result = subprocess.run([sys.executable, "-m", "luigi_hashcheck", "verify", root], cwd=elsewhere,
-                            capture_output=True, text=True, env=dict(os.environ, **env), check=False, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "3 ok" in result.stdout
-    write(os.path.join(root, "raw.txt"), "changed")
-    result = subprocess.run([sys.executable, "-m", "luigi_hashcheck", "verify", "--quiet", root], cwd=elsewhere,
-                            capture_output=True, text=True, env=dict(os.environ, **env), check=False, timeout=60)
-    assert result.returncode == 1 and "stale" in result.stdout
-    after = snapshot(root)
-    assert {k: v for k, v in after.items() if not k.endswith("raw.txt")} == {k: v for k, v in before.items() if not k.endswith("raw.txt")}
-
-
-def test_explain_says_why_and_writes_nothing(cli, capsys):
-    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
-    assert code == 0 and "4 tasks: 4 ok" in out
-    write("raw.txt", "world")
-    before = snapshot(".")
-    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
-    assert snapshot(".") == before
-    assert code == 1
-    lines = out.splitlines()
-    assert "upstream task" in lines[0] and "will run" in lines[0]
-    assert any("input raw.txt changed" in line for line in lines)
-    assert any(line.strip().startswith("ok") and "Raw" in line for line in lines)
-    assert ran(".") == []
-
-
-@pytest.mark.parametrize(
-    "change, reason",
-    [
-        (lambda: os.remove("c.txt"), "output missing"),
-        (lambda: write("c.txt", "x"), "output modified"),
-        (lambda: os.remove(".luigi_hashes/c.txt.json"), "no record"),
-    ],
-    ids=["missing", "modified", "no record"],
-)
-def test_explain_reasons(cli, capsys, change, reason):
-    change()
-    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
-    assert code == 1 and reason in out.splitlines()[0]
-
-
-def test_explain_parameters_and_code_changed(cli, capsys, tmp_path):
-    record = json.loads(read(".luigi_hashes/c.txt.json"))
-    write(".luigi_hashes/c.txt.json", json.dumps(dict(record, code="0" * 64)))
-    assert "code changed" in cli_main(["explain", *cli.task("C")], capsys)[1]
-    write(".luigi_hashes/c.txt.json", json.dumps(dict(record, task={"family": record["task"]["family"], "params": {"root": "elsewhere"}})))
-    assert "parameters changed" in cli_main(["explain", *cli.task("C")], capsys)[1]
-
-
-def test_explain_bad_task_exits_2(cli, capsys):
-    code, _, err = cli_main(["explain", "--module", "no_such_module_here", "X"], capsys)
-    assert code == 2 and "no_such_module_here" in err
-    assert cli_main(["explain", *cli.task("C"), "--no-such-flag", "1"], capsys)[0] == 2
-    code, _, err = cli_main(["explain"], capsys)
-    assert code == 2 and "needs a task" in err
-    code, _, err = cli_main(["explain", "--module", cli.__name__, f"{cli.__name__}.C"], capsys)  # --root missing
-    assert code == 2 and "root" in err
-    code, out, _ = cli_main(["explain", "--help"], capsys)
-    assert code == 0 and "--module" in out
-
-
-def test_adopt_a_tree_built_by_plain_luigi_then_nothing_runs(tmp_path, monkeypatch, capsys):
-    ns = f"plain{uuid.uuid4().hex[:8]}"
-    write(tmp_path / "raw.txt", "hello")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plain = load_module(tmp_path, CLI_PIPELINE.format(base="luigi.Task", ns=ns + "p"), name=ns + "p")
-    assert build(plain.C("."))
-    assert ran(".") == ["A", "B", "C"]
-    os.remove("a.txt")  # one output lost: its task is left alone, and named
-    converted = load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
-    args = ["adopt", "--module", ns, f"{ns}.C", "--root", "."]
-    before = snapshot(".")
-    code, out, _ = cli_main([args[0], "--dry-run", *args[1:]], capsys)
-    assert snapshot(".") == before
-    assert code == 1 and "left alone" in out and "a.txt" in out and "would record" in out
-    assert build(converted.A("."))
-    ran(".")
-    code, out, _ = cli_main(args, capsys)
-    assert code == 0 and "recorded" in out and "b.txt" in out and "c.txt" in out
-    assert build(converted.C("."))
-    assert ran(".") == []
-
-
-def test_adopt_accepts_a_harmless_code_change(cli, capsys, tmp_path):
-    # A real change to C's code that does not alter its output.
-    edited = CLI_PIPELINE.format(base="HashCheckingTask", ns=cli.__name__).replace('dst.write(src.read() + "?")', 'dst.write((src.read() + "?").strip())')
-    module = load_module(tmp_path, edited, name=cli.__name__)
-    assert not module.C(".").complete()
-    # A fresh process, as a user would run it: this one now holds two classes named C.
-    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C")], cwd=os.getcwd())
-    assert result.returncode == 0, result.stderr
-    assert f"recorded {cli.__name__}.C" in result.stdout and "recorded" not in result.stdout.replace(f"recorded {cli.__name__}.C", "")
-    assert build(module.C("."))
-    assert ran(".") == []
-
-
-def test_forget_removes_records_and_leaves_outputs(cli, capsys):
-    outputs = {p: read(p) for p in ("a.txt", "sub/b.txt", "c.txt", "raw.txt")}
-    code, out, _ = cli_main(["forget", "sub/b.txt"], capsys)
-    assert code == 0 and "forgot" in out
-    assert not os.path.exists("sub/.luigi_hashes/b.txt.json") and os.path.exists(".luigi_hashes/a.txt.json")
-    code, _, _ = cli_main(["forget", "."], capsys)
-    assert code == 0
-    assert not os.path.exists(".luigi_hashes/a.txt.json") and not os.path.exists(".luigi_hashes/c.txt.json")
-    assert {p: read(p) for p in outputs} == outputs
-    assert cli_main(["forget", "nowhere"], capsys)[0] == 2
-    assert cli_main(["forget"], capsys)[0] == 2
-
-
-def test_accept_a_harmless_change_then_nothing_runs(cli, capsys):
-    write("raw.txt", "hello ")  # a change the user knows is harmless to A
-    code, out, _ = cli_main(["accept", "a.txt"], capsys)
-    assert code == 0 and "accepted a.txt: raw.txt" in out
-    assert cli_main(["verify"], capsys)[0] == 0
-    assert build(cli.C("."))
-    assert ran(".") == []
-    os.remove("a.txt")
-    code, out, _ = cli_main(["accept", "a.txt"], capsys)
-    assert code == 1 and "cannot accept" in out
-
-
-def test_python_dash_m_keeps_hashcheck_flags(cli):
-    # python -m runs the file as __main__; without the hand-off, a second hashcheck Config
-    # would make Luigi drop --hashcheck-algorithm ("unrecognized arguments").
-    os.remove(".luigi_hashes/a.txt.json")
-    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C"), "--hashcheck-algorithm", "md5"], cwd=os.getcwd())
-    assert result.returncode == 0, result.stderr
-    assert json.loads(read(".luigi_hashes/a.txt.json"))["algorithm"] == "md5"
-
-
-def test_explain_adopt_forget_and_accept_as_subprocesses(cli):
-    write("raw.txt", "world")
-    result = run_python(["-m", "luigi_hashcheck", "explain", *cli.task("C")], cwd=os.getcwd())
-    assert result.returncode == 1 and "input raw.txt changed" in result.stdout, result.stderr
-    result = run_python(["-m", "luigi_hashcheck", "accept", "a.txt"], cwd=os.getcwd())
-    assert result.returncode == 0 and "accepted a.txt" in result.stdout, result.stderr
-    result = run_python(["-m", "luigi_hashcheck", "explain", *cli.task("C")], cwd=os.getcwd())
-    assert result.returncode == 0, result.stdout
-    result = run_python(["-m", "luigi_hashcheck", "forget", "c.txt"], cwd=os.getcwd())
-    assert result.returncode == 0 and "forgot c.txt" in result.stdout
-    result = run_python(["-m", "luigi_hashcheck", "adopt", *cli.task("C")], cwd=os.getcwd())
-    assert result.returncode == 0 and "recorded" in result.stdout and "c.txt" in result.stdout, result.stderr
-    result = run_python(["-m", "luigi_hashcheck", "verify", "--json"], cwd=os.getcwd())
-    assert result.returncode == 0 and json.loads(result.stdout)["counts"]["ok"] == 3
-
-
-def test_a_record_that_is_a_symlink_is_never_written_through(root, tmp_path_factory):
-    assert build(Upper(root))
-    elsewhere = tmp_path_factory.mktemp("elsewhere") / "target.json"
-    write(elsewhere, "keep")
-    record_path = os.path.join(root, ".luigi_hashes", "upper.txt.json")
-    record = json.loads(read(record_path))
-    os.remove(record_path)
-    os.symlink(elsewhere, record_path)
-    with pytest.raises(hc.HashCheckError, match="symbolic link"):
-        hc._write_record(record_path, record, hc._settings())
-    assert read(elsewhere) == "keep"
-
-
-def test_console_script_is_the_same_entry_point(cli):
-    script = shutil.which("luigi-hashcheck", path=os.path.dirname(sys.executable)) or shutil.which("luigi-hashcheck")
-    if script is None:
-        pytest.skip("luigi-hashcheck is not installed here (pip install -e . installs it)")
-    result = subprocess.run([script, "verify"], capture_output=True, text=True, check=False, timeout=60)
-    assert result.returncode == 0 and "3 ok" in result.stdout
-    result = subprocess.run([script, "verify", "nowhere"], capture_output=True, text=True, check=False, timeout=60)
-    assert result.returncode == 2 and "nowhere" in result.stderr
-
-
-def test_verify_calls_an_input_whose_record_is_gone_unrecorded(cli, capsys):
-    assert cli_main(["accept", "c.txt"], capsys)[0] == 0
-    assert record_of("c.txt")["inputs"][0]["recorded"] is True  # accept keeps the key
-    os.remove(os.path.join("sub", ".luigi_hashes", "b.txt.json"))
-    code, out, _ = cli_main(["verify"], capsys)
-    assert code == 1
-    b = os.path.join("sub", "b.txt")
-    assert f"unrecorded {b}: no record, though c.txt reads it as a HashCheckingTask's output" in out
-    assert f"stale     c.txt: upstream {b} is unrecorded" in out
-    assert out.splitlines()[-1] == "3 outputs: 1 ok, 1 stale, 0 modified, 0 missing, 0 corrupt, 1 unrecorded"
-    code, out, _ = cli_main(["verify", "--json", "c.txt"], capsys)
-    document = json.loads(out)
-    assert code == 1 and document["counts"]["unrecorded"] == 1
-    assert [(e["path"], e["status"]) for e in document["outputs"]] == [("c.txt", "stale"), (b, "unrecorded")]
-    # A record written before the key existed says nothing of its inputs' records.
-    record_path = os.path.join(".luigi_hashes", "c.txt.json")
-    record = json.loads(read(record_path))
-    del record["inputs"][0]["recorded"]
-    write(record_path, json.dumps(record))
-    assert cli_main(["verify"], capsys)[:2] == (0, "2 outputs: 2 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded\n")
-
-
-def test_verify_of_a_tree_without_records_exits_1(tmp_path, monkeypatch, capsys):
-    write(tmp_path / "plain" / "out.txt", "built by plain Luigi")
-    monkeypatch.chdir(tmp_path)
-    code, out, err = cli_main(["verify"], capsys)
-    assert code == 1 and "no records under ." in err and out.startswith("0 outputs")
-    code, out, err = cli_main(["verify", "--json", "plain"], capsys)
-    assert code == 1 and "no records under plain" in err and json.loads(out)["outputs"] == []
-
-
-def test_verify_forget_and_accept_find_shortened_records(cli, capsys):
-    name = long_name(255)
-    write("seed.txt", "hello")
-    assert build(LongName(".", name, "run"))
-    code, out, _ = cli_main(["verify", "--json"], capsys)
-    statuses = {entry["path"]: entry["status"] for entry in json.loads(out)["outputs"]}
-    assert code == 0 and statuses[name] == "ok"
-    write("seed.txt", "world")  # a harmless change, say
-    code, out, _ = cli_main(["verify"], capsys)
-    assert code == 1 and f"stale     {name}: input seed.txt changed" in out
-    code, out, _ = cli_main(["accept", "."], capsys)
-    assert code == 0 and f"accepted {name}: seed.txt" in out
-    assert cli_main(["verify", name], capsys)[0] == 0
-    code, out, _ = cli_main(["forget", name], capsys)
-    assert code == 0 and out.startswith(f"forgot {name}\n")
-    assert [n for n in os.listdir(".luigi_hashes") if n.startswith("x")] == []
 
 
 ###############################################################################
