@@ -124,6 +124,24 @@ def root(tmp_path):
     return str(tmp_path)
 
 
+def as_new_process():
+    """Forget what this process has learnt, as a new process would start: digests, code
+    fingerprints, logged-once keys, cleaned records folders, counters."""
+    hc._forget_process_state()  # private: no public way to restart a process's caches
+    luigi.task_register.Register.clear_instance_cache()
+
+
+@pytest.fixture(autouse=True)
+def fresh_process():
+    """Each test starts as in a new process, so none leans on what another left behind."""
+    as_new_process()
+
+
+# private: the module's own counters of reads, looks and record checks; no public way to count
+# what a build hashed or looked at.
+counters = hc._counts
+
+
 def load_module(folder, source, name=None):
     """Write ``source`` to a new module file and import it, as a pipeline file would be."""
     name = name or f"pipe_{uuid.uuid4().hex[:10]}"
@@ -763,7 +781,7 @@ def test_leftovers_of_dead_writers_are_cleaned_and_live_ones_kept(root, monkeypa
         old = time.time() - 3600
         os.utime(os.path.join(records, names["other host, old"]), (old, old))
         assert hc.main(["verify", "--quiet", root]) == 0  # leftovers are not records
-        hc._cleaned.discard(records)
+        as_new_process()  # a folder is cleaned once per process
         write(os.path.join(root, "seed.txt"), "world")
         assert build(Upper(root))  # writes a record: cleans up under the lock
         left = set(os.listdir(records))
@@ -805,20 +823,17 @@ def test_unchanged_files_are_not_hashed_again(root):
     assert build(Count(root))
     age(root)
     assert build(Count(root))  # re-hashes the aged files once and refreshes the records
-    hc._digest_cache.clear()  # as a new process would start
-    hc._counts.clear()
+    as_new_process()
     assert build(Count(root))
-    assert hc._counts["reads"] == 0
+    assert counters["reads"] == 0
     then = time.time() - 50
     os.utime(os.path.join(root, "seed.txt"), (then, then))  # touched, same bytes
-    hc._digest_cache.clear()
-    hc._counts.clear()
+    as_new_process()
     assert build(Count(root))
-    assert hc._counts["reads"] == 1
-    hc._digest_cache.clear()
-    hc._counts.clear()
+    assert counters["reads"] == 1
+    as_new_process()
     assert build(Count(root))  # the touch's new stat fields were recorded
-    assert hc._counts["reads"] == 0
+    assert counters["reads"] == 0
     assert ran(root) == ["Upper", "Head", "Count"]
 
 
@@ -826,9 +841,9 @@ def test_trust_mtime_false_hashes_every_time(root, config):
     assert build(Count(root))
     age(root)
     config("hashcheck", "trust_mtime", "false")
-    hc._counts.clear()
+    counters.clear()
     assert build(Count(root))
-    assert hc._counts["reads"] >= 4  # seed, upper, head, count at least
+    assert counters["reads"] >= 4  # seed, upper, head, count at least
 
 
 def test_directory_output(root):
@@ -850,10 +865,9 @@ def test_files_in_a_directory_are_not_hashed_again(root):
     age(root)
     assert build(Folder(root))  # re-hashes the aged files once and refreshes the record
     assert [f[0] for f in record_of(os.path.join(root, "folder"))["output"]["files"]] == ["one.txt", "sub/two.txt"]
-    hc._digest_cache.clear()  # as a new process would start
-    hc._counts.clear()
+    as_new_process()
     assert Folder(root).complete()
-    assert hc._counts["reads"] == 0
+    assert counters["reads"] == 0
     write(os.path.join(root, "folder", "one.txt"), "9")  # same size, new mtime: hashed, and seen
     assert not Folder(root).complete()
 
@@ -2261,7 +2275,7 @@ def test_a_no_op_build_writes_nothing_when_records_saw_a_file_at_different_times
     write(head_record, json.dumps(record))
     records = {name: read(os.path.join(root, ".luigi_hashes", name)) for name in os.listdir(os.path.join(root, ".luigi_hashes")) if name.endswith(".json")}
     for _ in range(2):
-        hc._digest_cache.clear()
+        as_new_process()
         assert build(Count(root))
         assert {name: read(os.path.join(root, ".luigi_hashes", name)) for name in records} == records
     assert ran(root) == ["Upper", "Head", "Count"]
@@ -2289,9 +2303,9 @@ def test_a_chain_1000_deep_needs_no_python_recursion(root):
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(200)  # far below the depth: a recursive walk would fail
     try:
-        hc._counts.clear()
+        counters.clear()
         assert top.complete()
-        assert hc._counts["record_checks"] == 1000
+        assert counters["record_checks"] == 1000
         write(os.path.join(root, "seed.txt"), "other")
         assert not top.complete()
     finally:
@@ -2299,20 +2313,19 @@ def test_a_chain_1000_deep_needs_no_python_recursion(root):
 
 
 def count_build(task, **kwargs):
-    hc._counts.clear()
-    hc._digest_cache.clear()
+    as_new_process()
     assert build(task, **kwargs)
-    return hc._counts["record_checks"], hc._counts["reads"]
+    return counters["record_checks"], counters["reads"]
 
 
 def test_one_check_looks_at_each_file_once(tmp_path):
     module = load_lattice(tmp_path, 4, 5)
     assert build(module.Top(str(tmp_path)))
-    hc._counts.clear()
+    counters.clear()
     assert module.Node(str(tmp_path), 4, 0).complete()
     # It reaches 1 + 3 + 4 + 4 + 4 tasks; each output is also the input of up to 3 of them.
-    assert hc._counts["record_checks"] == 16
-    assert hc._counts["looks"] == 16 + 4  # their outputs, and the seeds
+    assert counters["record_checks"] == 16
+    assert counters["looks"] == 16 + 4  # their outputs, and the seeds
 
 
 def test_cost_grows_linearly_with_the_lattice(tmp_path):
