@@ -640,6 +640,117 @@ def test_three_processes_through_one_luigid_run_each_task_once(tmp_path, tmp_pat
 ###############################################################################
 
 
+def _local_storage(tmp_path):
+    return hc._LOCAL, str(tmp_path)  # private: the storage seam has no public face
+
+
+# Every kind of storage the module has, each a function of tmp_path that gives (the storage,
+# a scratch folder in it). Another kind is one more entry, and must pass the same contract.
+STORAGE_KINDS = {"local": _local_storage}
+
+
+@pytest.fixture(params=sorted(STORAGE_KINDS))
+def storage(request, tmp_path):
+    """(A storage, a scratch folder path in it with "/" separators), for each storage kind."""
+    yield STORAGE_KINDS[request.param](tmp_path)
+
+
+def test_storage_contract(storage):
+    """Every method of the interface _LocalStorage's docstring names, as the module uses it."""
+    fs, folder = storage
+    data = b"some bytes\n" * 100
+    path = f"{folder}/a.txt"
+    write(path, data.decode())
+    # stat: a freshness token for an existing path, FileNotFoundError for a missing one.
+    with pytest.raises(FileNotFoundError):
+        fs.stat(f"{folder}/missing.txt")
+    # hash: the file's entry, whose digest is what hashlib makes of its bytes.
+    fresh = fs.hash(path, "sha256")
+    assert fresh["digest"] == hashlib.sha256(data).hexdigest()
+    assert fs.hash(path, "md5")["digest"] == hashlib.md5(data).hexdigest()
+    # vouches: within a tick of its mtime a token vouches only for a digest rechecked later.
+    assert not fs.vouches(fresh, fs.stat(path))
+    assert fs.vouches(fresh, fs.stat(path), True)
+    age(folder)
+    old = fs.hash(path, "sha256")
+    assert fs.vouches(old, fs.stat(path))  # an old, unchanged file
+    write(path, "edited")
+    assert not fs.vouches(old, fs.stat(path)) and not fs.vouches(old, fs.stat(path), True)
+    # listdir: recursive, without any .luigi_hashes folder, without what is excluded; a link
+    # to a folder is listed, not followed, and readlink says where it points.
+    for rel in ("sub/b.txt", "sub/deeper/c.txt", "skip.txt", "skipdir/d.txt", ".luigi_hashes/x.json", "sub/.luigi_hashes/y.json"):
+        write(f"{folder}/{rel}", rel)
+    os.symlink("sub", f"{folder}/link")
+    listed = sorted(fs.listdir(folder, ["skip.txt", "skipdir"]))
+    assert listed == [
+        ("a.txt", f"{folder}/a.txt", False),
+        ("link", f"{folder}/link", True),
+        ("sub/b.txt", f"{folder}/sub/b.txt", False),
+        ("sub/deeper/c.txt", f"{folder}/sub/deeper/c.txt", False),
+    ]
+    assert sorted(rel for rel, _, _ in fs.listdir(f"{folder}/sub")) == ["b.txt", "deeper/c.txt"]
+    assert fs.readlink(f"{folder}/link") == "sub"
+    # records_folder makes .luigi_hashes, again and again; replace writes a record whole,
+    # leaving no temporary file; read_record reads it back, None when there is none.
+    records = fs.records_folder(f"{folder}/sub")
+    assert records == f"{folder}/sub/.luigi_hashes" and fs.records_folder(f"{folder}/sub") == records
+    record = f"{records}/b.txt.json"
+    assert fs.read_record(f"{records}/none.json", 1000) is None
+    fs.replace(record, b'{"first": 1}')
+    fs.replace(record, b'{"second": 2}')
+    assert fs.read_record(record, 1000) == b'{"second": 2}'
+    assert sorted(os.listdir(records)) == ["b.txt.json", "y.json"]
+    # A record that is a link, or too large, is damaged; nothing is written through a link.
+    os.symlink("b.txt.json", f"{records}/link.json")
+    with pytest.raises(hc._DamagedRecord, match="symbolic link"):  # private: the contract's own error
+        fs.read_record(f"{records}/link.json", 1000)
+    with pytest.raises(hc._DamagedRecord, match="too large"):
+        fs.read_record(record, 3)
+    with pytest.raises(hc.HashCheckError, match="symbolic link"):
+        fs.replace(f"{records}/link.json", b"{}")
+    assert fs.read_record(record, 1000) == b'{"second": 2}'
+    # clean: a leftover older than any write could take goes; a fresh one, maybe a live
+    # writer's, stays.
+    dead, live = (f"{records}/.b.txt.json~elsewhere~1~{c * 12}.tmp" for c in "ab")
+    write(dead, "{half")
+    write(live, "{half")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    fs.clean(records)
+    assert not os.path.exists(dead) and os.path.exists(live)
+    # lock: one holder at a time, between threads too; a waiter gives up after its timeout.
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with fs.lock(records, 10):
+            held.set()
+            release.wait(20)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(20)
+        with pytest.raises(hc.LockTimeout), fs.lock(records, 0.1):
+            pass
+    finally:
+        release.set()
+        holder.join(20)
+    with fs.lock(records, 5):  # free again
+        pass
+    # remove_record: the link, not what it points to; then the record; then nothing is left.
+    assert fs.remove_record(f"{records}/link.json", 5) is True
+    assert fs.read_record(record, 1000) == b'{"second": 2}'
+    assert fs.remove_record(record, 5) is True
+    assert fs.remove_record(record, 5) is False
+    assert fs.read_record(record, 1000) is None
+    # remove_output: a file, a link to a folder (not the folder), a folder.
+    fs.remove_output(f"{folder}/a.txt")
+    fs.remove_output(f"{folder}/link")
+    assert not os.path.lexists(f"{folder}/a.txt") and not os.path.lexists(f"{folder}/link")
+    assert os.path.isdir(f"{folder}/sub")
+    fs.remove_output(f"{folder}/sub")
+    assert not os.path.lexists(f"{folder}/sub")
+
+
 def test_a_rewrite_within_one_tick_is_caught(root):
     seed = os.path.join(root, "seed.txt")
     assert build(Upper(root))
