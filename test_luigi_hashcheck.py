@@ -1355,6 +1355,78 @@ def test_code_version_changed_at_run_time_reruns(root, helped):
     assert ran(root) == ["Helped", "Helped"]
 
 
+def test_a_module_reloaded_under_from_import_reruns_in_the_next_process(root, monkeypatch):
+    # After importlib.reload(), run() may still call a function bound before it (from helpers
+    # import f): records written then must not vouch for the new code in a fresh process.
+    import importlib
+
+    name = f"helpers_{uuid.uuid4().hex[:8]}"
+    write(os.path.join(root, name + ".py"), "def f(x):\n    return x + 'v1'\n")
+    monkeypatch.syspath_prepend(root)
+    source = f"""
+        import os, luigi, {name}
+        from {name} import f
+        from luigi_hashcheck import HashCheckingTask
+
+        class Bound(HashCheckingTask):
+            root = luigi.Parameter()
+            code_dependencies = [{name}]
+
+            def output(self):
+                return luigi.LocalTarget(os.path.join(self.root, "bound.txt"))
+
+            def run(self):
+                with self.output().open("w") as out:
+                    out.write(f("x"))
+    """
+    pipeline = load_module(root, source, name=f"bound_{uuid.uuid4().hex[:8]}")
+    assert build(pipeline.Bound(root))
+    write(os.path.join(root, name + ".py"), "def f(x):\n    return x + 'v2'\n")
+    importlib.invalidate_caches()
+    importlib.reload(sys.modules[name])
+    assert build(pipeline.Bound(root))
+    assert read(os.path.join(root, "bound.txt")) == "xv1"  # the process still runs the old f
+    assert build(pipeline.Bound(root))  # and in this process, once is enough
+    script = f"import luigi, {pipeline.__name__} as p; assert luigi.build([p.Bound({root!r})], local_scheduler=True)"
+    result = run_python(["-c", script], cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert read(os.path.join(root, "bound.txt")) == "xv2"  # a fresh process, all new code
+
+
+def test_a_function_in_code_dependencies_counts_again_after_its_module_is_reloaded(root, monkeypatch):
+    import importlib
+
+    name = f"helpers_{uuid.uuid4().hex[:8]}"
+    write(os.path.join(root, name + ".py"), "def f(x):\n    return x + '1'\n")
+    monkeypatch.syspath_prepend(root)
+    source = f"""
+        import os, luigi, {name}
+        from luigi_hashcheck import HashCheckingTask
+
+        class Listed(HashCheckingTask):
+            root = luigi.Parameter()
+            code_dependencies = [{name}.f]
+
+            def output(self):
+                return luigi.LocalTarget(os.path.join(self.root, "listed.txt"))
+
+            def run(self):
+                with open(os.path.join(self.root, "runs.log"), "a") as log:
+                    log.write("Listed\\n")
+                with self.output().open("w") as out:
+                    out.write({name}.f("x"))
+    """
+    pipeline = load_module(root, source, name=f"listed_{uuid.uuid4().hex[:8]}")
+    assert build(pipeline.Listed(root))
+    write(os.path.join(root, name + ".py"), "def f(x):\n    return x + '2'\n")
+    importlib.invalidate_caches()
+    importlib.reload(sys.modules[name])
+    assert build(pipeline.Listed(root))
+    assert build(pipeline.Listed(root))
+    assert ran(root) == ["Listed", "Listed"]
+    assert read(os.path.join(root, "listed.txt")) == "x2"
+
+
 ###############################################################################
 # Records #####################################################################
 ###############################################################################
@@ -2528,6 +2600,22 @@ def test_early_cutoff_with_forked_workers_stays_linear(tmp_path, monkeypatch):
     assert checks[40] <= 2.5 * checks[20], checks
 
 
+class Leaves(HashCheckingTask, luigi.WrapperTask):
+    """A HashCheckingTask with WrapperTask mixed in: no outputs of its own."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return [Upper(self.root), Head(self.root)]
+
+
+def test_a_wrapper_task_mixed_into_a_hashcheckingtask_is_complete_when_what_it_wraps_is(root):
+    assert build(Leaves(root))
+    assert Leaves(root).complete()
+    write(os.path.join(root, "seed.txt"), "world")
+    assert not Leaves(root).complete()
+
+
 ###############################################################################
 # The task ####################################################################
 ###############################################################################
@@ -3211,6 +3299,24 @@ def test_batch_method_parameters_are_warned_about(caplog):
     assert any("batch_method" in r.getMessage() and "Batched" in r.getMessage() for r in caplog.records)
 
 
+class ForgetsMemory(HashCheckingTask):
+    """A third-party HashableTarget output its run() never writes."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return MemoryTarget(f"forgotten-{self.root}")
+
+    def run(self):
+        note_run(self.root, "ForgetsMemory")
+
+
+def test_check_complete_on_run_fails_a_task_that_left_a_third_party_output_unwritten(root, config, caplog):
+    config("worker", "check_complete_on_run", "true")
+    assert not build(ForgetsMemory(root))
+    assert "no input hash stored" in caplog.text
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
@@ -3654,6 +3760,51 @@ def test_console_script_is_the_same_entry_point(cli):
     assert result.returncode == 0 and "3 ok" in result.stdout
     result = subprocess.run([script, "verify", "nowhere"], capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+def test_explain_and_adopt_reach_the_dynamic_dependencies_of_a_stale_task(tmp_path):
+    write(tmp_path / "luigi.cfg", "[core]\nautoload_range = false\n")
+    write(tmp_path / "raw" / "x", "x")
+    source = textwrap.dedent('''
+        import luigi
+        from luigi_hashcheck import HashCheckingTask
+        def note(name):
+            open("runs.log", "a").write(name + "\\n")
+        class Raw(luigi.ExternalTask):
+            def output(self):
+                return luigi.LocalTarget("raw/x")
+        class D(HashCheckingTask):
+            def requires(self):
+                return Raw()
+            def output(self):
+                return luigi.LocalTarget("out/d")
+            def run(self):
+                note("D")
+                value = self.input().open().read()  # EDIT
+                with self.output().open("w") as f:
+                    f.write(value)
+        class P(HashCheckingTask):
+            def output(self):
+                return luigi.LocalTarget("out/p")
+            def run(self):
+                note("P")
+                dep = yield D()  # EDIT
+                with self.output().open("w") as f:
+                    f.write(dep.open().read())
+    ''')
+    ns = f"dyn_{uuid.uuid4().hex[:8]}"
+    write(tmp_path / f"{ns}.py", source)
+    build_p = ["-c", f"import luigi, {ns}; assert luigi.build([{ns}.P()], local_scheduler=True)"]
+    assert run_python(build_p, cwd=tmp_path).returncode == 0
+    ran(str(tmp_path))
+    write(tmp_path / f"{ns}.py", source.replace("# EDIT", "; _unused = 0  # EDIT"))  # a harmless refactor of both
+    explained = run_python(["-m", "luigi_hashcheck", "explain", "--module", ns, "P"], cwd=tmp_path)
+    assert explained.returncode == 1 and "D(): code changed" in explained.stdout, explained.stdout
+    adopted = run_python(["-m", "luigi_hashcheck", "adopt", "--module", ns, "P"], cwd=tmp_path)
+    assert adopted.returncode == 0 and "recorded D()" in adopted.stdout and "recorded P()" in adopted.stdout, adopted.stdout
+    assert run_python(["-m", "luigi_hashcheck", "explain", "--module", ns, "P"], cwd=tmp_path).returncode == 0
+    assert run_python(build_p, cwd=tmp_path).returncode == 0
+    assert ran(str(tmp_path)) == []
 
 
 ###############################################################################
