@@ -67,9 +67,11 @@ import abc
 import ast
 import collections.abc
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
+import html
 import inspect
 import json
 import logging
@@ -178,9 +180,14 @@ class hashcheck(luigi.Config):
         description="the project root: inputs under it are named relative to the output's folder, others by absolute path "
         "(default: the nearest folder above the output holding luigi.cfg)",
     )
+    summary = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="log what ran and why, in one INFO block, when a build that checked HashCheckingTasks ends",
+    )
 
 
-_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout root")
+_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout root summary", defaults=(True,))
 
 
 @functools.cache
@@ -199,7 +206,8 @@ def _settings() -> _Settings:
         config = hashcheck()
     except (ValueError, luigi.parameter.ParameterException) as exc:
         raise ConfigError(f"[hashcheck] {exc}") from exc
-    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, os.path.abspath(config.root) if config.root else None)
+    root = os.path.abspath(config.root) if config.root else None
+    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, root, config.summary)
 
 
 
@@ -252,6 +260,10 @@ _finding: set[int] = set()
 # .build: the memo of the build running in this thread, for the length of a Worker.add or
 # Worker.run call. Per thread, as Luigi allows builds in threads; forked workers inherit it.
 _local = threading.local()
+# The running task's set_progress_percentage, for the length of its wrapped run(), so that
+# hashing a large file there can report how far it got. A context variable, not _local, so
+# the threads hashing one folder can be handed it (contextvars.copy_context).
+_reporting_to: contextvars.ContextVar = contextvars.ContextVar("_reporting_to", default=None)
 
 
 def _forget_process_state():
@@ -297,6 +309,9 @@ class _Memo:
         self.unnested = set()  # folders whose outputs were found not to lie in a folder output
         self.fingerprints = {}  # class -> code fingerprint; code_version is read once per build
         self.leftovers = {}  # folder -> what _interrupted_writes found there
+        # task_id -> (task, verdict, upstream task_id or None, task_ids walked into), as a
+        # walk in this process first judged it: for the summary at the end of Worker.run.
+        self.verdicts = {}
         self._settings = None
 
     @property
@@ -342,10 +357,15 @@ def _track_builds(method, running):
         _local.build = memo
         memo.running = running or was_running
         try:
-            return method(worker, *args, **kwargs)
+            result = method(worker, *args, **kwargs)
         finally:
             _local.build, memo.running = outer, was_running
             memo.finished = memo.finished or (running and not was_running)
+        if running and not was_running:
+            # Here, in the parent, after every forked child has ended, and just before
+            # luigi.build logs its own execution summary.
+            _log_summary(memo, worker)
+        return result
 
     wrapper._hashcheck = True
     return wrapper
@@ -378,6 +398,8 @@ _install_worker_hooks()
 # A file rewritten within one timestamp tick keeps its mtime (SCons issue #2760), so a
 # digest only vouches for a stat taken at least this long after the file's mtime.
 _TICK_NS = 2_000_000_000
+# A file larger than this, hashed inside a running task, reports its progress to luigid.
+_PROGRESS_BYTES = 256 << 20
 
 
 def _utf8(text):
@@ -434,11 +456,17 @@ def _hash_file(path: str, algorithm: str) -> dict:
                 h.update(data)
         else:
             # One buffer for every block, so memory does not grow with the file.
+            report = _reporting_to.get() if st.st_size > _PROGRESS_BYTES else None
             with open(fd, "rb", buffering=0, closefd=False) as f:
                 buf = bytearray(_BLOCK)
                 view = memoryview(buf)
+                done = shown = 0
                 while n := f.readinto(buf):
                     h.update(view[:n])
+                    done += n
+                    if report and done * 100 // st.st_size > shown:
+                        shown = min(100, done * 100 // st.st_size)
+                        report(shown)
     finally:
         os.close(fd)
     return {
@@ -733,7 +761,7 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
         # files go first, so no core is left hashing one big file alone at the end.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             largest_first = sorted(range(len(files)), key=sizes.__getitem__, reverse=True)
-            futures = {index: pool.submit(one, index) for index in largest_first}
+            futures = {index: pool.submit(contextvars.copy_context().run, one, index) for index in largest_first}
             listed = [futures[index].result() for index in range(len(files))]
     else:
         listed = [one(index) for index in range(len(files))]
@@ -1208,10 +1236,11 @@ def _pairs(inputs, dynamic):
     return [[e["path"], e["digest"]] for e in inputs + [e for dep in dynamic for e in dep["outputs"]]]
 
 
-def _make_record(algorithm, family, params, code, output, inputs, dynamic, created_ns=None, input_hash=None):
+def _make_record(algorithm, family, params, code, output, inputs, dynamic, created_ns=None, input_hash=None, reason=None):
     """The one function that makes a record: the fields of _RECORD_FIELDS, its input hash
-    computed from them unless given, dated now unless ``created_ns`` is given."""
-    return {
+    computed from them unless given, dated now unless ``created_ns`` is given; with
+    ``reason``, why the build that wrote it ran the task (for that build's summary)."""
+    record = {
         "format": _FORMAT,
         "algorithm": algorithm,
         "created_ns": created_ns or time.time_ns(),
@@ -1222,6 +1251,9 @@ def _make_record(algorithm, family, params, code, output, inputs, dynamic, creat
         "inputs": inputs,
         "dynamic": dynamic,
     }
+    if reason:
+        record["reason"] = reason
+    return record
 
 
 def _remade(record, **fields):
@@ -1450,6 +1482,10 @@ _REASONS = {
     "external": "external data missing",
     "incomplete": "incomplete",
     "upstream": "upstream task {task} will run",
+    # the build's summary, told after the build what became of a stale task:
+    "reran": "upstream {task} reran",
+    "cutoff": "skipped by early cutoff, its inputs did not change",
+    "not run": "did not run ({reason})",
     # verify's, which judges records without their pipeline:
     "record damaged": "record damaged: {error}",
     "record unreadable": "record unreadable: {error}",
@@ -1962,6 +1998,8 @@ def _is_complete(root, memo):
     by_id = {task.task_id: task for task in walk.order}
     for tid, verdict in walk.verdicts.items():
         task = by_id[tid]
+        if tid not in memo.verdicts:  # the first verdict is the scheduling-time one
+            memo.verdicts[tid] = (task, verdict, walk.upstream.get(tid), [d.task_id for d in walk.children[tid]])
         if not verdict.ok:
             logger.debug("luigi_hashcheck: %s is stale: %s", task, verdict.reason)
         for record_path, fresh, old in verdict.refreshes:
@@ -1971,6 +2009,96 @@ def _is_complete(root, memo):
         if tid in walk.upstream and not _checked(task):
             _warn_hiding(task)
     return memo.answers[root.task_id]
+
+
+# The summary after each build: what the walks found while Luigi scheduled, and what the
+# records say now. It is made in the parent process, which sees neither the run-time checks
+# nor the memos of forked workers, only the records they wrote: a record dated after the
+# build started means its task ran, unless early cutoff confirmed it (``confirmed_ns``).
+_SUMMARY_TASKS = 20  # tasks listed; the rest are counted
+
+
+def _outcome(task, started_ns, done):
+    """What became of a task found stale while scheduling: ("ran", "cutoff" or "not run",
+    and the reason its run-time check gave, as its record keeps it, or None).
+
+    :param done: the task_ids Luigi's worker saw finish in this build, for a task whose
+        outputs are all third-party targets and so have no record to read.
+    """
+    dated = []
+    for output in _outputs(task):
+        if isinstance(output, luigi.LocalTarget):
+            try:
+                record = _read_record(_record_path(_norm(output.path)))
+            except (_DamagedRecord, OSError):
+                record = None
+            if record is None or record["created_ns"] < started_ns:
+                return "not run", None
+            dated.append(record)
+    if not dated:
+        return "ran" if task.task_id in done else "not run", None
+    if all(r.get("confirmed_ns") == r["created_ns"] for r in dated):
+        return "cutoff", None
+    reason = dated[0].get("reason")
+    return "ran", reason if isinstance(reason, str) else None
+
+
+def _summary(memo, done=()):
+    """The summary of one build, or None if it checked no HashCheckingTask."""
+    checked = {tid: found for tid, found in memo.verdicts.items() if _checked(found[0])}
+    if not checked:
+        return None
+    # Dependencies first, as the build ran them.
+    order, placed = [], set()
+    for start in reversed(list(memo.verdicts)):
+        stack = [(start, False)]
+        while stack:
+            tid, expanded = stack.pop()
+            if expanded:
+                order.append(tid)
+            elif tid not in placed and tid in memo.verdicts:
+                placed.add(tid)
+                stack.append((tid, True))
+                stack.extend((dep, False) for dep in reversed(memo.verdicts[tid][3]))
+    found = {tid: ("ok", None) if v[1].ok else _outcome(v[0], memo.started_ns, done) for tid, v in checked.items()}
+    outcomes = {tid: outcome for tid, (outcome, _reason_text) in found.items()}
+    lines = []
+    for wanted in ("ran", "cutoff", "not run"):
+        for tid in (t for t in order if outcomes.get(t) == wanted):
+            task, verdict, upstream, _deps = checked[tid]
+            # Why it ran, as its run-time check found (a task below a rerun finds its input
+            # changed); the scheduling-time verdict where no record kept that.
+            reason = found[tid][1] or verdict.reason
+            if not found[tid][1] and upstream is not None and outcomes.get(upstream) == "ran":
+                reason = _reason("reran", task=memo.verdicts[upstream][0])
+            if wanted == "cutoff":
+                reason = _reason("cutoff")
+            elif wanted == "not run":
+                reason = _reason("not run", reason=reason)
+            lines.append(f"  {task}: {reason}")
+    counts = collections.Counter(outcomes.values())
+    head = f"luigi_hashcheck: {counts['ran']} ran, {counts['ok']} up to date, {counts['cutoff']} skipped by early cutoff"
+    if counts["not run"]:
+        head += f", {counts['not run']} did not run"
+    if len(lines) > _SUMMARY_TASKS:
+        lines[_SUMMARY_TASKS:] = [f"  ... and {len(lines) - _SUMMARY_TASKS} more"]
+    return "\n".join([head, *lines])
+
+
+def _log_summary(memo, worker):
+    """Log the build's summary, unless ``[hashcheck] summary = false``."""
+    if not memo.verdicts or memo.inspecting:
+        return
+    try:
+        if not memo.settings.summary:
+            return
+        done = {task.task_id for task, status, _runnable in getattr(worker, "_add_task_history", ()) if status == luigi.worker.DONE}
+        text = _summary(memo, done)
+    except HashCheckError as exc:  # a bad configuration has failed the build already
+        logger.warning("luigi_hashcheck: no summary: %s", exc)
+        return
+    if text:
+        logger.info(text)
 
 
 def _save_refresh(record_path, fresh, old, settings):
@@ -2037,10 +2165,11 @@ def _interrupted_writes(folder):
 class _Run:
     """What a task's run() carries from its start to its end."""
 
-    def __init__(self, settings, inputs, entries):
+    def __init__(self, settings, inputs, entries, reason=None):
         self.settings = settings
         self.inputs = inputs
         self.entries = entries
+        self.reason = reason  # why it runs, from the run-time check
         self.dynamic = []  # (task, outputs, entries) of each dynamic dependency handed back
 
 
@@ -2050,9 +2179,11 @@ def _before_run(task):
     memo = _memo()
     settings = memo.settings
     verdict = _judge(task, settings, {})
-    if verdict.ok and all(_is_complete(dep, memo) for dep in verdict.deps):
+    pending = next((dep for dep in verdict.deps if not _is_complete(dep, memo)), None) if verdict.ok else None
+    if verdict.ok and pending is None:
         # Its upstream reran and made byte-identical outputs ("early cutoff").
         logger.info("luigi_hashcheck: %s is up to date, its inputs did not change; skipping run()", task)
+        _tell(task, f"luigi_hashcheck: run() skipped: {_reason('cutoff')} (its upstream reran and made the same outputs)")
         memo.answers[task.task_id] = True
         for record_path, fresh, old in verdict.refreshes:
             _save_refresh(record_path, fresh, old, settings)
@@ -2079,7 +2210,23 @@ def _before_run(task):
             _remove_record(_record_path(path), settings)
         elif output.exists() and callable(getattr(output, "remove", None)):
             output.remove()
-    return _Run(settings, inputs, entries)
+    # A task downstream of a rerun finds its input changed here, and says so.
+    reason = verdict.reason or _reason("upstream", task=pending)
+    _tell(task, f"luigi_hashcheck: running because {reason}")
+    return _Run(settings, inputs, entries, reason)
+
+
+def _tell(task, text):
+    """Show ``text`` as the task's status message in luigid's visualiser, which inserts it
+    as HTML. Luigi sets ``set_status_message`` only while a worker runs the task; a
+    user's own call in run() comes later and replaces ours."""
+    callback = getattr(task, "set_status_message", None)
+    if not callable(callback):
+        return
+    try:
+        callback(html.escape(text))
+    except Exception as exc:  # noqa: BLE001 - a message lost must not fail the task
+        logger.warning("luigi_hashcheck: could not set the status message of %s: %s", task, exc)
 
 
 def _refuse_nesting(task, outputs, inputs):
@@ -2154,7 +2301,10 @@ def _confirm(task, settings):
             try:
                 record = _read_record(record_path)
                 if record:
-                    _write_record(record_path, _remade(record, created_ns=time.time_ns()), settings, replacing=record)
+                    now = time.time_ns()
+                    # confirmed_ns equal to created_ns tells the build's summary, in the
+                    # parent, that early cutoff dated this record rather than a run.
+                    _write_record(record_path, {**_remade(record, created_ns=now), "confirmed_ns": now}, settings, replacing=record)
             except (_DamagedRecord, HashCheckError) as exc:
                 logger.warning("luigi_hashcheck: could not confirm %s: %s", record_path, exc)
 
@@ -2196,19 +2346,20 @@ def _after_run(task, state):
     # next check skip hashing it.
     rest = iter(after[len(state.inputs):])
     dynamic = [(dep, targets, [next(rest) for _ in targets]) for dep, targets, _entries in state.dynamic]
-    written = _write_records(task, settings, state.inputs, after[: len(state.inputs)], dynamic)
+    written = _write_records(task, settings, state.inputs, after[: len(state.inputs)], dynamic, state.reason)
     # Complete only with a record for every output: check_complete_on_run must see a
     # missing output as plain Luigi would.
     if len(written) == len(_outputs(task)):
         _memo().answers[task.task_id] = True
 
 
-def _write_records(task, settings, inputs, entries, dynamic):
+def _write_records(task, settings, inputs, entries, dynamic, reason=None):
     """Write the records of ``task``'s existing outputs; return the paths of those written.
 
     :param inputs: the input targets, in ``flatten(task.input())`` order.
     :param entries: their entries, as digested before the task ran.
     :param dynamic: (task, output targets, entries) of each dynamic dependency.
+    :param reason: why it ran, kept in the record for the build's summary.
     """
     algorithm = settings.algorithm
     family = task.task_family
@@ -2241,7 +2392,7 @@ def _write_records(task, settings, inputs, entries, dynamic):
             for dep, targets, dep_entries in dynamic
         ]
         output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
-        record = _make_record(algorithm, family, params, code, output_entry, named_inputs, named_dynamic)
+        record = _make_record(algorithm, family, params, code, output_entry, named_inputs, named_dynamic, reason=reason)
         _write_record(_record_path(path), record, settings)
         written.append(path)
         if output_entry["kind"] == "dir" and (build := _active_memo()) is not None:
@@ -2331,12 +2482,50 @@ def _drive(task, generator, state):
     _after_run(task, state)
 
 
+def _reporter(task):
+    """``task.set_progress_percentage`` while a worker runs it, else None: scheduling-time
+    checks, and a run() called by hand, have nowhere to report to."""
+    callback = getattr(task, "set_progress_percentage", None)
+    if not callable(callback):
+        return None
+
+    def report(percent):
+        try:
+            callback(percent)
+        except Exception as exc:  # noqa: BLE001 - progress lost must not fail the task
+            logger.debug("luigi_hashcheck: could not report the progress of %s: %s", task, exc)
+
+    return report
+
+
+def _reporting(task, generator):
+    """``generator``, each step of it with ``task``'s progress reporter active: a
+    generator run() hashes its dynamic dependencies and writes its records inside it."""
+    reply = None
+    try:
+        while True:
+            progress = _reporting_to.set(_reporter(task))
+            try:
+                requirement = generator.send(reply)
+            except StopIteration:
+                return
+            finally:
+                _reporting_to.reset(progress)
+            reply = yield requirement
+    finally:
+        generator.close()  # Luigi abandoned this one to schedule new dependencies
+
+
 def _wrap_run(run):
     @functools.wraps(run)
     def wrapper(self):
         if id(self) in _running:  # an inner run() reached through super().run()
             return run(self)
-        state = _before_run(self)
+        progress = _reporting_to.set(_reporter(self))
+        try:
+            state = _before_run(self)
+        finally:
+            _reporting_to.reset(progress)
         if state is None:
             return None
         _running.add(id(self))
@@ -2345,8 +2534,12 @@ def _wrap_run(run):
         finally:
             _running.discard(id(self))
         if isinstance(result, collections.abc.Generator):
-            return _drive(self, result, state)
-        _after_run(self, state)
+            return _reporting(self, _drive(self, result, state))
+        progress = _reporting_to.set(_reporter(self))
+        try:
+            _after_run(self, state)
+        finally:
+            _reporting_to.reset(progress)
         return result
 
     wrapper._hashcheck = True
