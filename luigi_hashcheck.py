@@ -2670,6 +2670,9 @@ class _Verification:
         self.results = {}  # record path -> (status, reason, record or None)
         self.unrecorded = {}  # record path -> output, for the outputs whose record is gone
         self.cache = {}  # one look at each file, as an output and as an input
+        self.upstream = {}  # record path -> records of its inputs, once run() has walked them
+        self.dynamic_edges = set()  # (record path, record of an input a dynamic dependency made)
+        self.settled = {}  # record path -> the upstream record that alone makes it stale
 
     def own(self, record_path):
         """Check one record against the files alone, not its upstream."""
@@ -2723,7 +2726,7 @@ class _Verification:
         """Check ``record_paths`` and every record upstream of them; return their results,
         then those of the outputs upstream whose record is gone."""
         todo = list(record_paths)
-        upstream = {}  # record path -> records of its inputs
+        upstream = self.upstream
         seen = set(todo)
         while todo:
             record_path = todo.pop()
@@ -2732,12 +2735,15 @@ class _Verification:
             if record is None:
                 continue
             folder = os.path.dirname(_output_of(record_path))
-            for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
+            dynamic = [e for dep in record["dynamic"] for e in dep["outputs"]]
+            for entry in record["inputs"] + dynamic:
                 try:
                     source = _record_path(_norm(os.path.join(folder, entry["path"])))
                     exists = os.path.lexists(source)
                 except ValueError:
                     continue
+                if any(entry is e for e in dynamic):
+                    self.dynamic_edges.add((record_path, source))
                 if exists:
                     upstream[record_path].append(source)
                     if source not in seen:
@@ -2755,7 +2761,7 @@ class _Verification:
         # A record whose input comes from a record that is not ok is stale, as a rebuild
         # would make it: the build's rule.
         bad = {p for p, (status, _, _) in self.results.items() if status != "ok"}
-        stale = _settle(upstream, bad)
+        stale = self.settled = _settle(upstream, bad)
         for record_path, source in stale.items():
             status = "stale" if source in stale else self.results[source][0]
             reason = _reason("record upstream", output=_show(self.output_of(source)), status=status)
@@ -2794,7 +2800,9 @@ def _cmd_verify(args):
     if progress:
         print("\r\033[K", end="", file=sys.stderr)
     counts = collections.Counter(status for _, status, _ in results)
-    if args.json:
+    if args.dot:
+        print(_dot(*_record_graph(verification)), end="")
+    elif args.json:
         document = {
             "outputs": [{"path": _show(verification.output_of(p)), "record": _show(p), "status": s, "reason": r} for p, s, r in results],
             "counts": {status: counts[status] for status in _STATUSES},
@@ -2905,13 +2913,26 @@ def _status(verdict):
 
 def _cmd_explain(args):
     with _luigi_task(args.luigi_args) as root:
-        return _explain(root, _settings())
+        return _explain(root, _settings(), "dot" if args.dot else "mermaid" if args.mermaid else None)
 
 
-def _explain(root, settings):
-    """Print the tree below ``root`` with each task's verdict, from the build's own walk."""
+def _explain(root, settings, graph=None):
+    """Print the tree below ``root`` with each task's verdict, from the build's own walk;
+    or, with ``graph`` "dot" or "mermaid", the same verdicts as a picture."""
     with _inspection(settings) as memo:
         walk = _walk([root], memo, explore=True)
+        if graph:
+            # The recorded dynamic dependencies an up-to-date task was walked into, for
+            # dashed edges: those beyond its static ones.
+            dynamic = {}
+            for task in walk.order:
+                if _checked(task) and walk.verdicts[task.task_id].ok:
+                    static = {dep.task_id for dep in _deps_and_inputs(task)[0]}
+                    dynamic[task.task_id] = {d.task_id for d in walk.children[task.task_id]} - static
+    if graph:
+        nodes, edges = _task_graph(walk, dynamic)
+        print((_dot if graph == "dot" else _mermaid)(nodes, edges), end="")
+        return 0 if all(verdict.ok for verdict in walk.verdicts.values()) else 1
     printed = set()
     stack = [(root, 0)]
     while stack:
@@ -2930,6 +2951,107 @@ def _explain(root, settings):
     counts = collections.Counter(_status(walk.verdicts[task.task_id]) for task in walk.order)
     print(f"{len(walk.verdicts)} tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0 if counts["ok"] == len(walk.verdicts) else 1
+
+
+# Graphs, for explain --dot, explain --mermaid and verify --dot: one node per task or record,
+# coloured by verdict, and one edge per dependency, from it to the task that needs it, as
+# data flows; dynamic ones dashed. A node is (label lines, kind, family); kind is one of
+# _GRAPH_KINDS.
+_GRAPH_KINDS = {"ok": ("up to date", "#b8e186"), "run": ("will run", "#f4a582"), "upstream": ("will run because of upstream", "#fee08b"), "missing": ("external data missing", "#d9d9d9")}
+_GRAPH_FOLD = 200  # past this many nodes, a family whose tasks are all up to date is one node
+
+
+def _task_graph(walk, dynamic):
+    """Nodes and edges of the tasks ``walk`` judged, dependencies first."""
+    nodes, edges = {}, []
+    for task in walk.order:
+        tid = task.task_id
+        verdict = walk.verdicts[tid]
+        kind = "upstream" if tid in walk.upstream else {"ok": "ok", "missing": "missing"}.get(_status(verdict), "run")
+        nodes[tid] = ([str(task)] + ([verdict.reason] if verdict.reason else []), kind, task.task_family)
+        edges.extend((child.task_id, tid, child.task_id in dynamic.get(tid, ())) for child in walk.children[tid])
+    return _fold(nodes, edges)
+
+
+def _record_graph(verification):
+    """Nodes and edges of the records ``verification`` checked, and of outputs whose record is gone."""
+    nodes, edges = {}, []
+    for record_path, (status, reason, record) in verification.results.items():
+        kind = "ok" if status == "ok" else "upstream" if record_path in verification.settled else "run"
+        label = [_show(verification.output_of(record_path))] + ([f"{status}: {reason}"] if status != "ok" else [])
+        nodes[record_path] = (label, kind, record["task"]["family"] if record else None)
+    for record_path, sources in verification.upstream.items():
+        edges.extend((source, record_path, (record_path, source) in verification.dynamic_edges) for source in sources if source in nodes)
+    return _fold(nodes, edges)
+
+
+def _fold(nodes, edges):
+    """Past _GRAPH_FOLD nodes, fold each family whose nodes are all up to date into one
+    node with a count; edges between folded nodes become one, and none leads to itself."""
+    if len(nodes) <= _GRAPH_FOLD:
+        return nodes, list(dict.fromkeys(edges))
+    families = collections.defaultdict(list)
+    for key, (_label, _kind, family) in nodes.items():
+        if family is not None:
+            families[family].append(key)
+    folded, into = {}, {}
+    for key, node in nodes.items():
+        members = families.get(node[2], ())
+        if len(members) > 1 and all(nodes[m][1] == "ok" for m in members):
+            into[key] = ("folded", node[2])
+            folded[into[key]] = ([f"{node[2]} ({len(members)} tasks)"], "ok", node[2])
+        else:
+            folded[key] = node
+    moved = ((into.get(a, a), into.get(b, b), dynamic) for a, b, dynamic in edges)
+    return folded, list(dict.fromkeys((a, b, dynamic) for a, b, dynamic in moved if a != b))
+
+
+def _graph_text(text):
+    """One line of a node's label: the graph's own line breaks are the only ones."""
+    return " ".join(str(text).splitlines())
+
+
+def _dot(nodes, edges):
+    """The graph in Graphviz DOT."""
+    ids = {key: f"n{index}" for index, key in enumerate(nodes)}
+
+    def quoted(lines):
+        return '"' + "\\n".join(_graph_text(line).replace("\\", "\\\\").replace('"', '\\"') for line in lines) + '"'
+
+    out = ["digraph luigi_hashcheck {", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
+    for key, (label, kind, _family) in nodes.items():
+        out.append(f'  {ids[key]} [label={quoted(label)}, fillcolor="{_GRAPH_KINDS[kind][1]}", tooltip={quoted([_GRAPH_KINDS[kind][0]])}];')
+    for a, b, dynamic in edges:
+        out.append(f"  {ids[a]} -> {ids[b]}{' [style=dashed]' if dynamic else ''};")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# Characters a Mermaid label must not hold as they are, and their entity codes; "#" first,
+# as every code begins with it.
+_MERMAID_CODES = (("#", "#35;"), ('"', "#quot;"), ("&", "#amp;"), ("<", "#lt;"), (">", "#gt;"), ("`", "#96;"))
+
+
+def _mermaid(nodes, edges):
+    """The graph as a Mermaid flowchart, which GitHub and GitLab draw in Markdown."""
+    ids = {key: f"n{index}" for index, key in enumerate(nodes)}
+
+    def quoted(lines):
+        escaped = []
+        for line in lines:
+            line = _graph_text(line)
+            for char, code in _MERMAID_CODES:
+                line = line.replace(char, code)
+            escaped.append(line)
+        return '"' + "<br/>".join(escaped) + '"'
+
+    out = ["flowchart TD"]
+    for key, (label, kind, _family) in nodes.items():
+        out.append(f"  {ids[key]}[{quoted(label)}]:::{kind}")
+    for a, b, dynamic in edges:
+        out.append(f"  {ids[a]} {'-.->' if dynamic else '-->'} {ids[b]}")
+    out.extend(f"  classDef {kind} fill:{colour},stroke:#555" for kind, (_text, colour) in _GRAPH_KINDS.items())
+    return "\n".join(out) + "\n"
 
 
 def _cmd_adopt(args):
@@ -3015,7 +3137,9 @@ def _parser():
 
     verify = commands.add_parser("verify", help="check records against the files on disk; runs nothing")
     verify.add_argument("paths", nargs="*", metavar="PATH", help="an output, or a folder to search (default: .)")
-    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    shown = verify.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print one JSON document")
+    shown.add_argument("--dot", action="store_true", help="print the graph of records in Graphviz DOT")
     verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
     verify.add_argument("--no-trust-mtime", action="store_true", help="hash every file, whatever its stat says (as [hashcheck] trust_mtime = false does)")
     verify.set_defaults(func=_cmd_verify)
@@ -3026,10 +3150,14 @@ def _parser():
     ):
         command = commands.add_parser(
             name, help=text, description=f"{text}. TASK and its parameters use Luigi's command-line syntax.", allow_abbrev=False,
-            usage=f"luigi-hashcheck {name} {'[--dry-run] ' if name == 'adopt' else ''}--module MODULE TASK [--param value ...]",
+            usage=f"luigi-hashcheck {name} {'[--dry-run] ' if name == 'adopt' else '[--dot | --mermaid] '}--module MODULE TASK [--param value ...]",
         )
         if name == "adopt":
             command.add_argument("--dry-run", action="store_true", help="print what would be recorded; write nothing")
+        else:
+            shown = command.add_mutually_exclusive_group()
+            shown.add_argument("--dot", action="store_true", help="print the dependency graph in Graphviz DOT")
+            shown.add_argument("--mermaid", action="store_true", help="print the dependency graph as a Mermaid flowchart")
         command.set_defaults(func=func, luigi_args=[])
 
     forget = commands.add_parser("forget", help="delete the records of outputs, so their tasks run again")
