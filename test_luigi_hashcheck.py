@@ -4390,6 +4390,362 @@ def test_differential_fresh_interpreters_many_seeds(tmp_path, config, monkeypatc
 
 
 ###############################################################################
+# Seeing why ##################################################################
+###############################################################################
+
+
+class WhyRaw(luigi.ExternalTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "raw<b>.txt"))  # the visualiser reads HTML
+
+
+class WhyClean(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return WhyRaw(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "clean.txt"))
+
+    def run(self):
+        note_run(self.root, "WhyClean")
+        write(self.output().path, read(self.input().path).upper())
+
+
+class WhyHead(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return WhyClean(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "head.txt"))
+
+    def run(self):
+        note_run(self.root, "WhyHead")
+        write(self.output().path, read(self.input().path)[:3])
+
+
+class WhyCount(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return WhyHead(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "count.txt"))
+
+    def run(self):
+        note_run(self.root, "WhyCount")
+        write(self.output().path, str(len(read(self.input().path))))
+
+
+class WhyTalks(HashCheckingTask):
+    """Sets a status message of its own, which must win over ours."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return WhyClean(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "talks.txt"))
+
+    def run(self):
+        note_run(self.root, "WhyTalks")
+        self.set_status_message("mine: <ok>")
+        write(self.output().path, read(self.input().path))
+
+
+class WhyAll(luigi.WrapperTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return [WhyCount(self.root), WhyTalks(self.root)]
+
+
+def short(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def luigid_api(port, method, **data):
+    import urllib.parse
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/api/{method}?data={urllib.parse.quote(json.dumps(data))}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())["response"]
+
+
+def status_message(port, task):
+    return luigid_api(port, "get_task_status_message", task_id=task.task_id)["statusMessage"]
+
+
+def test_luigid_shows_each_task_why_it_ran(tmp_path, luigid):
+    import html
+
+    root = str(tmp_path)
+    remote = {"local_scheduler": False, "scheduler_host": "127.0.0.1", "scheduler_port": luigid}
+    write(tmp_path / "raw<b>.txt", "hello")
+    assert build(WhyAll(root), **remote)
+    assert sorted(ran(root)) == ["WhyClean", "WhyCount", "WhyHead", "WhyTalks"]
+    assert status_message(luigid, WhyClean(root)) == "luigi_hashcheck: running because output missing"
+    write(tmp_path / "raw<b>.txt", "help!")  # clean.txt changes, head.txt stays "HEL"
+    assert build(WhyAll(root), workers=2, **remote)  # forked children report to luigid over HTTP
+    assert sorted(ran(root)) == ["WhyClean", "WhyHead", "WhyTalks"]
+    messages = {task.task_family: status_message(luigid, task) for task in (WhyClean(root), WhyHead(root), WhyCount(root), WhyTalks(root))}
+    changed = f"({short('hello')} -> {short('help!')})"
+    assert messages["WhyClean"] == html.escape(f"luigi_hashcheck: running because input raw<b>.txt changed {changed}")
+    assert "&lt;b&gt;" in messages["WhyClean"] and "<" not in messages["WhyClean"]
+    # Below a rerun, the task's own run-time check finds its input changed, and says so.
+    assert messages["WhyHead"] == html.escape(f"luigi_hashcheck: running because input clean.txt changed ({short('HELLO')} -> {short('HELP!')})")
+    assert messages["WhyCount"].startswith("luigi_hashcheck: run() skipped: skipped by early cutoff")
+    assert messages["WhyTalks"] == "mine: <ok>"  # the user's own call came later, and won
+    listed = luigid_api(luigid, "task_list", status="DONE", upstream_status="", search="WhyClean")
+    assert listed[WhyClean(root).task_id]["status_message"] == messages["WhyClean"]
+
+
+class Big(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root, "big.bin")
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "big-copy.bin"))
+
+    def run(self):
+        shutil.copyfile(self.input().path, self.output().path)
+
+
+def test_hashing_a_large_file_inside_run_reports_progress_to_luigid(tmp_path, luigid, monkeypatch):
+    monkeypatch.setattr(hc, "_PROGRESS_BYTES", 2 << 20)  # rather than writing 256 MiB
+    root = str(tmp_path)
+    write(tmp_path / "big.bin", "x" * (3 << 20))
+    assert build(Big(root), local_scheduler=False, scheduler_host="127.0.0.1", scheduler_port=luigid)
+    # The last hash inside run() is of the output, after the user's run(): it got to 100%.
+    assert luigid_api(luigid, "get_task_progress_percentage", task_id=Big(root).task_id)["progressPercentage"] == 100
+
+
+def test_large_hashes_report_rising_percentages_and_none_outside_a_worker(tmp_path, monkeypatch):
+    monkeypatch.setattr(hc, "_PROGRESS_BYTES", 2 << 20)
+    root = str(tmp_path)
+    write(tmp_path / "big.bin", "x" * (5 << 20))
+    seen = []
+    token = hc._reporting_to.set(seen.append)
+    try:
+        hc._digest(hc._norm(tmp_path / "big.bin"), "sha256", trust_mtime=False)
+    finally:
+        hc._reporting_to.reset(token)
+    assert seen == sorted(seen) and len(seen) > 3 and seen[-1] == 100
+    # Scheduling-time checks, and a run() called by hand, have no callbacks: no failure.
+    task = Big(root)
+    assert task.set_progress_percentage is None and task.set_status_message is None
+    assert not task.complete()
+    task.run()
+    assert task.complete()
+
+
+def summaries(caplog):
+    return [r for r in caplog.records if r.name == "luigi-interface" and r.getMessage().startswith("luigi_hashcheck: ") and " ran, " in r.getMessage()]
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_each_build_ends_with_one_summary_beside_luigis(tmp_path, caplog, workers):
+    root = str(tmp_path)
+    write(tmp_path / "raw<b>.txt", "hello")
+    with caplog.at_level(logging.INFO, logger="luigi-interface"):
+        assert build(WhyAll(root), workers=workers, log_level="INFO")
+        first = summaries(caplog)
+        caplog.clear()
+        assert build(WhyAll(root), workers=workers, log_level="INFO")
+        second = summaries(caplog)
+        caplog.clear()
+        write(tmp_path / "raw<b>.txt", "help!")
+        assert build(WhyAll(root), workers=workers, log_level="INFO")
+        third = summaries(caplog)
+        texts = [r.getMessage() for r in caplog.records]
+    assert [len(first), len(second), len(third)] == [1, 1, 1]
+    assert first[0].levelno == logging.INFO
+    assert first[0].getMessage().splitlines()[0] == "luigi_hashcheck: 4 ran, 0 up to date, 0 skipped by early cutoff"
+    assert second[0].getMessage() == "luigi_hashcheck: 0 ran, 4 up to date, 0 skipped by early cutoff"
+    changed = f"({short('hello')} -> {short('help!')})"
+    lines = third[0].getMessage().splitlines()
+    assert lines[:2] == ["luigi_hashcheck: 3 ran, 0 up to date, 1 skipped by early cutoff", f"  WhyClean(root={root}): input raw<b>.txt changed {changed}"]
+    # Below a rerun, the reason is what the task's own run-time check found, even in a forked child.
+    assert sorted(lines[2:4]) == [f"  {name}(root={root}): input clean.txt changed ({short('HELLO')} -> {short('HELP!')})" for name in ("WhyHead", "WhyTalks")]
+    assert lines[4:] == [f"  WhyCount(root={root}): skipped by early cutoff, its inputs did not change"]
+    # Beside Luigi's own execution summary, just before it, not inside it.
+    ours = texts.index(third[0].getMessage())
+    luigis = next(i for i, text in enumerate(texts) if "Luigi Execution Summary" in text)
+    assert ours < luigis and "luigi_hashcheck" not in texts[luigis]
+
+
+def test_the_summary_lists_20_tasks_then_a_count_and_can_be_turned_off(tmp_path, caplog, config):
+    module = load_lattice(tmp_path, 5, 5)
+    top = module.Top(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="luigi-interface"):
+        assert build(top, log_level="INFO")
+    lines = summaries(caplog)[0].getMessage().splitlines()
+    total = len(ran(str(tmp_path)))
+    assert lines[0].startswith(f"luigi_hashcheck: {total} ran, 0 up to date")
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == f"  ... and {total - 20} more"
+    caplog.clear()
+    config("hashcheck", "summary", "false")
+    write(tmp_path / "seed-1.txt", "changed")
+    with caplog.at_level(logging.INFO, logger="luigi-interface"):
+        assert build(top, log_level="INFO")
+    assert ran(str(tmp_path)) and summaries(caplog) == []
+
+
+def test_the_summary_counts_what_did_not_run(root, caplog):
+    write(os.path.join(root, "fail"), "")
+    with caplog.at_level(logging.INFO, logger="luigi-interface"):
+        assert not build(Failing(root), log_level="INFO")
+    assert summaries(caplog)[0].getMessage().splitlines()[0] == "luigi_hashcheck: 0 ran, 0 up to date, 0 skipped by early cutoff, 1 did not run"
+
+
+def test_the_luigi_command_line_ends_with_the_summary(tmp_path, caplog, monkeypatch):
+    import luigi.cmdline
+
+    ns = f"why{uuid.uuid4().hex[:8]}"
+    load_module(tmp_path, CLI_PIPELINE.format(base="HashCheckingTask", ns=ns), name=ns)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write(tmp_path / "raw.txt", "hi")
+    with caplog.at_level(logging.INFO, logger="luigi-interface"), pytest.raises(SystemExit) as exit_:
+        luigi.cmdline.luigi_run(["--module", ns, f"{ns}.B", "--root", str(tmp_path), "--local-scheduler", "--workers", "2", "--no-lock"])
+    assert exit_.value.code == 0
+    found = summaries(caplog)
+    assert len(found) == 1 and found[0].getMessage().splitlines()[0] == "luigi_hashcheck: 2 ran, 0 up to date, 0 skipped by early cutoff"
+
+
+def why_cli(tmp_path, monkeypatch):
+    """WhyAll built, then its raw input edited: WhyClean stale, the rest stale from upstream."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "raw<b>.txt", "hello")
+    assert build(WhyAll(str(tmp_path)))
+    ran(str(tmp_path))
+    write(tmp_path / "raw<b>.txt", "help!")
+    return ["--module", "test_luigi_hashcheck", "WhyAll", "--root", str(tmp_path)]
+
+
+def dot_nodes(text):
+    import re
+
+    found = re.findall(r'^  (n\d+) \[label="((?:[^"\\]|\\.)*)", fillcolor="(#[0-9a-f]{6})"', text, re.M)
+    nodes = {node: label for node, label, _colour in found}
+    colours = {node: colour for node, _label, colour in found}
+    edges = re.findall(r"^  (n\d+) -> (n\d+)( \[style=dashed\])?;$", text, re.M)
+    return nodes, colours, edges
+
+
+def svg_of(dot_text):
+    if shutil.which("dot") is None:
+        if os.environ.get("LUIGI_HASHCHECK_CI"):
+            pytest.fail("Graphviz's dot is missing; .ci/run installs it")
+        pytest.skip("Graphviz's dot is not installed")
+    result = subprocess.run(["dot", "-Tsvg"], input=dot_text, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    return result.stdout
+
+
+def svg_texts(svg):
+    """The text of every label in an SVG, as a reader sees it (the XML parsed, entities undone)."""
+    import xml.etree.ElementTree as ET
+
+    return [element.text for element in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_explain_dot_is_the_walks_graph_and_graphviz_draws_it(tmp_path, monkeypatch, capsys):
+    args = why_cli(tmp_path, monkeypatch)
+    code, out, _ = cli_main(["explain", "--dot", *args], capsys)
+    assert code == 1
+    nodes, colours, edges = dot_nodes(out)
+    assert len(nodes) == 6 and len(edges) == 6  # WhyRaw, four tasks and the wrapper; one edge per dependency
+    ids = {label.split("(")[0]: node for node, label in nodes.items()}
+    colour = {name: hc._GRAPH_KINDS[kind][1] for name, kind in (("ok", "ok"), ("run", "run"), ("up", "upstream"))}
+    assert colours[ids["WhyRaw"]] == colour["ok"] and colours[ids["WhyClean"]] == colour["run"]
+    assert {colours[ids[n]] for n in ("WhyHead", "WhyCount", "WhyTalks")} == {colour["up"]}
+    assert colours[ids["WhyAll"]] == colour["run"]  # a WrapperTask: incomplete by its own rule
+    assert nodes[ids["WhyClean"]].endswith(f"\\ninput raw<b>.txt changed ({short('hello')} -> {short('help!')})")
+    assert (ids["WhyClean"], ids["WhyHead"], "") in edges and (ids["WhyRaw"], ids["WhyClean"], "") in edges
+    texts = svg_texts(svg_of(out))
+    assert f"WhyClean(root={tmp_path})" in texts and f"input raw<b>.txt changed ({short('hello')} -> {short('help!')})" in texts
+
+
+def test_verify_dot_is_the_graph_of_records_and_graphviz_draws_it(tmp_path, monkeypatch, capsys):
+    why_cli(tmp_path, monkeypatch)
+    code, out, _ = cli_main(["verify", "--dot", "."], capsys)
+    assert code == 1
+    nodes, colours, edges = dot_nodes(out)
+    by_output = {label.split("\\n")[0]: node for node, label in nodes.items()}
+    assert set(by_output) == {"clean.txt", "head.txt", "count.txt", "talks.txt"} and len(edges) == 3
+    assert nodes[by_output["clean.txt"]].startswith("clean.txt\\nstale: input raw<b>.txt changed")
+    assert colours[by_output["count.txt"]] == hc._GRAPH_KINDS["upstream"][1]
+    assert "clean.txt" in svg_texts(svg_of(out))
+
+
+def test_dynamic_dependencies_are_dashed_edges(root, capsys, monkeypatch):
+    write(os.path.join(root, "a.src"), "a")
+    write(os.path.join(root, "b.src"), "b")
+    assert build(Dynamic(root))
+    monkeypatch.chdir(root)
+    code, out, _ = cli_main(["explain", "--dot", "--module", "test_luigi_hashcheck", "Dynamic", "--root", root], capsys)
+    assert code == 0
+    _nodes, _colours, edges = dot_nodes(out)
+    assert sorted(dashed for _a, _b, dashed in edges) == ["", "", " [style=dashed]", " [style=dashed]"]
+    svg_of(out)
+
+
+class Quoted(HashCheckingTask):
+    root = luigi.Parameter()
+    text = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "quoted.txt"))
+
+    def run(self):
+        write(self.output().path, self.text)
+
+
+def test_explain_mermaid_is_a_flowchart_with_escaped_labels(root, capsys, monkeypatch):
+    import re
+
+    tricky = 'a"b#c<d>&e`f]'
+    monkeypatch.chdir(root)
+    code, out, _ = cli_main(["explain", "--mermaid", "--module", "test_luigi_hashcheck", "Quoted", "--root", root, "--text", tricky], capsys)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == "flowchart TD"
+    node_lines = [line for line in lines if re.fullmatch(r'  n\d+\["[^"]*"\]:::(ok|run|upstream|missing)', line)]
+    edge_lines = [line for line in lines if re.fullmatch(r"  n\d+ (-->|-\.->) n\d+", line)]
+    classes = [line for line in lines if line.startswith("  classDef ")]
+    assert len(node_lines) == 2 and edge_lines == ["  n0 --> n1"] and len(classes) == 4
+    assert len(lines) == 1 + len(node_lines) + len(edge_lines) + len(classes)
+    label = node_lines[1]
+    assert "a#quot;b#35;c#lt;d#gt;#amp;e#96;f]" in label and label.endswith(":::run")
+    assert "<br/>no record" in label or "<br/>output missing" in label
+
+
+def test_past_200_nodes_families_all_up_to_date_fold_into_one(root, capsys, monkeypatch):
+    assert build(Chain(root, 249))
+    monkeypatch.chdir(root)
+    args = ["explain", "--dot", "--module", "test_luigi_hashcheck", "Chain", "--root", root, "--i", "249"]
+    nodes, _colours, edges = dot_nodes(cli_main(args, capsys)[1])
+    assert sorted(nodes.values()) == ["Chain (250 tasks)", f"Seed(root={root}, name=seed.txt)"] and len(edges) == 1
+    write(os.path.join(root, "seed.txt"), "other")  # now every Chain task will run: none folds
+    nodes, _colours, edges = dot_nodes(cli_main(args, capsys)[1])
+    assert len(nodes) == 251 and len(edges) == 250
+    assert len(hc._fold({"a": (["A"], "ok", "F"), "b": (["B"], "ok", "F")}, [("a", "b", False)])[0]) == 2  # small graphs never fold
+
+
+###############################################################################
 # Packaging ###################################################################
 ###############################################################################
 
