@@ -4635,10 +4635,10 @@ def why_cli(tmp_path, monkeypatch):
 def dot_nodes(text):
     import re
 
-    found = re.findall(r'^  (n\d+) \[label="((?:[^"\\]|\\.)*)", fillcolor="(#[0-9a-f]{6})"', text, re.M)
+    found = re.findall(r'^  (n\d+) \[label="((?:[^"\\]|\\.)*)", fillcolor="(#[0-9a-f]{6})"', text, re.MULTILINE)
     nodes = {node: label for node, label, _colour in found}
     colours = {node: colour for node, _label, colour in found}
-    edges = re.findall(r"^  (n\d+) -> (n\d+)( \[style=dashed\])?;$", text, re.M)
+    edges = re.findall(r"^  (n\d+) -> (n\d+)( \[style=dashed\])?;$", text, re.MULTILINE)
     return nodes, colours, edges
 
 
