@@ -52,12 +52,16 @@ __all__ = [
     "ConfigError",
     "HashCheckError",
     "HashCheckingTask",
+    "HashableExternalFile",
     "HashableLocalTarget",
     "HashableTarget",
+    "HashableTargetException",
     "InputChangedError",
     "LockTimeout",
     "TaskWithCheckingInputHash",
     "UnhashableTargetError",
+    "ValidationError",
+    "WrapperTask",
     "hashcheck",
     "main",
 ]
@@ -128,14 +132,31 @@ class ConfigError(HashCheckError, ValueError):
 class UnhashableTargetError(HashCheckError, TypeError):
     """A task uses a target luigi_hashcheck cannot hash."""
 
-    def __init__(self, task, target):
+    def __init__(self, task, target, why=None):
         self.task = task
         self.target = target
-        super().__init__(
-            f"{task} uses a {type(target).__module__}.{type(target).__qualname__}, which "
-            "luigi_hashcheck cannot hash: use luigi.LocalTarget or a subclass of "
-            "luigi_hashcheck.HashableTarget"
-        )
+        kind = f"{type(target).__module__}.{type(target).__qualname__}"
+        if why:
+            super().__init__(f"{task} uses a {kind} as an input, which {why}")
+        else:
+            super().__init__(
+                f"{task} uses a {kind}, which luigi_hashcheck cannot hash: use luigi.LocalTarget "
+                "or a subclass of luigi_hashcheck.HashableTarget"
+            )
+
+
+class HashableTargetException(HashCheckError):
+    """Raised by a :class:`HashableTarget`'s ``get_current_input_hash()``: it has no usable
+    record, so its task is stale (as the proof of concept used it)."""
+
+
+class ValidationError(HashCheckError):
+    """A task's ``validate()`` raised or returned False after its ``run()``; nothing was recorded."""
+
+    def __init__(self, task, message):
+        self.task = task
+        self.message = message
+        super().__init__(f"{task}: {_reason('validate', error=message)}; no record was written")
 
 
 class InputChangedError(HashCheckError):
@@ -1388,19 +1409,23 @@ class HashableTarget(luigi.Target):
     checked through these three methods alone: the output must exist and its stored input
     hash must equal the current one. There is no check of the output's own digest and no
     per-input reason.
+
+    ``hash_content()`` is needed only by a task that reads the target as an input: a target
+    written for the proof of concept without it can still be made and be an output.
     """
 
-    @abc.abstractmethod
     def hash_content(self) -> str:
         """Return the hex digest of the target's content.
 
         :rtype: str
         """
+        raise NotImplementedError(f"{type(self).__qualname__} has no hash_content(), so it cannot be an input")
 
     @abc.abstractmethod
     def get_current_input_hash(self) -> str | None:
         """Return the input hash recorded for the task that made this target, or None
-        when there is no usable record.
+        when there is no usable record. Raising :class:`HashableTargetException` means
+        the same.
 
         :rtype: str or None
         """
@@ -1493,6 +1518,8 @@ _REASONS = {
     "output changed": "output modified ({change})",
     "unrecorded": "no record, though {reader} reads it as a HashCheckingTask's output",
     "record upstream": "upstream {output} is {status}",
+    # the build's and adopt's, when a task's validate() hook refuses its outputs:
+    "validate": "validate() failed: {error}",
 }
 
 
@@ -1606,10 +1633,14 @@ def _settle(deps, bad):
 # each found once per build.
 
 
-def _require_hashable(task, targets):
+def _require_hashable(task, targets, inputs=()):
+    """Refuse a target we cannot hash; among ``inputs``, also one that has no hash_content()."""
     for target in targets:
         if not isinstance(target, (luigi.LocalTarget, HashableTarget)):
             raise UnhashableTargetError(task, target)
+    for target in inputs:
+        if not isinstance(target, luigi.LocalTarget) and getattr(type(target), "hash_content", None) is HashableTarget.hash_content:
+            raise UnhashableTargetError(task, target, "has no hash_content(): an input must say what its content is")
 
 
 def _task_of(dep):
@@ -1776,7 +1807,7 @@ def _judge(task, settings, cache):
     if not outputs:
         warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=4)
         return _Verdict(False, _reason("no outputs"), deps)
-    _require_hashable(task, outputs + inputs)
+    _require_hashable(task, outputs + inputs, inputs)
     records = []
     for output in outputs:
         if not isinstance(output, luigi.LocalTarget):
@@ -1815,7 +1846,11 @@ def _judge(task, settings, cache):
                 if entry is None:
                     return _Verdict(False, _reason("missing", what="input", name=_name(target, None, index)), deps, inputs=inputs)
                 pairs.append([_name(target, None, index), entry["digest"]])
-            if output.get_current_input_hash() != _input_hash(settings.algorithm, family, params, code, pairs):
+            try:
+                recorded_hash = output.get_current_input_hash()
+            except HashableTargetException:  # the proof of concept's "no usable record"
+                return _Verdict(False, _reason("no record"), deps, inputs=inputs)
+            if recorded_hash != _input_hash(settings.algorithm, family, params, code, pairs):
                 return _Verdict(False, _reason("input hash"), deps, inputs=inputs)
             made_ns = 0
             continue
@@ -1899,6 +1934,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
             return _reason("dynamic lost", family=dep["family"]), None
         targets = flatten(dep_task.output())
         _require_hashable(dep_task, targets)
+        _require_hashable(task, (), targets)
         if not _same_inputs([_name(t, folder, i, root) for i, t in enumerate(targets)], dep["outputs"], folder):
             return _reason("dynamic outputs", task=dep_task), None
         entries = []
@@ -2320,12 +2356,60 @@ def _snapshot_dynamic(task, requirement, state):
     for dep in deps:
         targets = flatten(dep.output())
         _require_hashable(dep, targets)
+        _require_hashable(task, (), targets)
         entries = [_entry(t, state.settings.algorithm, None, state.settings, cache, rechecked=True, own=own) for t in targets]
         state.dynamic.append((dep, targets, entries))
 
 
+def _validator(task):
+    """The task's own ``validate()`` to call, or None for the empty default. A ``validate``
+    that is a Parameter, or that needs arguments, gets a warning (once per class) and is
+    not called: it cannot be the hook."""
+    cls = type(task)
+    found = inspect.getattr_static(cls, "validate", None)
+    if found is HashCheckingTask.__dict__["validate"]:
+        return None
+    hook = getattr(task, "validate", None)
+    problem = None
+    if isinstance(found, luigi.Parameter):
+        problem = "is a Parameter"
+    elif not callable(hook):
+        problem = "is not callable"
+    else:
+        try:
+            inspect.signature(hook).bind()
+        except TypeError:
+            problem = "needs arguments"
+        except ValueError:
+            pass  # no signature to read (a builtin): call it
+    if problem:
+        _log_once(
+            key=("validate", cls),
+            level=logging.WARNING,
+            message=f"luigi_hashcheck: {cls.__name__}.validate {problem}, so it is not called; "
+            "the hook is a method taking no arguments",
+        )
+        return None
+    return hook
+
+
+def _validate(task):
+    """Call ``task``'s validate() hook; raise ValidationError if it raises or returns False."""
+    hook = _validator(task)
+    if hook is None:
+        return
+    try:
+        result = hook()
+    except Exception as exc:  # noqa: BLE001 - whatever it raises, the outputs are refused
+        raise ValidationError(task, str(exc) or type(exc).__name__) from exc
+    if result is False:
+        raise ValidationError(task, "it returned False")
+
+
 def _after_run(task, state):
-    """Check the inputs did not change during run(), then write the records."""
+    """Validate the outputs, check the inputs did not change during run(), then write the
+    records."""
+    _validate(task)
     settings = state.settings
     algorithm = settings.algorithm
     cache = {}
@@ -2599,8 +2683,49 @@ class HashCheckingTask(luigi.Task):
         paths = _deps_and_inputs(self)[2] if ours else None
         return super().input() if paths is None else paths()
 
+    def validate(self) -> object:
+        """Check the outputs once ``run()`` has ended (a generator ``run()`` once it is
+        exhausted), before anything is recorded; ``adopt`` calls it too. Raise, or return
+        exactly False, to fail the task with :class:`ValidationError` and record nothing.
+        Empty by default. Its code is part of the class, so editing it reruns the task."""
+        return None
 
+
+# The proof of concept's names, so that its users can replace its file with this one.
 TaskWithCheckingInputHash = HashCheckingTask
+
+
+class HashableExternalFile(luigi.ExternalTask):
+    """A file made outside Luigi, at ``fn``: the proof of concept's external input."""
+
+    fn = luigi.Parameter()
+
+    def output(self):
+        return HashableLocalTarget(self.fn)
+
+
+class WrapperTask(luigi.WrapperTask):
+    """:class:`luigi.WrapperTask`, complete when each requirement's own ``complete()`` says
+    so, walking chains of wrappers with a stack instead of recursion.
+
+    A plain task below is judged by its own rule, never ours: a plain task whose output
+    exists, over a stale :class:`HashCheckingTask`, is complete, as Luigi will not rerun it;
+    judged stale, it would leave this wrapper never complete.
+    """
+
+    def complete(self) -> bool:
+        seen = {self.task_id}
+        stack: list = [self]
+        while stack:
+            for dep in flatten(stack.pop().requires()):
+                if dep.task_id in seen:
+                    continue
+                seen.add(dep.task_id)
+                if type(dep).complete in (WrapperTask.complete, luigi.WrapperTask.complete):
+                    stack.append(dep)  # the same rule, one level down
+                elif not dep.complete():
+                    return False
+        return True
 
 
 
@@ -3082,6 +3207,12 @@ def _adopt(root, settings, dry_run):
         dynamic = _recorded_dynamic(task, settings, cache)
         if dynamic is None:
             print(f"left alone {task}: its run() yields dynamic dependencies, which only a run can record")
+            left += 1
+            continue
+        try:
+            _validate(task)
+        except ValidationError as exc:
+            print(f"left alone {task}: {_reason('validate', error=exc.message)}")
             left += 1
             continue
         if dry_run:
