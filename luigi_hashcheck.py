@@ -294,6 +294,15 @@ def _forget_process_state():
     _norm_absolute.cache_clear()
 
 
+def _warn_task(kind, task, message):
+    """Warn about ``task`` once per task_id and build (and so per process, as forked workers
+    each have a copy of the build's memo): Luigi checks a task more than once per build."""
+    build = _memo()
+    if (kind, task.task_id) not in build.warned:
+        build.warned.add((kind, task.task_id))
+        warnings.warn(message, stacklevel=3)
+
+
 def _log_once(*, key, level, message):
     """Log ``message`` the first time ``key`` is seen in this process."""
     if key not in _logged:
@@ -333,6 +342,7 @@ class _Memo:
         # task_id -> (task, verdict, upstream task_id or None, task_ids walked into), as a
         # walk in this process first judged it: for the summary at the end of Worker.run.
         self.verdicts = {}
+        self.warned = set()  # (kind, task_id) of the warnings given in this build
         self._settings = None
 
     @property
@@ -1493,8 +1503,8 @@ _REASONS = {
     "no record": "no record",
     "damaged": "record damaged",
     "output missing": "output missing",
-    "output modified": "output modified",
-    "parameters": "parameters changed",
+    "output modified": "output modified: {digests}",
+    "parameters": "parameters changed: {changes}",
     "code": "code changed",
     "inputs": "inputs changed",
     "reordered": "inputs reordered",
@@ -1515,7 +1525,8 @@ _REASONS = {
     "record damaged": "record damaged: {error}",
     "record unreadable": "record unreadable: {error}",
     "record vanished": "record vanished",
-    "output changed": "output modified ({change})",
+    "unhashable": "{what} is not a regular file or directory",
+    "unreadable": "{what} cannot be read ({error})",
     "unrecorded": "no record, though {reader} reads it as a HashCheckingTask's output",
     "record upstream": "upstream {output} is {status}",
     # the build's and adopt's, when a task's validate() hook refuses its outputs:
@@ -1569,6 +1580,25 @@ def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=N
 def _digests(recorded, current):
     """What a changed digest looks like in every message: ``old -> new``, eight digits each."""
     return f"{recorded['digest'][:8]} -> {current['digest'][:8]}"
+
+
+def _param_changes(recorded, family, params):
+    """Each recorded parameter added, removed or changed, as ``name: old -> new``, each value
+    cut to 80 characters; "(none)" stands for a parameter one side does not have."""
+
+    def shown(value):
+        if value is _ABSENT:
+            return "(none)"
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    old = recorded["params"]
+    changes = [f"task family: {shown(recorded['family'])} -> {shown(family)}"] if recorded["family"] != family else []
+    for name in dict.fromkeys([*old, *params]):
+        before, after = old.get(name, _ABSENT), params.get(name, _ABSENT)
+        if before != after:
+            changes.append(f"{name}: {shown(before)} -> {shown(after)}")
+    return ", ".join(changes)
 
 
 def _change_reason(change, what, recorded, current):
@@ -1805,7 +1835,7 @@ def _judge(task, settings, cache):
     deps, inputs, _input = _deps_and_inputs(task)
     outputs = _outputs(task)
     if not outputs:
-        warnings.warn(f"Task {task!r} without outputs is never complete", stacklevel=4)
+        _warn_task("no outputs", task, f"Task {task!r} without outputs is never complete")
         return _Verdict(False, _reason("no outputs"), deps)
     _require_hashable(task, outputs + inputs, inputs)
     records = []
@@ -1902,9 +1932,9 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     if change == "missing":
         return _reason("output missing"), None
     if change:
-        return _reason("output modified"), None
+        return _reason("output modified", digests=_digests(record["output"], output)), None
     if record["task"]["family"] != family or record["task"]["params"] != params:
-        return _reason("parameters"), None
+        return _reason("parameters", changes=_param_changes(record["task"], family, params)), None
     if record["code"] != code:
         return _reason("code"), None
     root = _project_root(folder, settings)
@@ -2400,7 +2430,7 @@ def _validate(task):
         return
     try:
         result = hook()
-    except Exception as exc:  # noqa: BLE001 - whatever it raises, the outputs are refused
+    except Exception as exc:  # whatever it raises, the outputs are refused
         raise ValidationError(task, str(exc) or type(exc).__name__) from exc
     if result is False:
         raise ValidationError(task, "it returned False")
@@ -2820,32 +2850,34 @@ class _Verification:
         output = _output_of(record_path)
         folder = os.path.dirname(output)
         algorithm = record["algorithm"]
-        change, detail = self._compare(output, record["output"], algorithm)
+        change, reason = self._compare(output, record["output"], algorithm, output=True)
         if change == "missing":
             return ("missing", _reason("output missing"), record)
         if change:
-            return ("modified", _reason("output changed", change=detail), record)
+            return ("modified", reason, record)
         for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
-            change, detail = self._compare(os.path.join(folder, entry["path"]), entry, algorithm)
+            change, reason = self._compare(os.path.join(folder, entry["path"]), entry, algorithm)
             if change:
-                return ("stale", f"input {entry['path']} {detail}", record)
+                return ("stale", reason, record)
         return ("ok", "", record)
 
-    def _compare(self, path, entry, algorithm):
-        """(change, what changed) for the ``entry`` of ``path``, by the build's comparison."""
+    def _compare(self, path, entry, algorithm, output=False):
+        """(change, reason) for the ``entry`` of ``path``, an input or the ``output``, by the
+        build's comparison and with the build's texts."""
         if entry["kind"] == "custom":
             return None, None  # a third-party target: only the pipeline can hash it
+        what = "output" if output else f"input {entry['path']}"
         try:
             change, current = _compare_entry(_LOCAL, _norm(path), entry, algorithm, self.trust_mtime, self.cache)
         except HashCheckError:
-            return "unhashable", "is not a regular file or directory"
+            return "unhashable", _reason("unhashable", what=what)
         except (OSError, ValueError) as exc:
-            return "unreadable", f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
-        if change == "missing":
-            return change, "is missing"
-        if change:
-            return change, f"changed ({_digests(entry, current)})"
-        return None, None
+            return "unreadable", _reason("unreadable", what=what, error=getattr(exc, "strerror", None) or exc)
+        if not change or (output and change == "missing"):
+            return change, None
+        if output:
+            return change, _reason("output modified", digests=_digests(entry, current))
+        return change, _change_reason(change, "input", entry, current)
 
     def run(self, record_paths):
         """Check ``record_paths`` and every record upstream of them; return their results,
@@ -2916,6 +2948,13 @@ def _progress(total):
     return report
 
 
+# What verify, which has no pipeline code, cannot see: said once after its summary.
+_VERIFY_NOTE = (
+    "luigi-hashcheck: verify compares records with the files only; it cannot see code or parameter "
+    "changes without the pipeline: `python -m luigi_hashcheck explain --module MODULE TASK` can"
+)
+
+
 def _cmd_verify(args):
     records = _find_records(args.paths or ["."])
     progress = None if args.quiet else _progress(len(records))
@@ -2938,6 +2977,8 @@ def _cmd_verify(args):
             if status != "ok":
                 print(f"{status:<9} {_show(verification.output_of(record_path))}: {reason}")
         print(f"{len(results)} outputs: " + ", ".join(f"{counts[status]} {status}" for status in _STATUSES))
+        if records:
+            print(_VERIFY_NOTE, file=sys.stderr)
     if not records:
         # A tree that plain Luigi built, or the wrong folder: nothing here vouches for anything.
         print(f"luigi-hashcheck: no records under {' '.join(args.paths or ['.'])}", file=sys.stderr)
@@ -3188,7 +3229,7 @@ def _adopt(root, settings, dry_run):
     """Record the existing outputs of the tasks the walk finds stale in themselves."""
     with _inspection(settings) as memo:
         walk = _walk([root], memo, explore=True)
-    left = 0
+    left = done = 0
     verb = "would record" if dry_run else "recorded"
     for task in walk.order:  # dependencies first
         verdict = walk.verdicts[task.task_id]
@@ -3200,8 +3241,8 @@ def _adopt(root, settings, dry_run):
         own = _own_paths(task)
         entries = [_entry(t, settings.algorithm, None, settings, cache, own=own) for t in inputs]
         if missing or None in entries:
-            what = ", ".join(_show(getattr(t, "path", str(t))) for t in missing) or "an input"
-            print(f"left alone {task}: {what} missing")
+            gone = [("output", t) for t in missing] + [("input", t) for t, entry in zip(inputs, entries) if entry is None]
+            print(f"left alone {task}: " + "; ".join(_reason("missing", what=what, name=_show(getattr(t, "path", str(t)))) for what, t in gone))
             left += 1
             continue
         dynamic = _recorded_dynamic(task, settings, cache)
@@ -3215,11 +3256,15 @@ def _adopt(root, settings, dry_run):
             print(f"left alone {task}: {_reason('validate', error=exc.message)}")
             left += 1
             continue
+        done += 1
         if dry_run:
             print(f"{verb} {task}: {verdict.reason}")
             continue
         written = _write_records(task, settings, inputs, entries, dynamic)
         print(f"{verb} {task}: " + ", ".join(_show(p) for p in written))
+    if not (done or left):  # else each task has had its line
+        counts = collections.Counter(_status(walk.verdicts[task.task_id]) for task in walk.order)
+        print(f"nothing to record; {len(walk.verdicts)} tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 1 if left else 0
 
 

@@ -4819,10 +4819,9 @@ def test_the_seeds_own_test_flow_runs_with_only_the_import_changed(tmp_path, imp
 
 
 def test_every_name_the_seed_exported_is_importable_and_star_imports():
-    names = {}
-    exec("from luigi_hashcheck import *", names)  # the seed's own __init__.py does this
+    # The seed's own __init__.py star-imports it, which gives exactly __all__.
     for name in ("HashableExternalFile", "HashableLocalTarget", "HashableTarget", "HashableTargetException", "TaskWithCheckingInputHash", "WrapperTask"):
-        assert names[name] is getattr(hc, name)
+        assert name in hc.__all__ and hasattr(hc, name)
     assert hc.TaskWithCheckingInputHash is HashCheckingTask
     assert issubclass(hc.HashableTargetException, hc.HashCheckError)
     assert issubclass(hc.ValidationError, hc.HashCheckError)
@@ -5158,6 +5157,110 @@ def test_adopt_calls_validate_and_leaves_a_failing_task_alone(tmp_path, monkeypa
     code, out, _ = cli_main(["adopt", *dry_run, "--module", ns, f"{ns}.Made", "--root", "."], capsys)
     assert code == 0 and ("would record" if dry_run else "recorded") in out
     assert os.path.exists(tmp_path / ".luigi_hashes" / "made.txt.json") != bool(dry_run)
+
+
+# Messages that name things (issue 15).
+
+PARAMS_MODULE = """
+import os
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+class P(HashCheckingTask):
+    task_namespace = "{ns}"
+    root = luigi.Parameter()
+{params}
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "p.txt"))
+
+    def run(self):
+        with self.output().open("w") as f:
+            f.write("p")
+"""
+
+
+def test_parameters_changed_names_each_parameter_old_and_new(tmp_path, monkeypatch, capsys):
+    ns = f"params{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = load_module(tmp_path, PARAMS_MODULE.format(ns=ns, params="    n = luigi.Parameter()\n    gone = luigi.Parameter(default='g')"), name=ns)
+    assert build(module.P(".", n="1"))
+    explain = ["explain", "--module", ns, f"{ns}.P", "--root", "."]
+    code, out, _ = cli_main([*explain, "--n", "2"], capsys)
+    assert code == 1 and f"will run  {ns}.P(root=., n=2, gone=g): parameters changed: n: '1' -> '2'\n" in out
+    long = "x" * 200
+    code, out, _ = cli_main([*explain, "--n", long], capsys)
+    assert f"parameters changed: n: '1' -> '{'x' * 76}...\n" in out
+    # The class loses one parameter and gains another: a new process, as a user would run it.
+    write(tmp_path / f"{ns}.py", textwrap.dedent(PARAMS_MODULE.format(ns=ns, params="    n = luigi.Parameter()\n    added = luigi.Parameter(default='a')")))
+    result = run_python(["-m", "luigi_hashcheck", *explain, "--n", "1"], cwd=tmp_path)
+    assert "parameters changed: gone: 'g' -> (none), added: (none) -> 'a'\n" in result.stdout, result.stderr
+
+
+def test_adopt_names_the_missing_input_and_output(cli, capsys):
+    os.remove(os.path.join("sub", "b.txt"))
+    code, out, _ = cli_main(["adopt", *cli.task("C")], capsys)
+    assert code == 1
+    ns = cli.__name__
+    assert f"left alone {ns}.B(root=.): output sub/b.txt is missing\n" in out
+    assert f"left alone {ns}.C(root=.): input sub/b.txt is missing\n" in out
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []], ids=["dry-run", "writing"])
+def test_adopt_with_nothing_to_do_says_so(cli, capsys, dry_run):
+    code, out, _ = cli_main(["adopt", *dry_run, *cli.task("C")], capsys)
+    assert (code, out) == (0, "nothing to record; 4 tasks: 4 ok\n")
+
+
+def test_verify_and_explain_reasons_are_flat(cli, capsys):
+    old = record_of("c.txt")["output"]["digest"][:8]
+    write("c.txt", "x")
+    new = hashlib.sha256(b"x").hexdigest()[:8]
+    code, out, _ = cli_main(["verify"], capsys)
+    assert code == 1 and f"modified  c.txt: output modified: {old} -> {new}\n" in out
+    code, out, _ = cli_main(["explain", *cli.task("C")], capsys)
+    assert f"C(root=.): output modified: {old} -> {new}\n" in out
+    os.remove("raw.txt")
+    os.mkfifo("raw.txt")  # not a regular file: flat too
+    code, out, _ = cli_main(["verify"], capsys)
+    assert "stale     a.txt: input raw.txt is not a regular file or directory\n" in out
+
+
+def test_verify_says_once_on_stderr_what_it_cannot_see_and_never_in_json(cli, capsys):
+    code, out, err = cli_main(["verify"], capsys)
+    assert code == 0 and out.endswith("3 outputs: 3 ok, 0 stale, 0 modified, 0 missing, 0 corrupt, 0 unrecorded\n")
+    assert err.count("cannot see code or parameter changes") == 1 and "explain" in err
+    code, out, err = cli_main(["verify", "--json"], capsys)
+    assert code == 0 and json.loads(out)["counts"]["ok"] == 3
+    assert "cannot see" not in out + err
+
+
+NO_OUTPUTS = """
+import luigi
+import luigi_hashcheck
+
+
+class NoOutputs(luigi_hashcheck.HashCheckingTask):
+    def run(self):
+        pass
+
+
+for _ in range({builds}):
+    luigi.build([NoOutputs()], local_scheduler=True, log_level="ERROR")
+"""
+
+
+@pytest.mark.parametrize("builds", [1, 2])
+def test_the_without_outputs_warning_is_printed_once_per_task_and_build(tmp_path, builds):
+    write(tmp_path / "no_outputs.py", NO_OUTPUTS.format(builds=builds))
+    result = run_python(["no_outputs.py"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # Checked at scheduling and again before run(): it was printed twice per build. A second
+    # build in the process repeats the same text from the same line, which Python's own
+    # warnings filter shows only once.
+    assert result.stderr.count("NoOutputs() without outputs is never complete") == 1
 
 
 ###############################################################################
