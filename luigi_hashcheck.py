@@ -206,9 +206,20 @@ class hashcheck(luigi.Config):
         parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="log what ran and why, in one INFO block, when a build that checked HashCheckingTasks ends",
     )
+    keep_stale = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="set a rerun's stale local outputs aside in .luigi_hashes/ and put them back if it fails (false: delete them)",
+    )
+    audit_reads = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="warn of files run() reads that the task does not declare as inputs",
+    )
 
 
-_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout root summary", defaults=(True,))
+# The last three default, so a _Settings made with the first four still works.
+_Settings = collections.namedtuple("_Settings", "algorithm trust_mtime lock_timeout root summary keep_stale audit_reads", defaults=(True, True, True))
 
 
 @functools.cache
@@ -228,7 +239,7 @@ def _settings() -> _Settings:
     except (ValueError, luigi.parameter.ParameterException) as exc:
         raise ConfigError(f"[hashcheck] {exc}") from exc
     root = os.path.abspath(config.root) if config.root else None
-    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, root, config.summary)
+    return _Settings(_check_algorithm(config.algorithm), config.trust_mtime, config.lock_timeout, root, config.summary, config.keep_stale, config.audit_reads)
 
 
 
@@ -278,6 +289,17 @@ _counts: collections.Counter[str] = collections.Counter()
 # own may call each other and must not come back to it.
 _running: set[int] = set()
 _finding: set[int] = set()
+# Lock files of set-aside outputs (.stale-lock) that a rerun in this process holds -> the
+# descriptor holding the lock, until the rerun's records are written or its outputs are back.
+# POSIX locks belong to a process, so without it a check in this process could take a lock
+# that a rerun of this very process holds. A forked child holds none of its parent's locks.
+_stale_held: dict[str, int] = {}
+_stale_guard = threading.Lock()
+# task_id -> the paths its generator run() had set aside when Luigi abandoned it for new
+# dynamic dependencies; their locks stay held until the task runs again in this process.
+_abandoned: dict[str, list[str]] = {}
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: (_stale_held.clear(), _abandoned.clear()))
 # .build: the memo of the build running in this thread, for the length of a Worker.add or
 # Worker.run call. Per thread, as Luigi allows builds in threads; forked workers inherit it.
 _local = threading.local()
@@ -1515,6 +1537,7 @@ _REASONS = {
     "dynamic lost": "dynamic dependency {family} cannot be rebuilt",
     "dynamic outputs": "dynamic dependency {task} changed its outputs",
     "external": "external data missing",
+    "aside": "output {name} is set aside in .luigi_hashes/ by a rerun that failed to end or is running",
     "incomplete": "incomplete",
     "upstream": "upstream task {task} will run",
     # the build's summary, told after the build what became of a stale task:
@@ -1849,6 +1872,11 @@ def _judge(task, settings, cache):
         record_path = _record_path(path)
         try:
             record = _read_record(record_path)
+            aside = None
+            if record is None:
+                aside = _restored(task, settings)
+                if aside == "restored":
+                    record = _read_record(record_path)
         except _DamagedRecord as exc:
             _log_once(
                 key=("damaged", record_path, os.lstat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
@@ -1857,6 +1885,8 @@ def _judge(task, settings, cache):
             )
             return _Verdict(False, _reason("damaged"), deps, inputs=inputs)
         if record is None:
+            if aside == "aside":
+                return _Verdict(False, _reason("aside", name=path), deps, inputs=inputs)
             if not os.path.exists(path):  # with a record, _compare finds this out
                 return _Verdict(False, _reason("output missing"), deps, inputs=inputs)
             return _Verdict(False, _reason("no record"), deps, inputs=inputs, hint=path)
@@ -2237,6 +2267,177 @@ class _Run:
         self.entries = entries
         self.reason = reason  # why it runs, from the run-time check
         self.dynamic = []  # (task, outputs, entries) of each dynamic dependency handed back
+        self.aside = []  # paths of the outputs set aside, whose .stale-lock this run holds
+
+
+# A rerun sets its stale local outputs aside instead of deleting them: each output and its
+# record are renamed into the .luigi_hashes/ folder beside it, as <record>.stale-output and
+# <record>.stale-record (<record> the record's name without .json), so nothing is copied and
+# temporary_path() still finds the path free (luigi issue #2997). Every end of the rerun
+# settles them (_put_back): an output that got a new record keeps it and its copy goes; any
+# other is put back with its old record, so it stays stale for its real reason. A killed
+# rerun cannot put anything back, so the rerun holds <record>.stale-lock until it is settled,
+# and only a build's check that can take that lock puts the copies back (_restored).
+_STALE_OUTPUT, _STALE_RECORD, _STALE_LOCK = ".stale-output", ".stale-record", ".stale-lock"
+
+
+def _stale_paths(path):
+    """The set-aside copy of the output at ``path``, that of its record, and their lock file."""
+    base = _record_path(path)[: -len(".json")]
+    return base + _STALE_OUTPUT, base + _STALE_RECORD, base + _STALE_LOCK
+
+
+def _take_stale_lock(lock):
+    """Take the lock file ``lock`` without waiting; False when a rerun, in this process or
+    another, holds it. The file is never deleted: that would split its takers across inodes."""
+    with _stale_guard:
+        if lock in _stale_held:
+            return False
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _BINARY, 0o644)
+        try:
+            got = _try_lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not got:
+            os.close(fd)
+            return False
+        _stale_held[lock] = fd
+        return True
+
+
+def _release_stale_lock(lock):
+    with _stale_guard:
+        fd = _stale_held.pop(lock, None)
+    if fd is not None:
+        _unlock(fd)
+        os.close(fd)
+
+
+def _discard(path):
+    """Remove a file or a folder (not what a link points to), if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _set_aside(task, paths, settings):
+    """Before a rerun, set the stale outputs at ``paths`` aside with their records, holding
+    each one's lock; return the paths set aside. If anything fails, what was moved is put
+    back and the task fails before run(), so nothing is lost."""
+    held = _abandoned.pop(task.task_id, [])  # its abandoned generator run() set these aside
+    taken = list(held)
+    try:
+        for path in paths:
+            if path in held:
+                _discard(path)  # what the abandoned run left
+                continue
+            record_path = _record_path(path)
+            copy, record_copy, lock = _stale_paths(path)
+            has_record, has_copy = os.path.lexists(record_path), os.path.lexists(copy) or os.path.lexists(record_copy)
+            if not (has_record or has_copy or os.path.lexists(path)):
+                continue  # nothing to keep: a first build takes no lock
+            folder = _records_folder(os.path.dirname(path))
+            if not _take_stale_lock(lock):
+                raise HashCheckError(f"another run of {task} holds {lock}; it is being rerun elsewhere, so this run was not started")
+            taken.append(path)
+            if has_copy and not has_record:
+                # A copy an earlier try set aside is kept as it is; what lies at the path
+                # now, that try left.
+                logger.info("luigi_hashcheck: keeping the copy of %s an earlier run of %s set aside", path, task)
+                _discard(path)
+                continue
+            if has_copy:
+                # A record is newer than the copy: a try that recorded its outputs was
+                # killed before it removed the copy.
+                _discard(copy)
+                _discard(record_copy)
+            logger.info("luigi_hashcheck: setting the stale output %s of %s aside before it reruns", path, task)
+            if has_record:
+                with _locked(folder, settings.lock_timeout):
+                    os.replace(record_path, record_copy)
+            if os.path.lexists(path):
+                os.replace(path, copy)
+    except BaseException as exc:
+        _put_back(task, taken, settings)
+        if isinstance(exc, OSError):
+            raise HashCheckError(f"could not set the stale outputs of {task} aside ({exc}); nothing was changed, and it did not run") from exc
+        raise
+    return taken
+
+
+def _put_back(task, paths, settings):
+    """Settle the outputs a rerun set aside, and release their locks: an output that got a
+    new record keeps it and its copy goes; any other is put back with its record, replacing
+    whatever the run left at its path. Return the paths put back."""
+    restored = []
+    for path in paths:
+        record_path = _record_path(path)
+        copy, record_copy, lock = _stale_paths(path)
+        try:
+            if os.path.lexists(record_path):  # its old record was set aside: this one is new
+                _discard(copy)
+                _discard(record_copy)
+                continue
+            if os.path.lexists(copy):
+                if os.path.lexists(path) and not (os.path.isfile(copy) and os.path.isfile(path) and not os.path.islink(path)):
+                    # os.replace overwrites a file with a file, but not a non-empty folder.
+                    _discard(path)
+                os.replace(copy, path)
+                restored.append(path)
+            if os.path.lexists(record_copy):
+                with _locked(os.path.dirname(record_path), settings.lock_timeout):
+                    os.replace(record_copy, record_path)
+                if path not in restored:
+                    restored.append(path)
+        except OSError as exc:
+            # The copy stays where it is, and the next build's check puts it back.
+            logger.error("luigi_hashcheck: could not put %s of %s back from %s: %s", path, task, copy, exc)
+        finally:
+            _release_stale_lock(lock)
+    return restored
+
+
+def _end_rerun(task, state):
+    """Settle what ``task``'s rerun set aside, at whichever end it came to."""
+    restored = _put_back(task, state.aside, state.settings)
+    state.aside = []
+    if restored:
+        logger.warning(
+            "luigi_hashcheck: %s ended without new records; its last outputs were restored with their records: %s. "
+            "It is still stale, and runs again next build",
+            task,
+            ", ".join(restored),
+        )
+
+
+def _restored(task, settings):
+    """For a check that found an output of ``task`` without its record: put back the outputs
+    a killed rerun set aside, if this check can take their locks. Return "restored", "aside"
+    (copies a live rerun holds, or that an inspection only reports) or None (no copies)."""
+    found = "none"
+    build = _active_memo()
+    for output in _outputs(task):
+        if not isinstance(output, luigi.LocalTarget):
+            continue
+        path = _norm(output.path)
+        copy, record_copy, lock = _stale_paths(path)
+        if not (os.path.lexists(copy) or os.path.lexists(record_copy)):
+            continue
+        if (build is not None and build.inspecting) or not _take_stale_lock(lock):
+            found = "aside"
+            continue
+        if _put_back(task, [path], settings):
+            found = "restored" if found == "none" else found
+            logger.warning(
+                "luigi_hashcheck: restored %s of %s from %s, set aside by a rerun that was killed; "
+                "it is still stale, and runs again",
+                path,
+                task,
+                copy,
+            )
+    return None if found == "none" else found
 
 
 def _before_run(task):
@@ -2266,20 +2467,27 @@ def _before_run(task):
         entries.append(entry)
     outputs = _outputs(task)
     _refuse_nesting(task, outputs, inputs)
+    state = _Run(settings, inputs, entries)
     # temporary_path() refuses to replace an existing output (luigi issue #2997).
+    if settings.keep_stale:
+        state.aside = _set_aside(task, [_norm(o.path) for o in outputs if isinstance(o, luigi.LocalTarget)], settings)
     for output in outputs:
         if isinstance(output, luigi.LocalTarget):
+            if settings.keep_stale:
+                continue
             path = _norm(output.path)
             if os.path.lexists(path):
                 logger.info("luigi_hashcheck: removing stale output %s of %s before it reruns", path, task)
                 _LOCAL.remove_output(path)
             _remove_record(_record_path(path), settings)
         elif output.exists() and callable(getattr(output, "remove", None)):
+            # A store where a move is a copy (S3, GCS) keeps the delete.
             output.remove()
     # A task downstream of a rerun finds its input changed here, and says so.
     reason = verdict.reason or _reason("upstream", task=pending)
     _tell(task, f"luigi_hashcheck: running because {reason}")
-    return _Run(settings, inputs, entries, reason)
+    state.reason = reason
+    return state
 
 
 def _tell(task, text):
@@ -2582,18 +2790,26 @@ def _drive(task, generator, state):
     this one at its ``yield`` and nothing is recorded.
     """
     reply = None
-    while True:
-        _running.add(id(task))
-        try:
-            requirement = _listed(generator.send(reply))
-        except StopIteration:
-            break
-        finally:
-            _running.discard(id(task))
-        reply = yield requirement
-        # Luigi sends the paths back only once these dependencies are complete.
-        _snapshot_dynamic(task, requirement, state)
-    _after_run(task, state)
+    try:
+        while True:
+            _running.add(id(task))
+            try:
+                requirement = _listed(generator.send(reply))
+            except StopIteration:
+                break
+            finally:
+                _running.discard(id(task))
+            reply = yield requirement
+            # Luigi sends the paths back only once these dependencies are complete.
+            _snapshot_dynamic(task, requirement, state)
+        _after_run(task, state)
+    except GeneratorExit:
+        # Abandoned for new dynamic dependencies: the outputs stay aside, locked, until the
+        # task runs again (in a forked child, until the child ends).
+        _abandoned[task.task_id], state.aside = state.aside, []
+        raise
+    finally:
+        _end_rerun(task, state)
 
 
 def _reporter(task):
@@ -2642,18 +2858,24 @@ def _wrap_run(run):
             _reporting_to.reset(progress)
         if state is None:
             return None
-        _running.add(id(self))
+        driven = False
         try:
-            result = run(self)
+            _running.add(id(self))
+            try:
+                result = run(self)
+            finally:
+                _running.discard(id(self))
+            if isinstance(result, collections.abc.Generator):
+                driven = True  # _drive settles what was set aside
+                return _reporting(self, _drive(self, result, state))
+            progress = _reporting_to.set(_reporter(self))
+            try:
+                _after_run(self, state)
+            finally:
+                _reporting_to.reset(progress)
         finally:
-            _running.discard(id(self))
-        if isinstance(result, collections.abc.Generator):
-            return _reporting(self, _drive(self, result, state))
-        progress = _reporting_to.set(_reporter(self))
-        try:
-            _after_run(self, state)
-        finally:
-            _reporting_to.reset(progress)
+            if not driven:
+                _end_rerun(self, state)
         return result
 
     wrapper._hashcheck = True
@@ -2810,6 +3032,35 @@ def _find_records(paths):
         else:
             raise _UsageError(f"{given}: no such file or folder")
     return list(dict.fromkeys(found))
+
+
+def _find_copies(paths):
+    """The outputs that ``paths`` name, or that lie in the folders they name, which a rerun
+    set aside (see _set_aside): (output path, its copies), in a stable order."""
+    found = {}
+
+    def look(folder, name):
+        for suffix in (_STALE_OUTPUT, _STALE_RECORD):
+            if name.endswith(suffix):
+                record_path = os.path.join(folder, name[: -len(suffix)] + ".json")
+                with contextlib.suppress(ValueError):
+                    found.setdefault(_output_of(record_path), []).append(os.path.join(folder, name))
+
+    for given in paths:
+        path = _norm(given)
+        copy, record_copy, _lock = _stale_paths(path)
+        if os.path.lexists(copy) or os.path.lexists(record_copy):
+            found[path] = [c for c in (copy, record_copy) if os.path.lexists(c)]
+        if os.path.isdir(path) and not os.path.islink(path):
+            for folder, dirs, _files in os.walk(path):
+                dirs.sort()
+                if RECORD_DIR in dirs:
+                    dirs.remove(RECORD_DIR)  # nor is a folder set aside searched
+                    records = os.path.join(folder, RECORD_DIR)
+                    if not os.path.islink(records):
+                        for name in sorted(os.listdir(records)):
+                            look(records, name)
+    return [(output, sorted(set(copies))) for output, copies in found.items()]
 
 
 class _Verification:
@@ -2979,18 +3230,44 @@ def _cmd_verify(args):
         print(f"{len(results)} outputs: " + ", ".join(f"{counts[status]} {status}" for status in _STATUSES))
         if records:
             print(_VERIFY_NOTE, file=sys.stderr)
+    copies = _find_copies(args.paths or ["."])
+    for output, _copies in copies:
+        # Only a build, which can tell a dead rerun from a live one by its lock, puts them back.
+        print(
+            f"set aside {_show(output)}: by a rerun that was killed or is running, in {', '.join(_show(c) for c in _copies)}; "
+            "the next build puts it back, `forget` deletes it",
+            file=sys.stderr if args.json else sys.stdout,
+        )
+    if copies and not records:
+        return 1
     if not records:
         # A tree that plain Luigi built, or the wrong folder: nothing here vouches for anything.
         print(f"luigi-hashcheck: no records under {' '.join(args.paths or ['.'])}", file=sys.stderr)
         return 1
-    return 0 if counts["ok"] == len(results) else 1
+    return 0 if counts["ok"] == len(results) and not copies else 1
 
 
 def _cmd_forget(args):
     settings = _settings()
     removed = 0
     failed = 0
-    for record_path in _find_records(args.paths):
+    copies = _find_copies(args.paths)
+    for output, found in copies:
+        lock = _stale_paths(output)[2]
+        if not _take_stale_lock(lock):
+            print(f"cannot forget the copy of {_show(output)}: a rerun running now holds {_show(lock)}")
+            failed += 1
+            continue
+        try:
+            for copy in found:
+                _discard(copy)
+        finally:
+            _release_stale_lock(lock)
+        print(f"forgot the copy of {_show(output)} a rerun set aside")
+    # An output whose only trace is its copy has nothing more to forget.
+    aside = {output for output, _found in copies}
+    paths = [p for p in args.paths if not (_norm(p) in aside and not os.path.lexists(_norm(p)))]
+    for record_path in _find_records(paths):
         output = _show(_output_of(record_path))
         try:
             if _remove_record(record_path, settings):

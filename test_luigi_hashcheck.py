@@ -5264,6 +5264,284 @@ def test_the_without_outputs_warning_is_printed_once_per_task_and_build(tmp_path
 
 
 ###############################################################################
+# Failed reruns and undeclared reads ##########################################
+###############################################################################
+
+
+class Model(HashCheckingTask):
+    """Upper-cases seed.txt into model.txt; while ``fail`` exists it writes half an output
+    straight to the path, then raises."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "model.txt"))
+
+    def run(self):
+        note_run(self.root, "Model")
+        text = read(self.input().path).upper()
+        if os.path.exists(os.path.join(self.root, "fail")):
+            write(self.output().path, "PARTIAL")
+            raise RuntimeError("training failed")
+        with self.output().open("w") as dst:
+            dst.write(text)
+
+
+class ModelDir(HashCheckingTask):
+    """A folder output; while ``fail`` exists it leaves a non-empty partial folder."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "modeldir"))
+
+    def run(self):
+        note_run(self.root, "ModelDir")
+        text = read(self.input().path)
+        write(os.path.join(self.output().path, "part-0"), text)
+        if os.path.exists(os.path.join(self.root, "fail")):
+            write(os.path.join(self.output().path, "sub", "half"), "PARTIAL")
+            raise RuntimeError("training failed")
+        write(os.path.join(self.output().path, "part-1"), text[::-1])
+
+
+def records_folder_names(root):
+    return sorted(os.listdir(os.path.join(root, ".luigi_hashes")))
+
+
+def test_a_failed_rerun_puts_the_old_output_and_record_back(root, caplog):
+    assert build(Model(root))
+    old = record_of(os.path.join(root, "model.txt"))
+    write(os.path.join(root, "seed.txt"), "changed")
+    write(os.path.join(root, "fail"), "")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not build(Model(root))
+    assert read(os.path.join(root, "model.txt")) == "HELLO"
+    assert record_of(os.path.join(root, "model.txt")) == old
+    assert records_folder_names(root) == [".lock", "model.txt.json", "model.txt.stale-lock"]
+    restored = [r.getMessage() for r in caplog.records if "were restored" in r.getMessage()]
+    assert len(restored) == 1 and "model.txt" in restored[0] and "adopt" not in restored[0]
+    # Put back with its own record, it is stale for its real reason and reruns.
+    assert ran(root) == ["Model", "Model"]
+    os.remove(os.path.join(root, "fail"))
+    assert not Model(root).complete()
+    assert build(Model(root))
+    assert ran(root) == ["Model"]
+    assert read(os.path.join(root, "model.txt")) == "CHANGED"
+    # A successful rerun deletes the copies.
+    assert records_folder_names(root) == [".lock", "model.txt.json", "model.txt.stale-lock"]
+
+
+def test_a_failed_rerun_replaces_a_partial_folder_with_the_old_one(root):
+    assert build(ModelDir(root))
+    out = os.path.join(root, "modeldir")
+    write(os.path.join(root, "seed.txt"), "changed")
+    write(os.path.join(root, "fail"), "")
+    assert not build(ModelDir(root))
+    assert sorted(os.listdir(out)) == ["part-0", "part-1"]
+    assert read(os.path.join(out, "part-0")) == "hello"
+    assert not any(".stale-output" in name or ".stale-record" in name for name in records_folder_names(root))
+    os.remove(os.path.join(root, "fail"))
+    assert ran(root) == ["ModelDir", "ModelDir"]
+    assert build(ModelDir(root))
+    assert ran(root) == ["ModelDir"]
+    assert read(os.path.join(out, "part-1")) == "degnahc"
+    assert not any(".stale-output" in name for name in records_folder_names(root))
+
+
+def test_keep_stale_false_deletes_the_stale_output_as_before(root, config):
+    config("hashcheck", "keep_stale", "false")
+    assert build(Model(root))
+    write(os.path.join(root, "seed.txt"), "changed")
+    write(os.path.join(root, "fail"), "")
+    assert not build(Model(root))
+    assert read(os.path.join(root, "model.txt")) == "PARTIAL"
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes", "model.txt.json"))
+    assert "model.txt.stale-lock" not in records_folder_names(root)
+
+
+SLOW_PIPELINE = """
+    import os
+    import time
+
+    import luigi
+
+    from luigi_hashcheck import HashCheckingTask
+
+
+    class Raw(luigi.ExternalTask):
+        root = luigi.Parameter()
+
+        def output(self):
+            return luigi.LocalTarget(os.path.join(self.root, "seed.txt"))
+
+
+    class Slow(HashCheckingTask):
+        root = luigi.Parameter()
+
+        def requires(self):
+            return Raw(self.root)
+
+        def output(self):
+            return luigi.LocalTarget(os.path.join(self.root, "slow.txt"))
+
+        def run(self):
+            with open(self.input().path) as f:
+                text = f.read()
+            with open(self.output().path, "w") as f:
+                f.write("PARTIAL")
+            with open(os.path.join(self.root, "started-%d" % os.getpid()), "w"):
+                pass
+            while not os.path.exists(os.path.join(self.root, "go")):
+                time.sleep(0.02)
+            with self.output().open("w") as dst:
+                dst.write(text.upper())
+"""
+
+SLOW_BUILD = "import luigi, slowpipe, sys; sys.exit(0 if luigi.build([slowpipe.Slow(root=sys.argv[1])], local_scheduler=True, log_level='WARNING') else 1)"
+
+
+def start_slow(root):
+    """Start a build of Slow in another process; return it once its run() is under way."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, root]))
+    process = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, root], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    flag = os.path.join(root, f"started-{process.pid}")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(flag):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return process
+
+
+def slow_setup(root):
+    pipe = load_module(root, SLOW_PIPELINE, name="slowpipe")
+    write(os.path.join(root, "go"), "")
+    assert build(pipe.Slow(root))
+    os.remove(os.path.join(root, "go"))
+    write(os.path.join(root, "seed.txt"), "changed")
+    return pipe
+
+
+def test_a_rerun_killed_mid_run_loses_nothing_and_a_build_puts_it_back(root, capsys):
+    pipe = slow_setup(root)
+    out = os.path.join(root, "slow.txt")
+    old = record_of(out)
+    process = start_slow(root)
+    copy = os.path.join(root, ".luigi_hashes", "slow.txt.stale-output")
+    assert read(copy) == "HELLO" and read(out) == "PARTIAL"
+    process.kill()
+    process.wait()
+    process.stderr.close()
+    # explain and verify only report the copy.
+    hc.main(["verify", root])
+    assert "set aside " + hc._show(out) in capsys.readouterr().out
+    with hc._inspection(hc._settings()) as memo:
+        walk = hc._walk([pipe.Slow(root)], memo, explore=True)
+    assert "set aside" in walk.verdicts[pipe.Slow(root).task_id].reason
+    assert read(copy) == "HELLO"
+    # A check that can take the lock puts it back, with its record, and it is still stale.
+    assert not pipe.Slow(root).complete()
+    assert read(out) == "HELLO" and record_of(out) == old
+    assert not os.path.exists(copy)
+    write(os.path.join(root, "go"), "")
+    assert build(pipe.Slow(root))
+    assert read(out) == "CHANGED"
+    assert "slow.txt.stale-output" not in records_folder_names(root)
+
+
+def test_a_rerun_killed_while_another_build_runs_the_task_is_left_to_that_build(root):
+    pipe = slow_setup(root)
+    out = os.path.join(root, "slow.txt")
+    copy = os.path.join(root, ".luigi_hashes", "slow.txt.stale-output")
+    first = start_slow(root)
+    first.kill()
+    first.wait()
+    first.stderr.close()
+    # The second build puts the dead one's copy back, sets it aside again and holds the lock.
+    second = start_slow(root)
+    assert read(copy) == "HELLO" and read(out) == "PARTIAL"
+    # A check here cannot take the lock, so it leaves the live rerun's copy alone.
+    assert not pipe.Slow(root).complete()
+    assert read(copy) == "HELLO" and read(out) == "PARTIAL"
+    write(os.path.join(root, "go"), "")
+    assert second.wait(timeout=60) == 0, second.stderr.read().decode()
+    second.stderr.close()
+    assert read(out) == "CHANGED"
+    assert not os.path.exists(copy)
+    assert pipe.Slow(root).complete()
+
+
+def test_forget_deletes_a_copy_and_the_record_search_never_takes_it_for_a_record(root, capsys):
+    assert build(Model(root))
+    records = os.path.join(root, ".luigi_hashes")
+    os.replace(os.path.join(records, "model.txt.json"), os.path.join(records, "model.txt.stale-record"))
+    os.replace(os.path.join(root, "model.txt"), os.path.join(records, "model.txt.stale-output"))
+    assert hc._find_records([root]) == []
+    assert hc.main(["verify", root]) == 1
+    assert "set aside model.txt" in capsys.readouterr().out.replace(root + os.sep, "")
+    assert hc.main(["forget", os.path.join(root, "model.txt")]) == 0
+    assert "forgot the copy" in capsys.readouterr().out
+    assert not any("stale-output" in n or "stale-record" in n for n in os.listdir(records))
+
+
+class Gen(HashCheckingTask):
+    """Writes half its output, then yields GenDep; on the second pass writes it whole."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "gen.txt"))
+
+    def run(self):
+        note_run(self.root, "Gen")
+        write(self.output().path, "PARTIAL")
+        dep = yield GenDep(self.root)
+        with self.output().open("w") as dst:
+            dst.write(read(self.input().path) + read(dep.path))
+
+
+class GenDep(HashCheckingTask):
+    """Notes what it sees of Gen's output and its copy while Gen is abandoned."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "gendep.txt"))
+
+    def run(self):
+        note_run(self.root, "GenDep")
+        copy = os.path.join(self.root, ".luigi_hashes", "gen.txt.stale-output")
+        seen = read(copy) if os.path.exists(copy) else "no copy"
+        with self.output().open("w") as dst:
+            dst.write(seen)
+
+
+def test_a_generator_run_abandoned_for_new_dependencies_keeps_its_outputs_aside(root):
+    assert build(Gen(root))
+    assert ran(root) == ["Gen", "GenDep", "Gen"]
+    first = read(os.path.join(root, "gen.txt"))
+    write(os.path.join(root, "seed.txt"), "changed")
+    os.remove(os.path.join(root, "gendep.txt"))
+    assert build(Gen(root))
+    assert ran(root) == ["Gen", "GenDep", "Gen"]
+    # While Gen was abandoned, its last output stayed aside.
+    assert read(os.path.join(root, "gendep.txt")) == first
+    assert read(os.path.join(root, "gen.txt")) == "changed" + first
+    assert not any("stale-output" in n or "stale-record" in n for n in records_folder_names(root))
+    assert Gen(root).complete()
+
+
+###############################################################################
 # Packaging ###################################################################
 ###############################################################################
 
