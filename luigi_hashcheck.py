@@ -85,6 +85,7 @@ import shutil
 import socket
 import stat
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -300,6 +301,13 @@ _stale_guard = threading.Lock()
 _abandoned: dict[str, list[str]] = {}
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: (_stale_held.clear(), _abandoned.clear()))
+# The read watch (see _Watch): the watches of the run()s active in this process, and the one
+# the audit hook feeds, set only while exactly one is active; whether the hook is installed,
+# which is for the life of the process (an audit hook cannot be removed; a forked child has
+# its parent's).
+_watching: list = []
+_watch = None
+_hooked = False
 # .build: the memo of the build running in this thread, for the length of a Worker.add or
 # Worker.run call. Per thread, as Luigi allows builds in threads; forked workers inherit it.
 _local = threading.local()
@@ -1767,6 +1775,9 @@ def _deps_and_inputs(task):
             found = find_deps(), flatten(find_input()), None
     finally:
         _finding.discard(id(task))
+    extra = _extra_inputs(task) if isinstance(task, HashCheckingTask) else []
+    if extra:
+        found = found[0], list(found[1]) + extra, found[2]
     if build is not None:
         build.graph[task.task_id] = found
     return found
@@ -2268,6 +2279,7 @@ class _Run:
         self.reason = reason  # why it runs, from the run-time check
         self.dynamic = []  # (task, outputs, entries) of each dynamic dependency handed back
         self.aside = []  # paths of the outputs set aside, whose .stale-lock this run holds
+        self.watch = _Watch() if settings.audit_reads else None  # the files run() opens
 
 
 # A rerun sets its stale local outputs aside instead of deleting them: each output and its
@@ -2438,6 +2450,127 @@ def _restored(task, settings):
                 copy,
             )
     return None if found == "none" else found
+
+
+# Undeclared reads. While a run() runs, Python's audit hook (PEP 578) reports the files it
+# opens; at its end, when dynamic dependencies count as declared, a read that looks like data
+# but is no declared input gets a warning. Imports raise the same event (io.open_code), hence
+# the filters. The hook stays for the life of the process, so when no run() is active it
+# costs one global lookup and one comparison per audit event.
+_NEVER_READ_EXTENSIONS = (".so", ".pth")
+_NEVER_READ_FOLDERS = ("/dev", "/proc", "/sys", "/etc", "/usr")
+
+
+class _Watch:
+    """The files one run() opened: (path, mode, flags) as the ``open`` audit event gives them."""
+
+    def __init__(self):
+        self.thread = threading.get_ident()  # Luigi's keep-alive thread is another
+        self.started_ns = time.time_ns()
+        self.opened = []
+        self.shared = False  # another run() was active meanwhile, so no read can be told apart
+
+
+def _audit(event, args):
+    watch = _watch
+    if watch is None or event != "open" or threading.get_ident() != watch.thread:
+        return
+    watch.opened.append(args)
+
+
+@contextlib.contextmanager
+def _watching_reads(watch):
+    """Feed ``watch`` for the length of the block, if it is the only run() active."""
+    global _watch, _hooked
+    if watch is None:
+        yield
+        return
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked = True
+    _watching.append(watch)
+    if len(_watching) > 1:
+        for each in _watching:
+            each.shared = True
+    _watch = _watching[0] if len(_watching) == 1 else None
+    try:
+        yield
+    finally:
+        _watching.remove(watch)
+        _watch = _watching[0] if len(_watching) == 1 else None
+
+
+def _extra_inputs(task):
+    """The targets of ``task.extra_inputs()``: files its run() reads that no task makes."""
+    extra = getattr(task, "extra_inputs", None)
+    if not callable(extra):
+        return []
+    return [t if isinstance(t, luigi.Target) else luigi.LocalTarget(os.fspath(t)) for t in flatten(extra())]
+
+
+def _undeclared_reads(task, state):
+    """The files ``task``'s run() read, as its watch saw them, that look like data it does not
+    declare: regular files under the current folder or a declared input's or output's folder,
+    there before run() began and not opened for writing by it."""
+    watch = state.watch
+    if watch is None or watch.shared:
+        return []
+    declared = [_norm(t.path) for t in state.inputs if isinstance(t, luigi.LocalTarget)]
+    declared += [_norm(t.path) for _dep, targets, _e in state.dynamic for t in targets if isinstance(t, luigi.LocalTarget)]
+    own = list(_own_paths(task))
+    folders = {_norm(os.getcwd())} | {os.path.dirname(p) for p in declared + own}
+    never = {_norm(p) for p in (sys.prefix, sys.base_prefix, tempfile.gettempdir(), *_NEVER_READ_FOLDERS)}
+    config = {_norm(p) for p in getattr(luigi.configuration.LuigiConfigParser, "_config_paths", ())}
+    if os.environ.get("LUIGI_CONFIG_PATH"):
+        config.add(_norm(os.environ["LUIGI_CONFIG_PATH"]))
+    written, read = set(), []
+    for path, mode, flags in watch.opened:
+        if isinstance(path, int):
+            continue
+        try:
+            path = _norm(os.fsdecode(path))
+        except (TypeError, ValueError):
+            continue
+        writes = isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)
+        if writes or (isinstance(mode, str) and any(c in mode for c in "wax+")):
+            written.add(path)
+        else:
+            read.append(path)
+    found = []
+    for path in dict.fromkeys(read):
+        name = os.path.basename(path)
+        parts = path.split("/")
+        if (
+            path in written
+            or path in config
+            or "-luigi-tmp-" in name
+            or RECORD_DIR in parts  # our own records
+            or os.path.splitext(name)[1].startswith(".py")
+            or name.endswith(_NEVER_READ_EXTENSIONS)
+            or "site-packages" in parts
+            or "dist-packages" in parts
+            or any(_within(path, folder) for folder in never)
+            or not any(_within(path, folder) for folder in folders)
+            or any(_within(path, known) for known in declared + own)
+        ):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mtime_ns < watch.started_ns:
+            found.append(path)
+    return found
+
+
+def _warn_undeclared(task, state):
+    for path in _undeclared_reads(task, state):
+        _log_once(
+            key=("undeclared", task.task_id, path),
+            level=logging.WARNING,
+            message=f"luigi_hashcheck: {task} read {path}, which it does not declare, so editing it reruns nothing; "
+            "declare it in requires(), or list it in extra_inputs()",
+        )
 
 
 def _before_run(task):
@@ -2650,6 +2783,7 @@ def _after_run(task, state):
     _validate(task)
     settings = state.settings
     algorithm = settings.algorithm
+    _warn_undeclared(task, state)
     cache = {}
     read = list(zip(state.inputs, state.entries))
     read += [pair for _dep, targets, entries in state.dynamic for pair in zip(targets, entries)]
@@ -2794,7 +2928,8 @@ def _drive(task, generator, state):
         while True:
             _running.add(id(task))
             try:
-                requirement = _listed(generator.send(reply))
+                with _watching_reads(state.watch):
+                    requirement = _listed(generator.send(reply))
             except StopIteration:
                 break
             finally:
@@ -2862,7 +2997,8 @@ def _wrap_run(run):
         try:
             _running.add(id(self))
             try:
-                result = run(self)
+                with _watching_reads(state.watch):
+                    result = run(self)
             finally:
                 _running.discard(id(self))
             if isinstance(result, collections.abc.Generator):
@@ -2920,6 +3056,11 @@ class HashCheckingTask(luigi.Task):
         if isinstance(self, luigi.WrapperTask):  # mixed in: it has no outputs to record
             return luigi.WrapperTask.complete(self)
         return _is_complete(self, _memo())
+
+    def extra_inputs(self):
+        """Files ``run()`` reads that no task makes: paths or targets, hashed as inputs, so an
+        edit to one reruns the task. None by default."""
+        return []
 
     def deps(self) -> list:
         """As ``luigi.Task.deps()``; within one build, from the one call to ``requires()``
@@ -3513,7 +3654,7 @@ def _adopt(root, settings, dry_run):
         if not _checked(task) or verdict.ok or task.task_id in walk.upstream:
             continue  # up to date, or stale only through an upstream task, adopted before it
         missing = [t for t in flatten(task.output()) if not t.exists()]
-        inputs = flatten(task.input())
+        inputs = flatten(task.input()) + _extra_inputs(task)
         cache: dict = {}
         own = _own_paths(task)
         entries = [_entry(t, settings.algorithm, None, settings, cache, own=own) for t in inputs]

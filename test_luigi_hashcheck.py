@@ -5541,6 +5541,120 @@ def test_a_generator_run_abandoned_for_new_dependencies_keeps_its_outputs_aside(
     assert Gen(root).complete()
 
 
+class Financials(HashCheckingTask):
+    """Reads data/financials.csv in run(); declares it only through extra_inputs() when asked."""
+
+    root = luigi.Parameter()
+    declare = luigi.BoolParameter(default=False)
+
+    def requires(self):
+        return Seed(self.root)
+
+    def extra_inputs(self):
+        return [os.path.join(self.root, "data", "financials.csv")] if self.declare else []
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"report-{self.declare}.txt"))
+
+    def run(self):
+        note_run(self.root, "Financials")
+        with open(os.path.join(self.root, "data", "financials.csv")) as f:
+            total = sum(int(line) for line in f)
+        with self.output().open("w") as dst:
+            dst.write(f"{read(self.input().path)} {total}")
+
+
+class Tidy(HashCheckingTask):
+    """Reads only what it declares, imports a module of the project and reads luigi.cfg."""
+
+    root = luigi.Parameter()
+
+    def requires(self):
+        return Seed(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "tidy.txt"))
+
+    def run(self):
+        note_run(self.root, "Tidy")
+        sys.path.insert(0, self.root)
+        try:
+            import tidy_helper  # noqa: F401, PLC0415 (an import inside run() opens its source)
+        finally:
+            sys.path.remove(self.root)
+        luigi.configuration.get_config().reload()
+        scratch = os.path.join(self.root, "scratch.txt")
+        write(scratch, "made here")
+        with self.input().open() as src, self.output().open("w") as dst:
+            dst.write(src.read() + read(scratch))
+
+
+@pytest.fixture
+def own_tmp(tmp_path, monkeypatch):
+    """A temporary folder beside the test's files, as tmp_path itself lies in the real one,
+    whose reads the watch never reports."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(folder))
+
+
+def undeclared(caplog):
+    return [r.getMessage() for r in caplog.records if "does not declare" in r.getMessage()]
+
+
+def test_an_undeclared_read_is_warned_once_naming_task_file_and_fix(root, own_tmp, caplog, config):
+    csv = os.path.join(root, "data", "financials.csv")
+    write(csv, "1\n2\n")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(Financials(root))
+        write(os.path.join(root, "seed.txt"), "changed")
+        assert build(Financials(root))
+    assert ran(root) == ["Financials", "Financials"]
+    (message,) = undeclared(caplog)  # once per process
+    assert str(Financials(root)) in message and csv in message
+    assert "requires()" in message and "extra_inputs()" in message
+    # Without the declaration an edit reruns nothing; [hashcheck] audit_reads = false is silent.
+    write(csv, "5\n")
+    assert build(Financials(root)) and ran(root) == []
+    hc._forget_process_state()
+    caplog.clear()
+    config("hashcheck", "audit_reads", "false")
+    write(os.path.join(root, "seed.txt"), "again")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(Financials(root))
+    assert ran(root) == ["Financials"] and undeclared(caplog) == []
+
+
+def test_declared_reads_imports_and_config_reads_are_not_warned(root, own_tmp, caplog):
+    write(os.path.join(root, "tidy_helper.py"), "VALUE = 1\n")
+    write(os.path.join(root, "luigi.cfg"), "[core]\nautoload_range = false\n")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+            assert build(Tidy(root))
+    finally:
+        os.chdir(cwd)
+        sys.modules.pop("tidy_helper", None)
+    assert ran(root) == ["Tidy"]
+    assert undeclared(caplog) == []
+
+
+def test_extra_inputs_are_hashed_so_an_edit_reruns_the_task(root, own_tmp, caplog):
+    csv = os.path.join(root, "data", "financials.csv")
+    write(csv, "1\n2\n")
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(Financials(root, declare=True))
+        assert build(Financials(root, declare=True))
+        assert ran(root) == ["Financials"]
+        write(csv, "5\n")
+        assert build(Financials(root, declare=True))
+    assert ran(root) == ["Financials"]
+    assert read(os.path.join(root, "report-True.txt")) == "hello 5"
+    assert [e["path"] for e in record_of(os.path.join(root, "report-True.txt"))["inputs"]] == ["seed.txt", "data/financials.csv"]
+    assert undeclared(caplog) == []
+
+
 ###############################################################################
 # Packaging ###################################################################
 ###############################################################################
