@@ -300,7 +300,8 @@ _stale_guard = threading.Lock()
 # dynamic dependencies; their locks stay held until the task runs again in this process.
 _abandoned: dict[str, list[str]] = {}
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: (_stale_held.clear(), _abandoned.clear()))
+    os.register_at_fork(after_in_child=_stale_held.clear)
+    os.register_at_fork(after_in_child=_abandoned.clear)
 # The read watch (see _Watch): the watches of the run()s active in this process, and the one
 # the audit hook feeds, set only while exactly one is active; whether the hook is installed,
 # which is for the life of the process (an audit hook cannot be removed; a forked child has

@@ -5579,7 +5579,7 @@ class Tidy(HashCheckingTask):
         note_run(self.root, "Tidy")
         sys.path.insert(0, self.root)
         try:
-            import tidy_helper  # noqa: F401, PLC0415 (an import inside run() opens its source)
+            import tidy_helper  # noqa: F401 (an import inside run() opens its source)
         finally:
             sys.path.remove(self.root)
         luigi.configuration.get_config().reload()
