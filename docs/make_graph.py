@@ -15,10 +15,10 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import luigi  # noqa: E402
+import luigi
 
-import luigi_hashcheck  # noqa: E402
-from luigi_hashcheck import HashCheckingTask  # noqa: E402
+import luigi_hashcheck
+from luigi_hashcheck import HashCheckingTask
 
 
 class Raw(luigi.ExternalTask):
