@@ -159,6 +159,18 @@ def make_seeds(root, count, size):
         os.utime(os.path.join(root, f"seed-{i}.bin"), (old, old))
 
 
+def seeded_folder(scratch, seeds, width, prefix):
+    """A new folder in ``scratch`` holding the ``width`` seeds, hard-linked where possible."""
+    root = tempfile.mkdtemp(prefix=prefix, dir=scratch)
+    for i in range(width):
+        seed, link = os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin")
+        try:
+            os.link(seed, link)
+        except OSError:  # no hard links here
+            shutil.copy2(seed, link)
+    return root
+
+
 def age(root):
     """Date every file an hour back, so records written a moment ago can be trusted."""
     old = time.time() - 3600
@@ -190,14 +202,7 @@ def fig_full_build(scratch, p, workers, against=("plain", None)):
         # Every build gets a new folder, and nothing is deleted before the end: on ext4 without
         # a journal, each new file costs time for every file deleted in the last minutes, and
         # a build that creates twice as many files would pay that twice.
-        root = tempfile.mkdtemp(prefix=f"full-{workers}-{kind}-", dir=scratch)
-        for i in range(p["width"]):
-            seed, link = os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin")
-            try:
-                os.link(seed, link)
-            except OSError:  # no hard links here
-                shutil.copy2(seed, link)
-        return root
+        return seeded_folder(scratch, seeds, p["width"], f"full-{workers}-{kind}-")
 
     args = {"width": p["width"], "depth": p["depth"], "workers": workers}
     return abba(
@@ -407,14 +412,7 @@ def fig_against(scratch, p, old):
     args = {"width": p["width"], "depth": p["depth"]}
 
     def fresh_root(side):
-        root = tempfile.mkdtemp(prefix=f"against-{side}-", dir=scratch)  # deleted at the end only
-        for i in range(p["width"]):
-            seed, link = os.path.join(seeds, f"seed-{i}.bin"), os.path.join(root, f"seed-{i}.bin")
-            try:
-                os.link(seed, link)
-            except OSError:  # no hard links here
-                shutil.copy2(seed, link)
-        return root
+        return seeded_folder(scratch, seeds, p["width"], f"against-{side}-")  # deleted at the end only
 
     full = abba(
         lambda: run_child("build", dict(args, root=fresh_root("new")), "hash"),
