@@ -80,6 +80,7 @@ import inspect
 import json
 import logging
 import os
+import posixpath
 import shlex
 import shutil
 import socket
@@ -102,6 +103,8 @@ if __name__ == "__main__":
     sys.exit(_imported_main())
 
 import luigi
+import luigi.format
+import luigi.target
 import luigi.worker
 from luigi.task import flatten, getpaths
 from luigi.task_register import Register
@@ -133,17 +136,16 @@ class ConfigError(HashCheckError, ValueError):
 class UnhashableTargetError(HashCheckError, TypeError):
     """A task uses a target luigi_hashcheck cannot hash."""
 
-    def __init__(self, task, target, why=None):
+    def __init__(self, task, target, why=None, missing=None):
+        """:param why: why it cannot serve as an input; :param missing: what its filesystem lacks."""
         self.task = task
         self.target = target
         kind = f"{type(target).__module__}.{type(target).__qualname__}"
         if why:
             super().__init__(f"{task} uses a {kind} as an input, which {why}")
         else:
-            super().__init__(
-                f"{task} uses a {kind}, which luigi_hashcheck cannot hash: use luigi.LocalTarget "
-                "or a subclass of luigi_hashcheck.HashableTarget"
-            )
+            fix = missing or "use luigi.LocalTarget, another luigi FileSystemTarget, or a subclass of luigi_hashcheck.HashableTarget"
+            super().__init__(f"{task} uses a {kind}, which luigi_hashcheck cannot hash: {fix}")
 
 
 class HashableTargetException(HashCheckError):
@@ -374,6 +376,7 @@ class _Memo:
         # walk in this process first judged it: for the summary at the end of Worker.run.
         self.verdicts = {}
         self.warned = set()  # (kind, task_id) of the warnings given in this build
+        self.absent = set()  # store outputs found absent (fs.key), until their task has run
         self._settings = None
 
     @property
@@ -774,6 +777,380 @@ class _LocalStorage:
 _LOCAL = _LocalStorage()
 
 
+# Other stores: Luigi's own clients, recognised through sys.modules and never imported, so
+# the module needs nothing beyond Luigi. A remote path is the target's path as given (an
+# s3:// URL, a Mock key) without a trailing "/", never made absolute; "/" separates its
+# parts. A remote stat carries a token instead of mtime and inode, and vouches() compares
+# tokens only: a token from a listing never equals one from a HEAD, as it lacks fields.
+
+
+class StoreError(HashCheckError, OSError):
+    """A store (S3, GCS, ...) refused or failed a request: network, permission, missing bucket.
+
+    Raised out of ``complete()`` like an ``OSError`` on local disk; nothing is deleted.
+    """
+
+
+class _RemoteStat:
+    """What a store says of a path: ``st_mode`` (file or folder), ``st_size`` and ``token``,
+    a str -> str dict of the metadata that changes with the content (or None: no shortcut)."""
+
+    __slots__ = ("st_mode", "st_size", "token")
+    st_mtime_ns = None
+    st_ino = None
+
+    def __init__(self, folder, size=None, token=None):
+        self.st_mode = stat.S_IFDIR if folder else stat.S_IFREG
+        self.st_size = size
+        self.token = token
+
+
+_FOLDER_STAT = _RemoteStat(True)
+
+
+def _marker(rel):
+    """Whether a listed name is a folder marker, which is no file: ``d/`` or ``d_$folder$``."""
+    return rel.endswith(("/", "_$folder$"))
+
+
+class _RemoteStorage:
+    """The storage interface of _LocalStorage over a store reached through a client.
+
+    A subclass gives ``_head(path)`` (a _RemoteStat or None), ``_open(path)`` ((stat, iterator
+    of byte blocks), FileNotFoundError if absent), ``_list(prefix)`` ((path, stat) of every
+    key under it, markers included), ``_get(path)`` (bytes or None), ``_put(path, data)`` and
+    ``_delete(path)``. Errors other than "absent" become StoreError naming the store and path.
+    """
+
+    name = "store"
+    local = False
+
+    def _fail(self, path, exc):
+        return StoreError(f"{self.name} {path}: {type(exc).__name__}: {exc}")
+
+    @contextlib.contextmanager
+    def _errors(self, path):
+        try:
+            yield
+        except (FileNotFoundError, HashCheckError, _DamagedRecord):
+            raise
+        except Exception as exc:  # the client's errors, whatever library it uses
+            raise self._fail(path, exc) from exc
+
+    def key(self, path):
+        """Key of this path in the process-wide caches, apart from local paths."""
+        return f"{self.name}:{path}"
+
+    def vouches(self, entry, st, rechecked=False):
+        return st.token is not None and entry.get("token") == st.token
+
+    def stat(self, path):
+        with self._errors(path):
+            st = self._head(path)
+            if st is None and self._any(path.rstrip("/") + "/"):
+                st = _FOLDER_STAT
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path)
+        return st
+
+    def _any(self, prefix):
+        return next(iter(self._list(prefix)), None) is not None
+
+    def hash(self, path, algorithm):
+        """One read of the object, in blocks; the token comes with it (one GET on S3)."""
+        with self._errors(path):
+            st, blocks = self._open(path)
+            hashed_ns = time.time_ns()
+            _counts["reads"] += 1
+            h = hashlib.new(algorithm)
+            size = 0
+            for block in blocks:
+                h.update(block)
+                size += len(block)
+        entry = {"kind": "file", "digest": h.hexdigest(), "size": size, "mtime_ns": None, "inode": None, "hashed_ns": hashed_ns, "store": self.name}
+        if st.token is not None:
+            entry["token"] = st.token
+        return entry
+
+    def scan(self, folder, excluded=()):
+        """(relative path, full path, False, stat) of every file below ``folder``, from one
+        listing, without markers, ``.luigi_hashes/`` or the ``excluded`` paths."""
+        prefix = folder.rstrip("/") + "/"  # "out" would also match "outer.txt"
+        skip = set(excluded)
+        with self._errors(folder):
+            for full, st in self._list(prefix):
+                rel = full[len(prefix) :]
+                parts = rel.split("/")
+                if not rel or _marker(rel) or RECORD_DIR in parts[:-1]:
+                    continue
+                if skip and any("/".join(parts[: i + 1]) in skip for i in range(len(parts))):
+                    continue
+                yield rel, full, False, st
+
+    def listdir(self, folder, excluded=()):
+        for rel, full, link, _st in self.scan(folder, excluded):
+            yield rel, full, link
+
+    def readlink(self, path):
+        raise HashCheckError(f"{self.name} {path}: stores have no links")
+
+    def read_record(self, path, limit):
+        with self._errors(path):
+            data = self._get(path)
+        if data is not None and len(data) > limit:
+            raise _DamagedRecord("it is too large")
+        return data
+
+    def records_folder(self, folder):
+        return folder.rstrip("/") + "/" + RECORD_DIR if folder else RECORD_DIR  # prefixes need no making
+
+    def clean(self, records):
+        pass  # a PUT is atomic: no temporary files
+
+    def lock(self, records, timeout):
+        # No lock on stores that have none: Luigi's scheduler runs one task at a time, and a
+        # lost refresh costs only a hash (README, "Many machines").
+        return contextlib.nullcontext()
+
+    def replace(self, path, data):
+        with self._errors(path):
+            self._put(path, bytes(data))
+
+    def remove_record(self, path, timeout):
+        with self._errors(path):
+            return self._delete(path)
+
+    def remove_output(self, path):
+        with self._errors(path):
+            if self._head(path) is not None:
+                self._delete(path)
+                return
+            for full, _st in list(self._list(path.rstrip("/") + "/")):
+                self._delete(full)
+
+
+class _MockStorage(_RemoteStorage):
+    """Luigi's in-memory MockFileSystem: records are keys of ``get_all_data()`` too. It keeps
+    no metadata, so every check hashes."""
+
+    name = "mock"
+
+    def __init__(self, fs):
+        self.fs = fs
+        # Made here, in the process that schedules, before any worker forks (Luigi issue #3203).
+        self.data = fs.get_all_data()
+
+    def _head(self, path):
+        data = self.data.get(path)
+        return None if data is None else _RemoteStat(False, len(data))
+
+    def _open(self, path):
+        data = self.data.get(path)
+        if data is None:
+            raise FileNotFoundError(errno.ENOENT, "no such key", path)
+        view = memoryview(data)
+        return _RemoteStat(False, len(data)), (view[i : i + _BLOCK] for i in range(0, len(data), _BLOCK))
+
+    def _list(self, prefix):
+        return [(key, _RemoteStat(False, len(self.data.get(key) or b""))) for key in sorted(self.data.keys()) if key.startswith(prefix)]
+
+    def _get(self, path):
+        data = self.data.get(path)
+        return None if data is None else bytes(data)
+
+    def _put(self, path, data):
+        self.data[path] = data
+
+    def _delete(self, path):
+        # Exactly this key: MockFileSystem.remove() takes every key it prefixes.
+        return self.data.pop(path, None) is not None
+
+
+def _s3_token(response, by, size_key):
+    token = {"by": by, "etag": str(response.get("ETag", "")).strip('"'), "size": str(response.get(size_key))}
+    version = response.get("VersionId")
+    if by == "head" and version and version != "null":  # only a versioned bucket has one
+        token["version"] = str(version)
+    return token
+
+
+class _S3Storage(_RemoteStorage):
+    """S3 through Luigi's S3Client, calling the boto3 client underneath: S3Client.exists()
+    costs a HEAD, two marker GETs and a LIST on a missing key, get_key() two HEADs."""
+
+    name = "s3"
+
+    def __init__(self, client):
+        self.client = client
+        self._api = None
+
+    @property
+    def api(self):
+        if self._api is None:
+            self._api = self.client.s3.meta.client
+        return self._api
+
+    @staticmethod
+    def _split(path):
+        bucket, _sep, key = path.split("://", 1)[-1].partition("/")
+        return bucket, key
+
+    @staticmethod
+    def _code(exc):
+        response = getattr(exc, "response", None)
+        return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+    def _head(self, path):
+        bucket, key = self._split(path)
+        if not key:
+            return None
+        try:
+            response = self.api.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if self._code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return _RemoteStat(False, response["ContentLength"], _s3_token(response, "head", "ContentLength"))
+
+    def _open(self, path):
+        bucket, key = self._split(path)
+        try:
+            response = self.api.get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if self._code(exc) in ("404", "NoSuchKey"):
+                raise FileNotFoundError(errno.ENOENT, "no such key", path) from exc
+            raise
+        return _RemoteStat(False, response["ContentLength"], _s3_token(response, "head", "ContentLength")), response["Body"].iter_chunks(_BLOCK)
+
+    def _list(self, prefix):
+        bucket, key = self._split(prefix)
+        scheme = prefix.split("://", 1)[0] if "://" in prefix else "s3"
+        for page in self.api.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            for item in page.get("Contents", ()):
+                yield f"{scheme}://{bucket}/{item['Key']}", _RemoteStat(False, item["Size"], _s3_token(item, "list", "Size"))
+
+    def _any(self, prefix):
+        bucket, key = self._split(prefix)
+        return self.api.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0) > 0
+
+    def _get(self, path):
+        bucket, key = self._split(path)
+        try:
+            return self.api.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            # S3Client calls any 404 "absent"; a missing bucket must not read as a missing record.
+            if self._code(exc) in ("404", "NoSuchKey"):
+                return None
+            raise
+
+    def _put(self, path, data):
+        bucket, key = self._split(path)
+        self.api.put_object(Bucket=bucket, Key=key, Body=data)  # one PUT: atomic
+
+    def _delete(self, path):
+        bucket, key = self._split(path)
+        if self._head(path) is None:
+            return False
+        self.api.delete_object(Bucket=bucket, Key=key)
+        return True
+
+
+class _FileSystemStorage(_RemoteStorage):
+    """Any other FileSystemTarget: existence, folders and listings through its ``fs``, bytes
+    through a copy of the target reading with ``format=luigi.format.Nop``. No metadata, so
+    every check hashes; records are written through a copy of the target too."""
+
+    name = "fs"
+
+    def __init__(self, task, target):
+        self.task = task
+        self.target = target
+        self.fs = target.fs
+
+    def _need(self, method):
+        if not callable(getattr(self.fs, method, None)):
+            raise UnhashableTargetError(self.task, self.target, missing=f"its filesystem {type(self.fs).__name__} has no {method}()")
+
+    def _copy(self, path):
+        import copy
+
+        clone = copy.copy(self.target)
+        clone.path = path
+        clone.format = luigi.format.Nop
+        return clone
+
+    def _head(self, path):
+        self._need("exists")
+        if not self.fs.exists(path):
+            return None
+        try:
+            folder = self.fs.isdir(path)
+        except NotImplementedError:
+            folder = False
+        return _FOLDER_STAT if folder else _RemoteStat(False)
+
+    def _any(self, prefix):
+        return False  # _head asked isdir() already
+
+    def _open(self, path):
+        if not self.fs.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "no such file", path)
+        f = self._copy(path).open("r")
+
+        def blocks():
+            with f:
+                while block := f.read(_BLOCK):
+                    yield block
+
+        return _RemoteStat(False), blocks()
+
+    def _list(self, prefix):
+        for method in ("isdir", "listdir"):
+            self._need(method)
+        try:
+            names = list(self.fs.listdir(prefix.rstrip("/")))
+        except NotImplementedError:
+            raise UnhashableTargetError(self.task, self.target, missing=f"its filesystem {type(self.fs).__name__} has no listdir()") from None
+        for name in names:
+            full = name if name.startswith(prefix) else prefix + name.lstrip("/")
+            yield full, _RemoteStat(False)
+
+    def _get(self, path):
+        if not self.fs.exists(path):
+            return None
+        with self._copy(path).open("r") as f:
+            return f.read()
+
+    def _put(self, path, data):
+        with self._copy(path).open("w") as f:
+            f.write(data)
+
+    def _delete(self, path):
+        if not self.fs.exists(path):
+            return False
+        self.fs.remove(path)
+        return True
+
+
+def _storage_of(target, task=None):
+    """(storage, normalised path) of a file-like target, or None for a target that is only
+    a HashableTarget (or neither, which _require_hashable refuses). A LocalTarget is the
+    fast path; a target that is also a HashableTarget keeps its three methods."""
+    if isinstance(target, luigi.LocalTarget):
+        return _LOCAL, _norm(target.path)
+    if isinstance(target, HashableTarget) or not isinstance(target, luigi.target.FileSystemTarget):
+        return None
+    fs = target.fs
+    path = os.fspath(target.path).rstrip("/") or os.fspath(target.path)
+    mock = sys.modules.get("luigi.mock")
+    if mock is not None and isinstance(fs, mock.MockFileSystem):
+        return _MockStorage(fs), path
+    s3 = sys.modules.get("luigi.contrib.s3")
+    if s3 is not None and isinstance(fs, s3.S3Client):
+        return _S3Storage(fs), path
+    return _FileSystemStorage(task, target), path
+
+
 ###############################################################################
 # Hashing #####################################################################
 ###############################################################################
@@ -782,14 +1159,15 @@ _LOCAL = _LocalStorage()
 def _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked=False):
     """The entry of the file at ``path`` whose stat is ``st``: ``known``'s digest, or this
     process's, while the storage says its stat vouches for it; else a new hash."""
+    key = (path, algorithm) if fs is _LOCAL else (fs.key(path), algorithm)
     if trust_mtime:
         if known and known.get("kind") == "file" and fs.vouches(known, st, rechecked):
             return dict(known)
-        cached = _digest_cache.get((path, algorithm))
+        cached = _digest_cache.get(key)
         if cached and fs.vouches(cached, st, rechecked):
             return dict(cached)
     entry = fs.hash(path, algorithm)
-    _digest_cache[(path, algorithm)] = entry
+    _digest_cache[key] = entry
     return dict(entry)
 
 
@@ -800,13 +1178,23 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     so a later check can skip hashing the files whose stat still matches, as for one file,
     and the ``excluded`` relative paths, if any, that the digest leaves out.
     """
-    files = sorted(fs.listdir(path, excluded))
-    st = fs.stat(path)
-    stats = [None if link else fs.stat(full) for _rel, full, link in files]
+    if fs is _LOCAL:
+        files = sorted(fs.listdir(path, excluded))
+        st = fs.stat(path)
+        stats = [None if link else fs.stat(full) for _rel, full, link in files]
+    else:
+        # One listing gives every file's token: no request per file.
+        scanned = sorted(fs.scan(path, excluded), key=lambda item: item[0])
+        files = [item[:3] for item in scanned]
+        stats = [item[3] for item in scanned]
+        st = _FOLDER_STAT
     recorded = {}
     if known and known.get("kind") == "dir":
+        tokens = known.get("tokens", {})
         for rel, digest, size, mtime_ns, inode, hashed_ns in known.get("files", ()):
             recorded[rel] = {"kind": "file", "digest": digest, "size": size, "mtime_ns": mtime_ns, "inode": inode, "hashed_ns": hashed_ns}
+            if rel in tokens:
+                recorded[rel]["token"] = tokens[rel]
 
     def one(index):
         rel, full, link = files[index]
@@ -815,7 +1203,11 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
         if not stat.S_ISREG(stats[index].st_mode):
             raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
         entry = _digest_file(fs, full, algorithm, stats[index], recorded.get(rel), trust_mtime, rechecked)
+        if "token" in entry:
+            tokens[rel] = entry["token"]
         return [rel, entry["digest"], entry["size"], entry["mtime_ns"], entry["inode"], entry["hashed_ns"]]
+
+    tokens = {}
 
     sizes = [fst.st_size if fst else 0 for fst in stats]
     if sum(sizes) > (64 << 20) and (os.cpu_count() or 1) > 1:
@@ -841,11 +1233,15 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     }
     if excluded:
         entry["excluded"] = list(excluded)
+    if fs is not _LOCAL:
+        entry["store"] = fs.name
+        if tokens:
+            entry["tokens"] = tokens
     return entry
 
 
 def _digest(
-    path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded: tuple[str, ...] = (), fs: _LocalStorage = _LOCAL
+    path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded: tuple[str, ...] = (), fs=_LOCAL, st=None
 ) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
@@ -855,14 +1251,35 @@ def _digest(
     :param rechecked: the caller hashes the path again later (see ``_vouches``).
     :param excluded: for a folder, relative posix paths below it to leave out.
     :param fs: the storage the path is in.
+    :param st: its stat, when the caller has just taken it.
     :raises FileNotFoundError: if nothing is at ``path``.
     """
-    st = fs.stat(path)
+    if st is None:
+        if rechecked and trust_mtime and known is None and fs is not _LOCAL:
+            # Before run(): this process's digest of a remote input serves without a request,
+            # since the check after run() asks the store again.
+            cached = _digest_cache.get((fs.key(path), algorithm))
+            if cached is not None:
+                return dict(cached)
+        st = fs.stat(path)
     if stat.S_ISDIR(st.st_mode):
         return _digest_dir(fs, path, algorithm, trust_mtime, known, rechecked, excluded)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
     return _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked)
+
+
+def _digest_written(fs, path, algorithm, trust_mtime):
+    """The entry of an output its task has just written. On a store, one read gives the
+    digest and its token (one GET on S3), and a folder is listed only if no object is there."""
+    if fs is _LOCAL:
+        return _digest(path, algorithm, trust_mtime=trust_mtime)
+    try:
+        entry = fs.hash(path, algorithm)
+    except FileNotFoundError:
+        return _digest(path, algorithm, trust_mtime=trust_mtime, fs=fs)
+    _digest_cache[(fs.key(path), algorithm)] = entry
+    return dict(entry)
 
 
 def _text_digest(text):
@@ -1071,10 +1488,13 @@ _NAME_LIMIT = 200
 _NAME_DIGEST = 32  # hex digits of the digest of the full name in a shortened one
 
 
-def _record_path(path: str) -> str:
-    """Return the record's path for an output at normalised ``path``."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, RECORD_DIR, _record_name(name))
+def _record_path(path: str, fs=_LOCAL) -> str:
+    """Return the record's path for an output at normalised ``path``; on a store, with "/"."""
+    if fs is _LOCAL:
+        folder, name = os.path.split(path)
+        return os.path.join(folder, RECORD_DIR, _record_name(name))
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, RECORD_DIR, _record_name(name))
 
 
 def _record_name(name):
@@ -1131,6 +1551,17 @@ def _files_problem(value):
     return None
 
 
+def _token_problem(value):
+    ok = type(value) is dict and set(map(type, value)) <= {str} and set(map(type, value.values())) <= {str}
+    return None if ok else "a token must map strings to strings"
+
+
+def _tokens_problem(value):
+    if type(value) is not dict or any(type(k) is not str or _token_problem(v) for k, v in value.items()):
+        return "tokens must map names to tokens"
+    return None
+
+
 def _names_problem(value):
     """What is wrong with an optional list of names (``excluded``, ``defaulted``), or None."""
     if type(value) is not list or any(_leaf_problem(item, "str") for item in value):
@@ -1141,7 +1572,14 @@ def _names_problem(value):
 # The optional keys of each shape, and their checks: keys added under format 1, which
 # readers that do not know them ignore.
 _OPTIONAL = {
-    "entry": {"excluded": _names_problem, "files": _files_problem},
+    "entry": {
+        "excluded": _names_problem,
+        "files": _files_problem,
+        # An entry on a store other than the local disk: its name and freshness token(s).
+        "store": functools.partial(_leaf_problem, kind="str"),
+        "token": _token_problem,
+        "tokens": _tokens_problem,
+    },
     "dynamic dependency": {"defaulted": _names_problem},
 }
 
@@ -1261,7 +1699,8 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
     """
     data = _dump(record)
     try:
-        folder = fs.records_folder(os.path.dirname(os.path.dirname(path)))
+        dirname = os.path.dirname if fs is _LOCAL else posixpath.dirname
+        folder = fs.records_folder(dirname(dirname(path)))
         with fs.lock(folder, settings.lock_timeout):
             fs.clean(folder)
             if replacing is not None:
@@ -1364,16 +1803,49 @@ def _within(path, root):
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _name(target, folder, index, root=None):
+def _remote_root(path):
+    """(root, key) of a store path: ``s3://bucket`` and the key, or for a Mock key "/" when
+    it starts with one, else ""."""
+    if "://" in path:
+        scheme, _sep, rest = path.partition("://")
+        netloc, _sep, key = rest.partition("/")
+        return f"{scheme}://{netloc}", key
+    return ("/", path.lstrip("/")) if path.startswith("/") else ("", path)
+
+
+def _resolve(folder, name, fs=_LOCAL):
+    """The path an input's recorded ``name`` stands for, for an output in ``folder``."""
+    if fs is _LOCAL:
+        return _norm(os.path.join(folder, name))
+    if "://" in name or name.startswith("/") or os.path.isabs(name):
+        return name
+    root, key = _remote_root(folder)
+    joined = posixpath.normpath(posixpath.join(key, name)) if key else posixpath.normpath(name)
+    return f"{root}/{joined}" if root and root != "/" else root + joined
+
+
+def _name(target, folder, index, root=None, fs=_LOCAL):
     """Name an input in a record. Relative to the output's ``folder`` when both lie under the
     project ``root``, or when no root is known, so the project can move; absolute otherwise,
-    so data outside the project is found wherever the project goes."""
+    so data outside the project is found wherever the project goes. An input in another
+    store than the output (``fs``) is named by its URL, or absolute path; one in the same
+    store by its posix path relative to the folder."""
     path = getattr(target, "path", None)
     if not isinstance(path, (str, os.PathLike)):
         return f"{type(target).__name__}[{index}]"
-    if folder is None or not isinstance(target, luigi.LocalTarget):
+    if folder is None:
         return os.fspath(path)
+    if not isinstance(target, luigi.LocalTarget):
+        found = _storage_of(target)
+        if found is None or fs is _LOCAL or type(found[0]) is not type(fs):
+            return found[1] if found else os.fspath(path)
+        (in_root, in_key), (out_root, out_key) = _remote_root(found[1]), _remote_root(folder)
+        if in_root != out_root:
+            return found[1]
+        return posixpath.relpath("/" + in_key, "/" + out_key)
     path = _norm(path)
+    if fs is not _LOCAL:
+        return path
     if root is not None and not (_within(path, root) and _within(folder, root)):
         return path
     head, _sep, tail = path.rpartition(os.sep)
@@ -1385,14 +1857,14 @@ def _name(target, folder, index, root=None):
         return path
 
 
-def _same_inputs(names, entries, folder):
+def _same_inputs(names, entries, folder, fs=_LOCAL):
     """Whether ``names`` name the inputs of the recorded ``entries``. A name relative to the
     output's ``folder`` and an absolute one name the same file when they resolve alike, so
     records written before the project root chose the form stay valid."""
     if names == [entry["path"] for entry in entries]:
         return True
     return len(names) == len(entries) and all(
-        name == entry["path"] or _norm(os.path.join(folder, name)) == _norm(os.path.join(folder, entry["path"])) for name, entry in zip(names, entries)
+        name == entry["path"] or _resolve(folder, name, fs) == _resolve(folder, entry["path"], fs) for name, entry in zip(names, entries)
     )
 
 
@@ -1581,10 +2053,29 @@ def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, exclu
     :param rechecked: as for ``_digest``.
     """
     key = (path, algorithm, excluded) if excluded else (path, algorithm)
+    if fs is not _LOCAL:
+        key = (fs.key(path), algorithm)
     if key not in cache:
         _counts["looks"] += 1
         try:
-            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs)
+            st = None
+            if fs is not _LOCAL:
+                st = _stat_of(fs, path, cache)
+                if st is None:
+                    raise FileNotFoundError(path)
+            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs, st)
+        except FileNotFoundError:
+            cache[key] = None
+    return cache[key]
+
+
+def _stat_of(fs, path, cache):
+    """A store path's stat, or None if absent, asked of the store once per walk: an output
+    is looked at as its task's output and as other tasks' input (one HEAD on S3)."""
+    key = ("stat", fs.key(path))
+    if key not in cache:
+        try:
+            cache[key] = fs.stat(path)
         except FileNotFoundError:
             cache[key] = None
     return cache[key]
@@ -1645,6 +2136,9 @@ def _stat_refreshed(recorded, current):
     process skip a hash; otherwise the recorded entry unchanged."""
     if current is recorded or current["kind"] != recorded["kind"]:
         return recorded
+    if current.get("token", recorded.get("token")) != recorded.get("token") or current.get("tokens", {}) != recorded.get("tokens", {}):
+        # Same bytes under a new token (a re-upload): the new token spares the next hash.
+        return {**recorded, **current, "path": recorded["path"]}
     if current["kind"] == "file":
         old = (recorded["size"], recorded["mtime_ns"], recorded["inode"], recorded["hashed_ns"])
         if _worth_refreshing(old, (current["size"], current["mtime_ns"], current["inode"], current["hashed_ns"])):
@@ -1698,7 +2192,7 @@ def _settle(deps, bad):
 def _require_hashable(task, targets, inputs=()):
     """Refuse a target we cannot hash; among ``inputs``, also one that has no hash_content()."""
     for target in targets:
-        if not isinstance(target, (luigi.LocalTarget, HashableTarget)):
+        if not isinstance(target, (luigi.target.FileSystemTarget, HashableTarget)):
             raise UnhashableTargetError(task, target)
     for target in inputs:
         if not isinstance(target, luigi.LocalTarget) and getattr(type(target), "hash_content", None) is HashableTarget.hash_content:
@@ -1842,7 +2336,26 @@ def _excluded(folder, own):
 def _recorded_paths(task):
     """The paths of the outputs of ``task``'s dependencies that keep records of their own."""
     deps = _deps_and_inputs(task)[0]
-    return {_norm(t.path) for dep in deps if _checked(dep) for t in _outputs(dep) if isinstance(t, luigi.LocalTarget)}
+    return {_path_of(t) for dep in deps if _checked(dep) for t in _outputs(dep)} - {None}
+
+
+def _path_of(target):
+    """A file-like target's normalised path (local) or store path, else None."""
+    if isinstance(target, luigi.LocalTarget):
+        return _norm(target.path)
+    found = _storage_of(target)
+    return found[1] if found else None
+
+
+def _absent_outputs(task, memo):
+    """A walk cache that knows which of ``task``'s store outputs this build found absent:
+    the check before run() takes them as absent without asking the store again, as Luigi's
+    own scheduling would. Local outputs are looked at again."""
+    cache: dict = {}
+    for target in _outputs(task):
+        if not isinstance(target, luigi.LocalTarget) and (found := _storage_of(target, task)) and found[0].key(found[1]) in memo.absent:
+            cache[("stat", found[0].key(found[1]))] = None
+    return cache
 
 
 # The verdicts.
@@ -1875,23 +2388,29 @@ def _judge(task, settings, cache):
     _require_hashable(task, outputs + inputs, inputs)
     records = []
     for output in outputs:
-        if not isinstance(output, luigi.LocalTarget):
+        found = _storage_of(output, task)
+        if found is None:
             if not output.exists():
                 return _Verdict(False, _reason("output missing"), deps, inputs=inputs)
-            records.append((output, None, None))
+            records.append((output, None, None, None))
             continue
-        path = _norm(output.path)
-        record_path = _record_path(path)
+        fs, path = found
+        if fs is not _LOCAL and _stat_of(fs, path, cache) is None:
+            # On a store, the output first (one HEAD), and its record only if it is there.
+            if (build := _active_memo()) is not None:
+                build.absent.add(fs.key(path))
+            return _Verdict(False, _reason("output missing"), deps, inputs=inputs)
+        record_path = _record_path(path, fs)
         try:
-            record = _read_record(record_path)
+            record = _read_record(record_path, fs)
             aside = None
-            if record is None:
+            if record is None and fs is _LOCAL:  # copies set aside are local only
                 aside = _restored(task, settings)
                 if aside == "restored":
-                    record = _read_record(record_path)
+                    record = _read_record(record_path, fs)
         except _DamagedRecord as exc:
             _log_once(
-                key=("damaged", record_path, os.lstat(record_path).st_mtime_ns if os.path.lexists(record_path) else 0),
+                key=("damaged", record_path, os.lstat(record_path).st_mtime_ns if fs is _LOCAL and os.path.lexists(record_path) else 0),
                 level=logging.WARNING,
                 message=f"luigi_hashcheck: damaged record {record_path} ({exc}); {task} will be rebuilt",
             )
@@ -1899,18 +2418,18 @@ def _judge(task, settings, cache):
         if record is None:
             if aside == "aside":
                 return _Verdict(False, _reason("aside", name=path), deps, inputs=inputs)
-            if not os.path.exists(path):  # with a record, _compare finds this out
+            if fs is _LOCAL and not os.path.exists(path):  # with a record, _compare finds this out
                 return _Verdict(False, _reason("output missing"), deps, inputs=inputs)
             return _Verdict(False, _reason("no record"), deps, inputs=inputs, hint=path)
-        records.append((output, path, record))
+        records.append((output, path, record, fs))
     family = task.task_family
     params = _params(task)
     code = _fingerprint(type(task))
     dynamic = {}
     made_ns = None
     refreshes = []
-    own = tuple(path for _output, path, _record in records if path is not None)
-    for output, path, record in records:
+    own = tuple(path for _output, path, _record, fs in records if fs is _LOCAL)
+    for output, path, record, fs in records:
         if path is None:  # a third-party HashableTarget: the input hash is all there is
             pairs = []
             for index, target in enumerate(inputs):
@@ -1926,11 +2445,11 @@ def _judge(task, settings, cache):
                 return _Verdict(False, _reason("input hash"), deps, inputs=inputs)
             made_ns = 0
             continue
-        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own)
+        reason, fresh = _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own, fs)
         if reason:
             return _Verdict(False, reason, deps, inputs=inputs)
         if fresh is not record:
-            refreshes.append((_record_path(path), fresh, record))
+            refreshes.append((_record_path(path) if fs is _LOCAL else _StorePath(_record_path(path, fs), fs), fresh, record))
         made_ns = record["created_ns"] if made_ns is None else min(made_ns, record["created_ns"])
     return _Verdict(True, "", list(deps) + list(dynamic.values()), made_ns or 0, inputs, refreshes)
 
@@ -1957,6 +2476,9 @@ def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
     if isinstance(target, luigi.LocalTarget):
         path = _norm(target.path)
         return _look(_LOCAL, path, algorithm, known, settings.trust_mtime, cache, rechecked, _excluded(path, own) if own else ())
+    found = _storage_of(target)
+    if found is not None:
+        return _look(found[0], found[1], algorithm, known, settings.trust_mtime, cache, rechecked)
     key = (id(target), algorithm)
     if key not in cache:
         entry = None
@@ -1966,11 +2488,11 @@ def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
     return cache[key][1]
 
 
-def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own=()):
+def _compare(task, record, path, inputs, family, params, code, settings, cache, dynamic, own=(), fs=_LOCAL):
     """Compare one output's record with the world; return (reason or None, refreshed record)."""
     algorithm = record["algorithm"]
-    folder = os.path.dirname(path)
-    change, output = _compare_entry(_LOCAL, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=())
+    folder = os.path.dirname(path) if fs is _LOCAL else posixpath.dirname(path)
+    change, output = _compare_entry(fs, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=())
     if change == "missing":
         return _reason("output missing"), None
     if change:
@@ -1979,10 +2501,10 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         return _reason("parameters", changes=_param_changes(record["task"], family, params)), None
     if record["code"] != code:
         return _reason("code"), None
-    root = _project_root(folder, settings)
-    names = [_name(target, folder, index, root) for index, target in enumerate(inputs)]
-    if not _same_inputs(names, record["inputs"], folder):
-        if sorted(_norm(os.path.join(folder, n)) for n in names) != sorted(_norm(os.path.join(folder, e["path"])) for e in record["inputs"]):
+    root = _project_root(folder, settings) if fs is _LOCAL else None
+    names = [_name(target, folder, index, root, fs) for index, target in enumerate(inputs)]
+    if not _same_inputs(names, record["inputs"], folder, fs):
+        if sorted(_resolve(folder, n, fs) for n in names) != sorted(_resolve(folder, e["path"], fs) for e in record["inputs"]):
             return _reason("inputs"), None
         # Order stays significant (a run() may concatenate its inputs), but the likely cause
         # is a requires() built from a set, whose order changes with every interpreter.
@@ -2007,7 +2529,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         targets = flatten(dep_task.output())
         _require_hashable(dep_task, targets)
         _require_hashable(task, (), targets)
-        if not _same_inputs([_name(t, folder, i, root) for i, t in enumerate(targets)], dep["outputs"], folder):
+        if not _same_inputs([_name(t, folder, i, root, fs) for i, t in enumerate(targets)], dep["outputs"], folder, fs):
             return _reason("dynamic outputs", task=dep_task), None
         entries = []
         for target, recorded in zip(targets, dep["outputs"]):
@@ -2030,6 +2552,8 @@ def _compare_target(target, recorded, algorithm, settings, cache, what, own=()):
     if isinstance(target, luigi.LocalTarget):
         path = _norm(target.path)
         change, current = _compare_entry(_LOCAL, path, recorded, algorithm, settings.trust_mtime, cache, _excluded(path, own) if own else ())
+    elif (found := _storage_of(target)) is not None:
+        change, current = _compare_entry(found[0], found[1], recorded, algorithm, settings.trust_mtime, cache, ())
     else:
         current = _entry(target, algorithm, recorded, settings, cache)
         change = "missing" if current is None else "changed" if current["digest"] != recorded["digest"] else None
@@ -2209,11 +2733,20 @@ def _log_summary(memo, worker):
         logger.info(text)
 
 
+class _StorePath(str):
+    """A record path on a store, carrying its storage through the verdict's refreshes."""
+
+    def __new__(cls, path, fs):
+        made = super().__new__(cls, path)
+        made.fs = fs
+        return made
+
+
 def _save_refresh(record_path, fresh, old, settings):
     """Rewrite a record whose files were touched but not changed, unless another process
     has rewritten it since it was read."""
     try:
-        _write_record(record_path, fresh, settings, replacing=old)
+        _write_record(record_path, fresh, settings, replacing=old, fs=getattr(record_path, "fs", _LOCAL))
     except HashCheckError as exc:
         # Only a shortcut is lost: the next check hashes again.
         logger.warning("luigi_hashcheck: could not refresh %s: %s", record_path, exc)
@@ -2579,7 +3112,7 @@ def _before_run(task):
     snapshot its inputs. Return the snapshot, or None to skip."""
     memo = _memo()
     settings = memo.settings
-    verdict = _judge(task, settings, {})
+    verdict = _judge(task, settings, _absent_outputs(task, memo))
     pending = next((dep for dep in verdict.deps if not _is_complete(dep, memo)), None) if verdict.ok else None
     if verdict.ok and pending is None:
         # Its upstream reran and made byte-identical outputs ("early cutoff").
@@ -2614,6 +3147,8 @@ def _before_run(task):
                 logger.info("luigi_hashcheck: removing stale output %s of %s before it reruns", path, task)
                 _LOCAL.remove_output(path)
             _remove_record(_record_path(path), settings)
+        elif (found := _storage_of(output, task)) is not None:
+            _clear_stale(task, *found, memo, settings)
         elif output.exists() and callable(getattr(output, "remove", None)):
             # A store where a move is a copy (S3, GCS) keeps the delete.
             output.remove()
@@ -2635,6 +3170,21 @@ def _tell(task, text):
         callback(html.escape(text))
     except Exception as exc:  # noqa: BLE001 - a message lost must not fail the task
         logger.warning("luigi_hashcheck: could not set the status message of %s: %s", task, exc)
+
+
+def _clear_stale(task, fs, path, memo, settings):
+    """Remove a stale store output and its record before its task reruns; nothing to do for
+    one this build found absent, which costs no request."""
+    if fs.key(path) in memo.absent:
+        return
+    try:
+        fs.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        logger.info("luigi_hashcheck: removing stale output %s of %s before it reruns", path, task)
+        fs.remove_output(path)
+    fs.remove_record(_record_path(path, fs), settings.lock_timeout)
 
 
 def _refuse_nesting(task, outputs, inputs):
@@ -2704,15 +3254,16 @@ def _confirm(task, settings):
     take the records on trust (see _walk) instead of walking everything below.
     """
     for output in _outputs(task):
-        if isinstance(output, luigi.LocalTarget):
-            record_path = _record_path(_norm(output.path))
+        if (found := _storage_of(output, task)) is not None:
+            fs = found[0]
+            record_path = _record_path(found[1], fs)
             try:
-                record = _read_record(record_path)
+                record = _read_record(record_path, fs)
                 if record:
                     now = time.time_ns()
                     # confirmed_ns equal to created_ns tells the build's summary, in the
                     # parent, that early cutoff dated this record rather than a run.
-                    _write_record(record_path, {**_remade(record, created_ns=now), "confirmed_ns": now}, settings, replacing=record)
+                    _write_record(record_path, {**_remade(record, created_ns=now), "confirmed_ns": now}, settings, replacing=record, fs=fs)
             except (_DamagedRecord, HashCheckError) as exc:
                 logger.warning("luigi_hashcheck: could not confirm %s: %s", record_path, exc)
 
@@ -2804,6 +3355,8 @@ def _after_run(task, state):
     rest = iter(after[len(state.inputs):])
     dynamic = [(dep, targets, [next(rest) for _ in targets]) for dep, targets, _entries in state.dynamic]
     written = _write_records(task, settings, state.inputs, after[: len(state.inputs)], dynamic, state.reason)
+    if (build := _active_memo()) is not None and build.absent:
+        build.absent.difference_update(found[0].key(found[1]) for t in _outputs(task) if (found := _storage_of(t, task)))
     # Complete only with a record for every output: check_complete_on_run must see a
     # missing output as plain Luigi would.
     if len(written) == len(_outputs(task)):
@@ -2828,7 +3381,8 @@ def _write_records(task, settings, inputs, entries, dynamic, reason=None):
     recorded = _recorded_paths(task)
     written = []
     for output in outputs:
-        if not isinstance(output, luigi.LocalTarget):
+        found = _storage_of(output, task)
+        if found is None:
             if not output.exists():
                 logger.warning("luigi_hashcheck: %s finished without writing its output %s; no input hash stored", task, output)
                 continue
@@ -2836,21 +3390,29 @@ def _write_records(task, settings, inputs, entries, dynamic, reason=None):
             output.store_input_hash(_input_hash(algorithm, family, params, code, pairs))
             written.append(_name(output, None, 0))
             continue
-        path = _norm(output.path)
-        if not os.path.exists(path):
-            logger.warning("luigi_hashcheck: %s finished without writing its output %s; no record written", task, path)
-            continue
-        _check_not_nested(path, task, settings)
-        folder = os.path.dirname(path)
-        root = _project_root(folder, settings)
-        named_inputs = [_named(e, _name(t, folder, i, root), isinstance(t, luigi.LocalTarget) and _norm(t.path) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
+        fs, path = found
+        if fs is _LOCAL:
+            if not os.path.exists(path):
+                logger.warning("luigi_hashcheck: %s finished without writing its output %s; no record written", task, path)
+                continue
+            _check_not_nested(path, task, settings)
+            folder = os.path.dirname(path)
+            root = _project_root(folder, settings)
+            output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
+        else:
+            try:
+                output_entry = _named(_digest_written(fs, path, algorithm, settings.trust_mtime), posixpath.basename(path))
+            except FileNotFoundError:
+                logger.warning("luigi_hashcheck: %s finished without writing its output %s; no record written", task, path)
+                continue
+            folder, root = posixpath.dirname(path), None
+        named_inputs = [_named(e, _name(t, folder, i, root, fs), _path_of(t) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
         named_dynamic = [
-            _dynamic_dependency(dep, [_named(e, _name(t, folder, i, root), _checked(dep) and isinstance(t, luigi.LocalTarget)) for i, (t, e) in enumerate(zip(targets, dep_entries))])
+            _dynamic_dependency(dep, [_named(e, _name(t, folder, i, root, fs), _checked(dep) and _path_of(t) is not None) for i, (t, e) in enumerate(zip(targets, dep_entries))])
             for dep, targets, dep_entries in dynamic
         ]
-        output_entry = _named(_digest(path, algorithm, trust_mtime=settings.trust_mtime), os.path.basename(path))
         record = _make_record(algorithm, family, params, code, output_entry, named_inputs, named_dynamic, reason=reason)
-        _write_record(_record_path(path), record, settings)
+        _write_record(_record_path(path, fs), record, settings, fs=fs)
         written.append(path)
         if output_entry["kind"] == "dir" and (build := _active_memo()) is not None:
             build.unnested.clear()  # an output found outside folder outputs may now be inside one
