@@ -377,6 +377,7 @@ class _Memo:
         self.verdicts = {}
         self.warned = set()  # (kind, task_id) of the warnings given in this build
         self.absent = set()  # store outputs found absent (fs.key), until their task has run
+        self.stats = {}  # ("stat", fs.key(path)) -> a store's stat, shared while scheduling
         self._settings = None
 
     @property
@@ -1256,10 +1257,11 @@ def _digest(
     """
     if st is None:
         if rechecked and trust_mtime and known is None and fs is not _LOCAL:
-            # Before run(): this process's digest of a remote input serves without a request,
-            # since the check after run() asks the store again.
+            # Before run(): this build's digest of a remote input (its task wrote it) serves
+            # without a request, since the check after run() asks the store again.
             cached = _digest_cache.get((fs.key(path), algorithm))
-            if cached is not None:
+            build = _active_memo()
+            if cached is not None and build is not None and cached["hashed_ns"] >= build.started_ns:
                 return dict(cached)
         st = fs.stat(path)
     if stat.S_ISDIR(st.st_mode):
@@ -2059,7 +2061,7 @@ def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, exclu
         _counts["looks"] += 1
         try:
             st = None
-            if fs is not _LOCAL:
+            if fs is not _LOCAL and not (rechecked and known is None):
                 st = _stat_of(fs, path, cache)
                 if st is None:
                     raise FileNotFoundError(path)
@@ -2074,10 +2076,16 @@ def _stat_of(fs, path, cache):
     is looked at as its task's output and as other tasks' input (one HEAD on S3)."""
     key = ("stat", fs.key(path))
     if key not in cache:
-        try:
-            cache[key] = fs.stat(path)
-        except FileNotFoundError:
-            cache[key] = None
+        # While Luigi schedules, nothing runs: the walks from each root share what the store
+        # said, so a lattice's no-op build asks once per output, not once per edge.
+        build = _active_memo()
+        shared = build.stats if build is not None and not build.running else {}
+        if key not in shared:
+            try:
+                shared[key] = fs.stat(path)
+            except FileNotFoundError:
+                shared[key] = None
+        cache[key] = shared[key]
     return cache[key]
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -429,9 +430,16 @@ def cli(tmp_path, monkeypatch):
 ###############################################################################
 
 
+class NotAFile(luigi.Target):
+    """Neither a FileSystemTarget nor a HashableTarget: nothing to hash."""
+
+    def exists(self):
+        return True
+
+
 class Mocked(HashCheckingTask):
     def output(self):
-        return luigi.mock.MockTarget("mocked")
+        return NotAFile()
 
     def run(self):
         pass
@@ -451,8 +459,8 @@ def test_an_unhashable_target_names_task_class_and_fix(root):
     with pytest.raises(hc.UnhashableTargetError) as info:
         Mocked().complete()
     message = str(info.value)
-    assert "Mocked()" in message and "MockTarget" in message and "HashableTarget" in message
-    with pytest.raises(hc.UnhashableTargetError, match="MockTarget"):
+    assert "Mocked()" in message and "NotAFile" in message and "HashableTarget" in message
+    with pytest.raises(hc.UnhashableTargetError, match="NotAFile"):
         MockedInput(root).complete()
     assert not build(MockedInput(root))
 
@@ -1700,7 +1708,7 @@ def test_an_oserror_propagates_and_nothing_is_deleted(root, monkeypatch):
     ran(root)
     before = sorted(os.listdir(root)) + sorted(os.listdir(os.path.join(root, ".luigi_hashes")))
 
-    def flaky(path):
+    def flaky(path, *args):
         raise OSError(errno.EIO, "Input/output error", path)
 
     monkeypatch.setattr(hc, "_read_record", flaky)  # private: no portable way to make a read fail
@@ -5653,6 +5661,407 @@ def test_extra_inputs_are_hashed_so_an_edit_reruns_the_task(root, own_tmp, caplo
     assert read(os.path.join(root, "report-True.txt")) == "hello 5"
     assert [e["path"] for e in record_of(os.path.join(root, "report-True.txt"))["inputs"]] == ["seed.txt", "data/financials.csv"]
     assert undeclared(caplog) == []
+
+
+###############################################################################
+# Other stores: Mock and S3 ###################################################
+###############################################################################
+#
+# Luigi's MockTarget needs nothing; S3 is moto's real server on 127.0.0.1, reached by Luigi's
+# own S3Client through [s3] endpoint_url, as a user points Luigi at MinIO. Requests are
+# counted with botocore's event hooks, registered on boto3's default session before any
+# client is made, so every S3Client's client counts.
+
+import boto3
+import luigi.contrib.s3
+from moto.server import ThreadedMotoServer
+
+BUCKET = "hashcheck-test"
+
+
+class S3Requests:
+    """Counts of S3 calls by name, except those made inside a task's run() (``paused``)."""
+
+    def __init__(self):
+        self.counts = collections_counter()
+        self.paused = 0
+
+    def __call__(self, event_name, **_kwargs):
+        if not self.paused:
+            self.counts[event_name.rsplit(".", 1)[1]] += 1
+
+    def take(self):
+        counts, self.counts = dict(self.counts), collections_counter()
+        return counts
+
+
+def collections_counter():
+    import collections
+
+    return collections.Counter()
+
+
+S3_REQUESTS = S3Requests()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    port = free_port()
+    saved = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.setup_default_session()
+    boto3.DEFAULT_SESSION.events.register("before-call.s3", S3_REQUESTS)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3(moto_server, config, tmp_path):
+    """A fresh bucket on moto; yields an S3Client made from luigi.cfg, as a pipeline's is."""
+    import urllib.request
+
+    # moto keeps buckets per process, across servers: reset between tests.
+    urllib.request.urlopen(urllib.request.Request(moto_server + "/moto-api/reset", method="POST")).close()
+    config("s3", "endpoint_url", moto_server)
+    client = luigi.contrib.s3.S3Client()
+    client.s3.meta.client.create_bucket(Bucket=BUCKET)
+    write(tmp_path / "s3.cfg", f"[core]\nautoload_range = false\n[s3]\nendpoint_url = {moto_server}\n")
+    client.cfg = str(tmp_path / "s3.cfg")
+    client.note = tmp_path / "runs"
+    S3_REQUESTS.take()
+    yield client
+    S3_REQUESTS.paused = 0
+
+
+def s3_url(name):
+    return f"s3://{BUCKET}/{name}"
+
+
+def s3_note(name):
+    with open(os.environ["HASHCHECK_S3_RUNS"], "a") as f:
+        f.write(name + "\n")
+
+
+def s3_ran():
+    path = os.environ["HASHCHECK_S3_RUNS"]
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        names = f.read().split()
+    os.remove(path)
+    return names
+
+
+@pytest.fixture
+def s3_runs(s3, monkeypatch):
+    monkeypatch.setenv("HASHCHECK_S3_RUNS", str(s3.note))
+    return s3
+
+
+class S3Raw(luigi.ExternalTask):
+    name = luigi.Parameter(default="raw/in.txt")
+
+    def output(self):
+        return luigi.contrib.s3.S3Target(s3_url(self.name))
+
+
+class S3Step(HashCheckingTask):
+    """Reads its inputs (S3, or a local file), writes ``func`` of their text to S3."""
+
+    name = luigi.Parameter()
+    upstream = luigi.ListParameter(default=["raw"])
+    local = luigi.Parameter(default="")
+
+    def requires(self):
+        below = {"up": ["raw"], "head": ["up"]}
+        return [S3Raw() if up == "raw" else S3Step(up, below.get(up, ["head"])) for up in self.upstream]
+
+    def input(self):
+        inputs = luigi.task.flatten(super().input())
+        return inputs + [luigi.LocalTarget(self.local)] if self.local else inputs
+
+    def output(self):
+        return luigi.contrib.s3.S3Target(s3_url(f"out/{self.name}.txt"))
+
+    def run(self):
+        S3_REQUESTS.paused += 1
+        try:
+            s3_note(self.name)
+            text = "".join(t.open("r").read() for t in self.input())
+            with self.output().open("w") as f:
+                f.write(text.upper() if self.name == "up" else text[:3] if self.name.startswith("head") else str(len(text)))
+        finally:
+            S3_REQUESTS.paused -= 1
+
+
+def test_s3_edit_no_op_early_cutoff_and_hand_edit(s3_runs):
+    s3 = s3_runs
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    top = S3Step("tail", ["head"])
+    assert build(top) and s3_ran() == ["up", "head", "tail"]
+    assert build(top) and s3_ran() == []
+    record = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/head.txt.json")))
+    assert record["format"] == 1 and record["inputs"][0]["path"] == "up.txt" and record["inputs"][0]["store"] == "s3"
+    assert record["output"]["digest"] == hashlib.sha256(b"HEL").hexdigest()
+    s3.put_string("help!", s3_url("raw/in.txt"))  # up changes, head stays HEL: early cutoff
+    assert build(top) and s3_ran() == ["up", "head"]
+    s3.put_string("HELLO", s3_url("out/up.txt"))  # by hand: up is rebuilt, and comes back the same
+    assert build(top) and s3_ran() == ["up"]
+    s3.put_string("xyz", s3_url("out/head.txt"))
+    assert build(top) and s3_ran() == ["head"]
+    assert s3.get_as_string(s3_url("out/head.txt")) == "HEL"
+    s3.put_string("bye", s3_url("raw/in.txt"))
+    assert build(top) and s3_ran() == ["up", "head", "tail"]
+
+
+def test_s3_digest_is_sha256sum_and_a_reupload_of_the_same_bytes_reruns_nothing(s3_runs, tmp_path):
+    s3 = s3_runs
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 << 19).hex().encode())  # over 8 MiB: a multipart upload, ETag "...-2"
+    s3.put_multipart(str(big), s3_url("raw/in.txt"), part_size=8 << 20)
+    assert s3.s3.meta.client.head_object(Bucket=BUCKET, Key="raw/in.txt")["ETag"].strip('"').endswith("-2")
+    assert build(S3Step("head")) and s3_ran() == ["head"]
+    record = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/head.txt.json")))
+    assert record["inputs"][0]["digest"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    s3.put_string(big.read_bytes(), s3_url("raw/in.txt"))  # the same bytes in one part: another ETag
+    assert not s3.s3.meta.client.head_object(Bucket=BUCKET, Key="raw/in.txt")["ETag"].strip('"').endswith("-2")
+    hc._forget_process_state()
+    assert build(S3Step("head")) and s3_ran() == []
+    # The new token was saved, so the next process need not hash again.
+    record = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/head.txt.json")))
+    assert not record["inputs"][0]["token"]["etag"].endswith("-2")
+    hc._forget_process_state()
+    S3_REQUESTS.take()
+    reads = hc._counts["reads"]
+    assert build(S3Step("head")) and s3_ran() == []
+    assert hc._counts["reads"] == reads  # nothing hashed
+
+
+def test_s3_mixed_local_and_s3_inputs(s3_runs, tmp_path):
+    s3 = s3_runs
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    local = tmp_path / "local.txt"
+    write(local, "LOCAL")
+    task = S3Step("mixed", local=str(local))
+    assert build(task) and s3_ran() == ["mixed"]
+    record = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/mixed.txt.json")))
+    assert [e["path"] for e in record["inputs"]] == ["../raw/in.txt", str(local)]
+    assert "store" not in record["inputs"][1]
+    assert build(task) and s3_ran() == []
+    write(local, "OTHER")
+    assert build(task) and s3_ran() == ["mixed"]
+
+
+class S3Lattice(HashCheckingTask):
+    """bench.py's lattice shape on S3: layer 0 reads a local seed, every other node three
+    nodes of the layer below."""
+
+    width = luigi.IntParameter()
+    layer = luigi.IntParameter()
+    i = luigi.IntParameter()
+    seeds = luigi.Parameter()
+
+    def requires(self):
+        if self.layer == 0:
+            return []
+        return [S3Lattice(self.width, self.layer - 1, (self.i + k) % self.width, self.seeds) for k in range(3)]
+
+    def input(self):
+        return [luigi.LocalTarget(os.path.join(self.seeds, f"seed-{self.i}"))] if self.layer == 0 else luigi.task.flatten(super().input())
+
+    def output(self):
+        return luigi.contrib.s3.S3Target(s3_url(f"n{self.layer}-{self.i}.txt"))
+
+    def run(self):
+        S3_REQUESTS.paused += 1
+        try:
+            text = "".join(t.open("r").read() for t in self.input())
+            with self.output().open("w") as f:
+                f.write(hashlib.sha256(text.encode()).hexdigest())
+        finally:
+            S3_REQUESTS.paused -= 1
+
+
+def test_s3_request_budget(s3, tmp_path):
+    width, depth = 4, 3
+    for i in range(width):
+        write(tmp_path / f"seed-{i}", f"seed {i}")
+    age(tmp_path)  # old seeds: their stat vouches at once, so no record is refreshed
+    tops = [S3Lattice(width, depth - 1, i, str(tmp_path)) for i in range(width)]
+    outputs, edges = width * depth, width * (depth - 1) * 3
+    assert build(*tops)
+    full = S3_REQUESTS.take()
+    assert sum(full.values()) <= 4 * outputs + edges, full
+    hc._forget_process_state()
+    assert build(*tops)
+    noop = S3_REQUESTS.take()
+    assert sum(noop.values()) <= 2 * outputs, noop
+    assert set(noop) == {"HeadObject", "GetObject"}
+
+
+def test_s3_workers_2(s3_runs):
+    s3 = s3_runs
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    tops = [S3Step(f"head{i}", ["up"]) for i in range(3)]
+    assert build(*tops, workers=2)
+    assert sorted(s3_ran()) == ["head0", "head1", "head2", "up"]
+    assert build(*tops, workers=2) and s3_ran() == []
+    s3.put_string("bye", s3_url("raw/in.txt"))
+    assert build(*tops, workers=2) and sorted(s3_ran()) == ["head0", "head1", "head2", "up"]
+
+
+def test_s3_damaged_and_hostile_records_mean_rebuild_with_one_warning(s3_runs, caplog):
+    s3 = s3_runs
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    task = S3Step("head")
+    assert build(task) and s3_ran() == ["head"]
+    record_url = s3_url("out/.luigi_hashes/head.txt.json")
+    good = json.loads(s3.get_as_string(record_url))
+    hostile = dict(good, output=dict(good["output"], token={"etag": ["not", "a", "string"]}))
+    for data in ["{not json", json.dumps(hostile), json.dumps(dict(good, inputs=[dict(good["inputs"][0], path="../../../etc\0passwd")]))]:
+        s3.put_string(data, record_url)
+        hc._forget_process_state()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+            assert build(task)
+        assert s3_ran() == ["head"]
+        assert sum("damaged record" in r.getMessage() and record_url in r.getMessage() for r in caplog.records) == 1
+    assert build(task) and s3_ran() == []
+
+
+def test_s3_a_missing_bucket_propagates_naming_the_store_and_deletes_nothing(s3_runs):
+    class Lost(HashCheckingTask):
+        def output(self):
+            return luigi.contrib.s3.S3Target("s3://no-such-bucket-here/out/x.txt")
+
+        def run(self):
+            raise AssertionError("must not run")
+
+    with pytest.raises(hc.StoreError, match="s3 s3://no-such-bucket-here/out/x.txt.*NoSuchBucket"):
+        Lost().complete()
+    assert not build(Lost())
+
+
+def test_s3_a_missing_bucket_after_the_output_is_found_is_an_error_too(s3_runs):
+    # S3Client calls every 404 "absent"; the record's GET tells NoSuchBucket from NoSuchKey.
+    store = hc._S3Storage(s3_runs)
+    with pytest.raises(hc.StoreError, match="NoSuchBucket"):
+        store.read_record("s3://no-such-bucket-here/.luigi_hashes/x.json", 100)
+    assert store.read_record(s3_url(".luigi_hashes/x.json"), 100) is None
+
+
+class MockStep(HashCheckingTask):
+    name = luigi.Parameter()
+    upstream = luigi.Parameter(default="")
+
+    def requires(self):
+        return MockStep(self.upstream, "up" if self.upstream == "head" else "") if self.upstream else []
+
+    def input(self):
+        return luigi.task.flatten(super().input()) or [luigi.mock.MockTarget("mock/raw.txt")]
+
+    def output(self):
+        return luigi.mock.MockTarget(f"mock/out/{self.name}")
+
+    def run(self):
+        note_run(os.environ["HASHCHECK_MOCK_RUNS"], self.name)
+        text = self.input()[0].open("r").read()
+        with self.output().open("w") as f:
+            f.write(text.upper() if self.name == "up" else text[:3] if self.name == "head" else str(len(text)))
+
+
+def test_mock_targets_edit_no_op_and_early_cutoff(tmp_path, monkeypatch):
+    monkeypatch.setenv("HASHCHECK_MOCK_RUNS", str(tmp_path))
+    fs = luigi.mock.MockFileSystem()
+    fs.clear()
+    with luigi.mock.MockTarget("mock/raw.txt").open("w") as f:
+        f.write("hello")
+    # A key the output's name prefixes: removing the stale output must leave it alone.
+    with luigi.mock.MockTarget("mock/out/up.bak").open("w") as f:
+        f.write("keep")
+    top = MockStep("tail", "head")
+    assert build(top) and ran(str(tmp_path)) == ["up", "head", "tail"]
+    assert "mock/out/.luigi_hashes/head.json" in fs.get_all_data()
+    assert build(top) and ran(str(tmp_path)) == []
+    with luigi.mock.MockTarget("mock/raw.txt").open("w") as f:
+        f.write("help")
+    assert build(top) and ran(str(tmp_path)) == ["up", "head"]
+    assert fs.get_data("mock/out/up.bak") == b"keep"
+    assert build(top, workers=2) and ran(str(tmp_path)) == []
+    with luigi.mock.MockTarget("mock/raw.txt").open("w") as f:
+        f.write("bye")
+    assert build(top, workers=2) and ran(str(tmp_path)) == ["up", "head", "tail"]
+
+
+# The storage contract, which every storage passes.
+
+
+@pytest.fixture(params=["local", "mock", "s3"])
+def any_storage(request, tmp_path):
+    """(storage, a folder in it, a function writing bytes at a path there)."""
+    if request.param == "local":
+
+        def put(path, data):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+
+        return hc._LOCAL, str(tmp_path / "d"), put
+    if request.param == "mock":
+        fs = luigi.mock.MockFileSystem()
+        fs.clear()
+        return hc._MockStorage(fs), "store/d", lambda path, data: fs.get_all_data().__setitem__(path, data)
+    client = request.getfixturevalue("s3")
+    store = hc._S3Storage(client)
+    return store, s3_url("d"), store._put
+
+
+def test_the_storage_contract(any_storage):
+    storage = any_storage
+    fs, folder, put = storage
+    put(folder + "/a.txt", b"hello")
+    put(folder + "/sub/b.txt", b"")
+    put(folder + "er.txt", b"not inside")  # a prefix match would take it
+    put(folder + "/.luigi_hashes/a.txt.json", b"{}")
+    st = fs.stat(folder + "/a.txt")
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 5
+    assert stat.S_ISDIR(fs.stat(folder).st_mode)
+    with pytest.raises(FileNotFoundError):
+        fs.stat(folder + "/none")
+    entry = fs.hash(folder + "/a.txt", "sha256")
+    assert entry["digest"] == hashlib.sha256(b"hello").hexdigest() and entry["size"] == 5
+    assert fs.vouches(entry, fs.stat(folder + "/a.txt"), rechecked=True) == (not isinstance(fs, hc._MockStorage))
+    assert sorted(rel for rel, _full, _link in fs.listdir(folder)) == ["a.txt", "sub/b.txt"]
+    assert sorted(rel for rel, _full, _link in fs.listdir(folder, ("sub",))) == ["a.txt"]
+    # A folder's digest is the local rule's, so a folder uploaded from disk keeps it.
+    lines = f"{hashlib.sha256(b'hello').hexdigest()}  a.txt\n{hashlib.sha256(b'').hexdigest()}  sub/b.txt\n"
+    assert hc._digest(folder, "sha256", fs=fs)["digest"] == hashlib.sha256(lines.encode()).hexdigest()
+    records = fs.records_folder(folder)
+    path = records + "/x.json"
+    assert fs.read_record(path, 100) is None
+    with fs.lock(records, 1):
+        fs.clean(records)
+        fs.replace(path, b'{"a": 1}')
+    assert fs.read_record(path, 100) == b'{"a": 1}'
+    with pytest.raises(hc._DamagedRecord):
+        fs.read_record(path, 3)
+    assert fs.remove_record(path, 1) and not fs.remove_record(path, 1)
+    fs.remove_output(folder + "/a.txt")
+    with pytest.raises(FileNotFoundError):
+        fs.stat(folder + "/a.txt")
+    fs.remove_output(folder)
+    with pytest.raises(FileNotFoundError):
+        fs.stat(folder)
+    assert fs.stat(folder + "er.txt").st_size == 10
 
 
 ###############################################################################
