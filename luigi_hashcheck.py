@@ -1141,15 +1141,19 @@ def _storage_of(target, task=None):
         return _LOCAL, _norm(target.path)
     if isinstance(target, HashableTarget) or not isinstance(target, luigi.target.FileSystemTarget):
         return None
-    fs = target.fs
     path = os.fspath(target.path).rstrip("/") or os.fspath(target.path)
+    return _client_storage(target.fs) or _FileSystemStorage(task, target), path
+
+
+def _client_storage(fs):
+    """The storage for a Luigi filesystem client we know, or None."""
     mock = sys.modules.get("luigi.mock")
     if mock is not None and isinstance(fs, mock.MockFileSystem):
-        return _MockStorage(fs), path
+        return _MockStorage(fs)
     s3 = sys.modules.get("luigi.contrib.s3")
     if s3 is not None and isinstance(fs, s3.S3Client):
-        return _S3Storage(fs), path
-    return _FileSystemStorage(task, target), path
+        return _S3Storage(fs)
+    return None
 
 
 ###############################################################################
@@ -3708,6 +3712,8 @@ class _UsageError(HashCheckError):
 
 def _show(path):
     """A path as the user will read it: relative to the current folder when inside it."""
+    if "://" in path:
+        return path
     try:
         relative = os.path.relpath(path)
     except ValueError:  # another drive on Windows
@@ -3724,6 +3730,9 @@ def _find_records(paths):
     """
     found = []
     for given in paths:
+        if "://" in given:
+            found.extend(_find_store_records(given))
+            continue
         path = _norm(given)
         if os.path.lexists(_record_path(path)):
             found.append(_record_path(path))
@@ -3775,6 +3784,76 @@ def _find_copies(paths):
     return [(output, sorted(set(copies))) for output, copies in found.items()]
 
 
+# Stores named by URL on the command line, with clients made as Luigi makes them: S3Client()
+# reads [s3] of luigi.cfg. Other schemes need --client-factory MODULE:FUNC, a function
+# given the scheme that returns the Luigi client (GCSClient, ...) for it.
+_S3_SCHEMES = ("s3", "s3a", "s3n")
+_cli_stores: dict = {}  # scheme -> storage, for one command
+_client_factory = None
+
+
+def _located(path):
+    """(storage, path) of a command-line path or a resolved input name: a URL names a store."""
+    if "://" not in path:
+        return _LOCAL, _norm(path)
+    scheme = path.split("://", 1)[0].lower()
+    if scheme not in _cli_stores:
+        _cli_stores[scheme] = _cli_storage(scheme)
+    return _cli_stores[scheme], path.rstrip("/")
+
+
+def _cli_storage(scheme):
+    if _client_factory is not None:
+        client = _client_factory(scheme)
+    elif scheme in _S3_SCHEMES:
+        try:
+            import boto3  # type: ignore[import-untyped]  # noqa: F401 - only to say which package is missing
+            import luigi.contrib.s3
+        except ImportError as exc:
+            raise _UsageError(f"{scheme}:// URLs need boto3: pip install boto3 ({exc})") from None
+        client = luigi.contrib.s3.S3Client()
+    else:
+        raise _UsageError(f"{scheme}:// URLs need --client-factory MODULE:FUNC, a function returning the Luigi client for a URL scheme")
+    store = _client_storage(client)
+    if store is None:
+        raise _UsageError(f"{scheme}://: luigi_hashcheck cannot read a {type(client).__name__} from the command line")
+    return store
+
+
+def _load_factory(text):
+    import importlib
+
+    module, _sep, name = text.partition(":")
+    if not module or not name:
+        raise _UsageError(f"--client-factory {text}: MODULE:FUNC expected")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise _UsageError(f"--client-factory {text}: {exc}") from None
+
+
+def _find_store_records(given):
+    """The record paths a store URL names: its own record, or those below it."""
+    fs, path = _located(given)
+    own = _record_path(path, fs)
+    if fs.read_record(own, _MAX_RECORD_BYTES) is not None:
+        return [own]
+    try:
+        fs.stat(path)
+    except FileNotFoundError:
+        raise _UsageError(f"{given}: no such object or folder") from None
+    prefix = path.rstrip("/") + "/"
+    found = [full for full, _st in fs._list(prefix) if full.endswith(".json") and full.rsplit("/", 2)[-2:-1] == [RECORD_DIR]]
+    if not found and fs._head(path) is not None:
+        raise _UsageError(f"{given} has no record and is not a folder")
+    return sorted(found)
+
+
+def _input_path(folder, name, fs):
+    """What an input's recorded ``name`` stands for, for an output in ``folder`` of ``fs``."""
+    return os.path.join(folder, name) if fs is _LOCAL else _resolve(folder, name, fs)
+
+
 class _Verification:
     """verify's view of the records: each one's status and reason, staleness propagated.
 
@@ -3797,7 +3876,8 @@ class _Verification:
         if record_path in self.results:
             return self.results[record_path]
         try:
-            record = _read_record(record_path)
+            fs = _located(record_path)[0]
+            record = _read_record(record_path) if fs is _LOCAL else _read_record(record_path, fs)
         except _DamagedRecord as exc:
             result = ("corrupt", _reason("record damaged", error=exc), None)
         except OSError as exc:
@@ -3812,6 +3892,7 @@ class _Verification:
     def _check(self, record_path, record):
         output = _output_of(record_path)
         folder = os.path.dirname(output)
+        fs = _located(output)[0]
         algorithm = record["algorithm"]
         change, reason = self._compare(output, record["output"], algorithm, output=True)
         if change == "missing":
@@ -3819,7 +3900,7 @@ class _Verification:
         if change:
             return ("modified", reason, record)
         for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
-            change, reason = self._compare(os.path.join(folder, entry["path"]), entry, algorithm)
+            change, reason = self._compare(_input_path(folder, entry["path"], fs), entry, algorithm)
             if change:
                 return ("stale", reason, record)
         return ("ok", "", record)
@@ -3831,7 +3912,9 @@ class _Verification:
             return None, None  # a third-party target: only the pipeline can hash it
         what = "output" if output else f"input {entry['path']}"
         try:
-            change, current = _compare_entry(_LOCAL, _norm(path), entry, algorithm, self.trust_mtime, self.cache)
+            change, current = _compare_entry(*_located(path), entry, algorithm, self.trust_mtime, self.cache)
+        except StoreError as exc:
+            return "unreadable", f"cannot be read ({exc})"
         except HashCheckError:
             return "unhashable", _reason("unhashable", what=what)
         except (OSError, ValueError) as exc:
@@ -3854,13 +3937,15 @@ class _Verification:
             upstream[record_path] = []
             if record is None:
                 continue
+            output_fs, _output = _located(_output_of(record_path))
             folder = os.path.dirname(_output_of(record_path))
             dynamic = [e for dep in record["dynamic"] for e in dep["outputs"]]
             for entry in record["inputs"] + dynamic:
                 try:
-                    source = _record_path(_norm(os.path.join(folder, entry["path"])))
-                    exists = os.path.lexists(source)
-                except ValueError:
+                    fs, path = _located(_input_path(folder, entry["path"], output_fs))
+                    source = _record_path(path, fs)
+                    exists = os.path.lexists(source) if fs is _LOCAL else fs._head(source) is not None
+                except (ValueError, StoreError):
                     continue
                 if any(entry is e for e in dynamic):
                     self.dynamic_edges.add((record_path, source))
@@ -3874,7 +3959,7 @@ class _Verification:
                     # never has a record, and its entries never have the key.
                     upstream[record_path].append(source)
                     if source not in self.results:
-                        output = _norm(os.path.join(folder, entry["path"]))
+                        output = path
                         reason = _reason("unrecorded", reader=_show(_output_of(record_path)))
                         self.results[source] = ("unrecorded", reason, None)
                         self.unrecorded[source] = output
@@ -3982,7 +4067,7 @@ def _cmd_forget(args):
     for record_path in _find_records(paths):
         output = _show(_output_of(record_path))
         try:
-            if _remove_record(record_path, settings):
+            if _remove_record(record_path, settings, _located(record_path)[0]):
                 removed += 1
                 print(f"forgot {output}")
         except HashCheckError as exc:
@@ -3999,8 +4084,9 @@ def _cmd_accept(args):
     failed = 0
     for record_path in _find_records(args.paths):
         output = _output_of(record_path)
+        fs = _located(record_path)[0]
         try:
-            record = _read_record(record_path)
+            record = _read_record(record_path) if fs is _LOCAL else _read_record(record_path, fs)
         except _DamagedRecord as exc:
             print(f"cannot accept {_show(output)}: record damaged: {exc}")
             failed += 1
@@ -4012,15 +4098,15 @@ def _cmd_accept(args):
         now = {}
         try:
             now["output"] = accepted(os.path.basename(output), output, record["output"])
-            now["inputs"] = [accepted(e["path"], os.path.join(folder, e["path"]), e) for e in record["inputs"]]
+            now["inputs"] = [accepted(e["path"], _input_path(folder, e["path"], fs), e) for e in record["inputs"]]
             now["dynamic"] = [
-                dict(dep, outputs=[accepted(e["path"], os.path.join(folder, e["path"]), e) for e in dep["outputs"]]) for dep in record["dynamic"]
+                dict(dep, outputs=[accepted(e["path"], _input_path(folder, e["path"], fs), e) for e in dep["outputs"]]) for dep in record["dynamic"]
             ]
         except (OSError, ValueError, HashCheckError) as exc:
             print(f"cannot accept {_show(output)}: {getattr(exc, 'strerror', None) or exc}")
             failed += 1
             continue
-        _write_record(record_path, _remade(record, created_ns=time.time_ns(), **now), settings)
+        _write_record(record_path, _remade(record, created_ns=time.time_ns(), **now), settings, fs=fs)
         print(f"accepted {_show(output)}: " + ("; ".join(changes) if changes else "no digest changed"))
     return 1 if failed else 0
 
@@ -4030,7 +4116,7 @@ def _accepted(name, path, entry, algorithm, trust_mtime, cache, changes):
     record gave it; what changed is added to ``changes``."""
     if entry["kind"] == "custom":
         raise HashCheckError(f"{name} is a third-party target; only a build can hash it")
-    change, found = _compare_entry(_LOCAL, _norm(path), entry, algorithm, trust_mtime, cache)
+    change, found = _compare_entry(*_located(path), entry, algorithm, trust_mtime, cache)
     if change == "missing":
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     if change:
@@ -4308,6 +4394,8 @@ def _parser():
     verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
     verify.add_argument("--no-trust-mtime", action="store_true", help="hash every file, whatever its stat says (as [hashcheck] trust_mtime = false does)")
     verify.set_defaults(func=_cmd_verify)
+    factory_help = "for URLs other than s3://: MODULE:FUNC, a function given the URL scheme that returns its Luigi client"
+    verify.add_argument("--client-factory", metavar="MODULE:FUNC", help=factory_help)
 
     for name, func, text in (
         ("explain", _cmd_explain, "print the task's dependency tree and why each task would run"),
@@ -4327,10 +4415,12 @@ def _parser():
 
     forget = commands.add_parser("forget", help="delete the records of outputs, so their tasks run again")
     forget.add_argument("paths", nargs="+", metavar="PATH", help="an output, or a folder to clear")
+    forget.add_argument("--client-factory", metavar="MODULE:FUNC", help=factory_help)
     forget.set_defaults(func=_cmd_forget)
 
     accept = commands.add_parser("accept", help="re-record current digests, accepting a harmless change")
     accept.add_argument("paths", nargs="+", metavar="PATH", help="an output, or a folder of outputs")
+    accept.add_argument("--client-factory", metavar="MODULE:FUNC", help=factory_help)
     accept.set_defaults(func=_cmd_accept)
     return parser
 
@@ -4350,6 +4440,9 @@ def main(argv: list[str] | None = None) -> int:
             if not rest:
                 raise _UsageError(f"{args.command} needs a task: --module MODULE TASK [--param value ...]")
             args.luigi_args = rest
+        global _client_factory
+        _cli_stores.clear()
+        _client_factory = _load_factory(args.client_factory) if getattr(args, "client_factory", None) else None
         return args.func(args)
     except SystemExit as exc:  # argparse and Luigi's parser exit; we return codes instead
         return 0 if exc.code in (0, None) else 2

@@ -5959,6 +5959,101 @@ def test_s3_a_missing_bucket_after_the_output_is_found_is_an_error_too(s3_runs):
     assert store.read_record(s3_url(".luigi_hashes/x.json"), 100) is None
 
 
+S3_PIPELINE = """
+import os
+import luigi
+import luigi.contrib.s3
+from luigi_hashcheck import HashCheckingTask
+
+
+class {ns}Node(HashCheckingTask):
+    layer = luigi.IntParameter()
+    i = luigi.IntParameter()
+
+    def requires(self):
+        return [{ns}Node(self.layer - 1, (self.i + k) % 3) for k in range(2)] if self.layer else []
+
+    def output(self):
+        return luigi.contrib.s3.S3Target("s3://{bucket}/{ns}/n%d-%d.txt" % (self.layer, self.i))
+
+    def run(self):
+        with open(os.path.join({runs!r}), "a") as f:
+            f.write("%d-%d\\n" % (self.layer, self.i))
+        text = "".join(t.open("r").read() for t in self.input()) or "seed %d" % self.i
+        with self.output().open("w") as f:
+            f.write(text[::-1])
+"""
+
+S3_BUILD = """
+import sys, luigi, {ns}
+ok = luigi.build([{ns}.{ns}Node(3, i) for i in range(3)], scheduler_host="127.0.0.1", scheduler_port=int(sys.argv[1]), workers=1, log_level="WARNING")
+sys.exit(0 if ok else 1)
+"""
+
+
+def test_s3_two_worker_processes_through_one_luigid(s3, tmp_path, tmp_path_factory):
+    ns = f"s3l{uuid.uuid4().hex[:8]}"
+    runs = tmp_path / "runs.log"
+    write(tmp_path / f"{ns}.py", S3_PIPELINE.format(ns=ns, bucket=BUCKET, runs=str(runs)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, str(tmp_path)]), LUIGI_CONFIG_PATH=s3.cfg)
+    with running_luigid(tmp_path_factory.mktemp("luigid"), cooldown=10) as port:
+        script = S3_BUILD.format(ns=ns)
+        builds = [subprocess.Popen([sys.executable, "-c", script, str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+        for process in builds:
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err.decode()
+    done = runs.read_text().split()
+    assert len(done) == 12 and len(set(done)) == 12  # each task once, across both processes
+    runs.unlink()
+    # A fresh process finds everything up to date: the records both processes wrote hold.
+    result = subprocess.run([sys.executable, "-c", S3_BUILD.replace('scheduler_host="127.0.0.1", scheduler_port=int(sys.argv[1]), ', "local_scheduler=True, ").format(ns=ns)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert not runs.exists()
+
+
+def test_s3_verify_forget_and_accept_from_another_folder_with_no_pipeline_code(s3_runs, tmp_path):
+    s3 = s3_runs
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    assert build(S3Step("tail", ["head"])) and s3_ran() == ["up", "head", "tail"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"LUIGI_CONFIG_PATH": s3.cfg}
+
+    def cli(*args):
+        return run_python(["-m", "luigi_hashcheck", *args], cwd=elsewhere, env=env)
+
+    result = cli("verify", "--quiet", s3_url("out"))
+    assert result.returncode == 0, result.stderr
+    assert "3 outputs: 3 ok" in result.stdout
+    s3.put_string("bye", s3_url("raw/in.txt"))
+    result = cli("verify", "--quiet", s3_url("out/tail.txt"))  # follows the inputs upstream
+    assert result.returncode == 1
+    assert f"stale     {s3_url('out/tail.txt')}: upstream {s3_url('out/head.txt')} is stale" in result.stdout
+    result = cli("verify", "--quiet", s3_url("out"))
+    assert f"stale     {s3_url('out/up.txt')}: input ../raw/in.txt changed" in result.stdout
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    s3.put_string("HELLO ", s3_url("out/up.txt"))  # a harmless change, accepted
+    assert cli("verify", "--quiet", s3_url("out/up.txt")).returncode == 1
+    result = cli("accept", s3_url("out/up.txt"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cli("verify", "--quiet", s3_url("out/up.txt")).returncode == 0
+    result = cli("forget", s3_url("out/head.txt"))
+    assert result.returncode == 0 and "forgot" in result.stdout
+    assert s3.get_key(s3_url("out/.luigi_hashes/head.txt.json")) is None
+    result = cli("verify", "--quiet", s3_url("out"))
+    assert result.returncode == 1 and f"unrecorded {s3_url('out/head.txt')}" in result.stdout
+    assert build(S3Step("tail", ["head"])) and s3_ran() == ["head"]
+
+
+def test_a_url_whose_client_is_missing_exits_2_naming_the_package(tmp_path):
+    script = "import sys; sys.modules['boto3'] = None; from luigi_hashcheck import main; sys.exit(main(sys.argv[1:]))"
+    result = run_python(["-c", script, "verify", "s3://bucket/out"], cwd=tmp_path)
+    assert result.returncode == 2 and "pip install boto3" in result.stderr
+    result = run_python(["-m", "luigi_hashcheck", "verify", "gs://bucket/out"], cwd=tmp_path)
+    assert result.returncode == 2 and "--client-factory" in result.stderr
+
+
 class MockStep(HashCheckingTask):
     name = luigi.Parameter()
     upstream = luigi.Parameter(default="")
