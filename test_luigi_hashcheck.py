@@ -5673,6 +5673,7 @@ def test_extra_inputs_are_hashed_so_an_edit_reruns_the_task(root, own_tmp, caplo
 # client is made, so every S3Client's client counts.
 
 import boto3
+import luigi.contrib.gcs
 import luigi.contrib.s3
 from moto.server import ThreadedMotoServer
 
@@ -6052,6 +6053,99 @@ def test_a_url_whose_client_is_missing_exits_2_naming_the_package(tmp_path):
     assert result.returncode == 2 and "pip install boto3" in result.stderr
     result = run_python(["-m", "luigi_hashcheck", "verify", "gs://bucket/out"], cwd=tmp_path)
     assert result.returncode == 2 and "--client-factory" in result.stderr
+
+
+# GCS: gcp-storage-emulator, reached by Luigi's GCSClient through a discovery document whose
+# rootUrl and baseUrl point at it (client_options would keep https for uploads).
+
+GCS_FACTORY = """
+import json, os
+import googleapiclient
+from google.auth.credentials import AnonymousCredentials
+import luigi.contrib.gcs
+
+
+def client(scheme):
+    assert scheme == "gs"
+    path = os.path.join(os.path.dirname(googleapiclient.__file__), "discovery_cache", "documents", "storage.v1.json")
+    with open(path) as f:
+        doc = json.load(f)
+    endpoint = os.environ["HASHCHECK_GCS"]
+    doc["rootUrl"], doc["baseUrl"] = endpoint + "/", endpoint + "/storage/v1/"
+    return luigi.contrib.gcs.GCSClient(oauth_credentials=AnonymousCredentials(), descriptor=json.dumps(doc))
+"""
+GCS_CLIENT = []
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="hashcheck-gcs")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HASHCHECK_GCS", gcs_server)
+    monkeypatch.setenv("HASHCHECK_S3_RUNS", str(tmp_path / "runs"))
+    factory = load_module(tmp_path, GCS_FACTORY, name=f"gcsfactory_{uuid.uuid4().hex[:8]}")
+    client = factory.client("gs")
+    client.factory = factory.__name__
+    client.root = f"gs://hashcheck-gcs/{uuid.uuid4().hex[:8]}"
+    GCS_CLIENT[:] = [client]
+    yield client
+    GCS_CLIENT.clear()
+
+
+class GCSRaw(luigi.ExternalTask):
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.contrib.gcs.GCSTarget(f"{self.root}/raw/in.txt", client=GCS_CLIENT[0])
+
+
+class GCSStep(HashCheckingTask):
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+
+    def requires(self):
+        return GCSStep(self.root, {"tail": "head", "head": "up"}[self.name]) if self.name != "up" else GCSRaw(self.root)
+
+    def output(self):
+        return luigi.contrib.gcs.GCSTarget(f"{self.root}/out/{self.name}.txt", client=GCS_CLIENT[0])
+
+    def run(self):
+        s3_note(self.name)
+        text = self.input().open("r").read()
+        with self.output().open("w") as f:
+            f.write(text.upper() if self.name == "up" else text[:3] if self.name == "head" else str(len(text)))
+
+
+def test_gcs_edit_no_op_early_cutoff_and_verify_through_a_client_factory(gcs, tmp_path):
+    root = gcs.root
+    gcs.put_string(b"hello", f"{root}/raw/in.txt")
+    top = GCSStep(root, "tail")
+    assert build(top) and s3_ran() == ["up", "head", "tail"]
+    assert build(top) and s3_ran() == []
+    record = json.loads(gcs.download(f"{root}/out/.luigi_hashes/head.txt.json").read())
+    assert record["output"]["digest"] == hashlib.sha256(b"HEL").hexdigest() and set(record["output"]["token"]) == {"by", "generation", "size"}
+    gcs.put_string(b"help!", f"{root}/raw/in.txt")
+    assert build(top) and s3_ran() == ["up", "head"]  # head comes back the same: tail is spared
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args = ["-m", "luigi_hashcheck", "verify", "--quiet", "--client-factory", f"{gcs.factory}:client", f"{root}/out"]
+    env = {"PYTHONPATH": os.pathsep.join([HERE, str(tmp_path)])}
+    result = subprocess.run([sys.executable, *args], cwd=elsewhere, capture_output=True, text=True, timeout=120, env=dict(os.environ, **env), check=False)
+    assert result.returncode == 0 and "3 outputs: 3 ok" in result.stdout, result.stdout + result.stderr
+    gcs.put_string(b"bye", f"{root}/raw/in.txt")
+    result = subprocess.run([sys.executable, *args], cwd=elsewhere, capture_output=True, text=True, timeout=120, env=dict(os.environ, **env), check=False)
+    assert result.returncode == 1 and f"stale     {root}/out/up.txt: input ../raw/in.txt changed" in result.stdout, result.stdout + result.stderr
 
 
 class MockStep(HashCheckingTask):
