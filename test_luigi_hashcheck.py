@@ -6148,6 +6148,41 @@ def test_gcs_edit_no_op_early_cutoff_and_verify_through_a_client_factory(gcs, tm
     assert result.returncode == 1 and f"stale     {root}/out/up.txt: input ../raw/in.txt changed" in result.stdout, result.stdout + result.stderr
 
 
+def test_s3_a_403_propagates_naming_the_store_and_deletes_nothing(s3_runs, moto_server):
+    import urllib.request
+
+    s3 = s3_runs
+    s3.put_string("hello", s3_url("raw/in.txt"))
+    assert build(S3Step("head")) and s3_ran() == ["head"]
+    keys = sorted(o["Key"] for o in s3.s3.meta.client.list_objects_v2(Bucket=BUCKET)["Contents"])
+
+    def auth(count):
+        urllib.request.urlopen(urllib.request.Request(moto_server + "/moto-api/reset-auth", data=count, method="POST", headers={"Content-Type": "text/plain"})).close()
+
+    hc._forget_process_state()
+    auth(b"0")  # moto checks credentials from now on; ours are unknown to it: 403 for every call
+    try:
+        with pytest.raises(hc.StoreError, match=r"s3 s3://hashcheck-test/out/head.txt.*(403|Forbidden|InvalidAccessKeyId)"):
+            S3Step("head").complete()
+        assert not build(S3Step("head")) and s3_ran() == []
+    finally:
+        auth(b"inf")
+    assert sorted(o["Key"] for o in s3.s3.meta.client.list_objects_v2(Bucket=BUCKET)["Contents"]) == keys
+
+
+def test_s3_a_network_error_propagates_naming_the_store(s3_runs):
+    import botocore.config
+
+    dead = luigi.contrib.s3.S3Client(endpoint_url=f"http://127.0.0.1:{free_port()}", config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2))
+
+    class Unreachable(HashCheckingTask):
+        def output(self):
+            return luigi.contrib.s3.S3Target(s3_url("out/x.txt"), client=dead)
+
+    with pytest.raises(hc.StoreError, match=r"s3 s3://hashcheck-test/out/x.txt: EndpointConnectionError"):
+        Unreachable().complete()
+
+
 class MockStep(HashCheckingTask):
     name = luigi.Parameter()
     upstream = luigi.Parameter(default="")
