@@ -4603,10 +4603,11 @@ def _recorded_dynamic(task, settings, cache):
         return []
     own = _own_paths(task)
     for output in flatten(task.output()):
-        if not isinstance(output, luigi.LocalTarget):
+        found = _storage_of(output, task)
+        if found is None:
             continue
         try:
-            record = _read_record(_record_path(_norm(output.path)))
+            record = _read_record(_record_path(found[1], found[0]), found[0])
         except _DamagedRecord:
             return None
         if record is None:

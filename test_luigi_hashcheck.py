@@ -6183,6 +6183,29 @@ def test_s3_a_network_error_propagates_naming_the_store(s3_runs):
         Unreachable().complete()
 
 
+def test_s3_explain_and_adopt(s3, tmp_path, monkeypatch, capsys):
+    ns = f"s3a{uuid.uuid4().hex[:8]}"
+    runs = tmp_path / "runs.log"
+    write(tmp_path / f"{ns}.py", S3_PIPELINE.format(ns=ns, bucket=BUCKET, runs=str(runs)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(ns)
+    top = getattr(module, f"{ns}Node")(2, 0)
+    assert build(top)
+    runs.unlink()
+    api = s3.s3.meta.client
+    records = [o["Key"] for o in api.list_objects_v2(Bucket=BUCKET, Prefix=f"{ns}/.luigi_hashes/")["Contents"]]
+    for key in records:  # as if plain Luigi had built it
+        api.delete_object(Bucket=BUCKET, Key=key)
+    hc._forget_process_state()
+    capsys.readouterr()
+    assert hc.main(["explain", "--module", ns, f"{ns}Node", "--layer", "2", "--i", "0"]) == 1
+    assert "no record" in capsys.readouterr().out
+    assert hc.main(["adopt", "--module", ns, f"{ns}Node", "--layer", "2", "--i", "0"]) == 0
+    assert sorted(o["Key"] for o in api.list_objects_v2(Bucket=BUCKET, Prefix=f"{ns}/.luigi_hashes/")["Contents"]) == sorted(records)
+    hc._forget_process_state()
+    assert build(top) and not runs.exists()
+
+
 class MockStep(HashCheckingTask):
     name = luigi.Parameter()
     upstream = luigi.Parameter(default="")
