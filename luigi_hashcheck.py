@@ -2712,9 +2712,10 @@ def _recorded_dynamic_tasks(task):
     """The dynamic dependencies the readable records of ``task`` name, made again."""
     found = {}
     for output in _outputs(task):
-        if isinstance(output, luigi.LocalTarget):
+        if (stored := _storage_of(output, task)) is not None:
+            fs, path = stored
             try:
-                record = _read_record(_record_path(_norm(output.path)))
+                record = _read_record(_record_path(path, fs), fs)
             except _DamagedRecord:
                 continue
             for dep in record["dynamic"] if record else ():
@@ -2724,13 +2725,13 @@ def _recorded_dynamic_tasks(task):
     return list(found.values())
 
 
-def _entry(target, algorithm, known, settings, cache, rechecked=False, own=()):
+def _entry(target, algorithm, known, settings, cache, rechecked=False, own=(), task=None):
     """Return ``target``'s current entry, or None if it does not exist (see ``_look``);
     ``own`` holds the normalised paths of the reading task's outputs (see ``_excluded``)."""
     if isinstance(target, luigi.LocalTarget):
         path = _norm(target.path)
         return _look(_LOCAL, path, algorithm, known, settings.trust_mtime, cache, rechecked, _excluded(path, own) if own else ())
-    found = _storage_of(target)
+    found = _storage_of(target, task)
     if found is not None:
         return _look(found[0], found[1], algorithm, known, settings.trust_mtime, cache, rechecked)
     key = (id(target), algorithm)
@@ -2771,7 +2772,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         return _reason("reordered"), None
     inputs_now = []
     for target, recorded in zip(inputs, record["inputs"]):
-        reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "input", own)
+        reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "input", own, task)
         if reason:
             return reason, None
         inputs_now.append(entry)
@@ -2787,7 +2788,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
             return _reason("dynamic outputs", task=dep_task), None
         entries = []
         for target, recorded in zip(targets, dep["outputs"]):
-            reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "dynamic input", own)
+            reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "dynamic input", own, task)
             if reason:
                 return reason, None
             entries.append(entry)
@@ -2801,12 +2802,12 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     return None, _remade(record, output=output_now, inputs=inputs_now, dynamic=dynamic_now)
 
 
-def _compare_target(target, recorded, algorithm, settings, cache, what, own=()):
+def _compare_target(target, recorded, algorithm, settings, cache, what, own=(), task=None):
     """Compare an input target with its ``recorded`` entry: (reason or None, refreshed entry)."""
     if isinstance(target, luigi.LocalTarget):
         path = _norm(target.path)
         change, current = _compare_entry(_LOCAL, path, recorded, algorithm, settings.trust_mtime, cache, _excluded(path, own) if own else ())
-    elif (found := _storage_of(target)) is not None:
+    elif (found := _storage_of(target, task)) is not None:
         change, current = _compare_entry(found[0], found[1], recorded, algorithm, settings.trust_mtime, cache, ())
     else:
         current = _entry(target, algorithm, recorded, settings, cache)
@@ -3382,7 +3383,7 @@ def _before_run(task):
     entries = []
     own = _own_paths(task)
     for index, target in enumerate(inputs):
-        entry = _entry(target, settings.algorithm, None, settings, cache, rechecked=True, own=own)
+        entry = _entry(target, settings.algorithm, None, settings, cache, rechecked=True, own=own, task=task)
         if entry is None:
             raise HashCheckError(f"input {_name(target, None, index)} of {task} does not exist")
         entries.append(entry)
@@ -3534,7 +3535,7 @@ def _snapshot_dynamic(task, requirement, state):
         targets = flatten(dep.output())
         _require_hashable(dep, targets)
         _require_hashable(task, (), targets)
-        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache, rechecked=True, own=own) for t in targets]
+        entries = [_entry(t, state.settings.algorithm, None, state.settings, cache, rechecked=True, own=own, task=task) for t in targets]
         state.dynamic.append((dep, targets, entries))
 
 
@@ -3600,7 +3601,7 @@ def _after_run(task, state):
         _check_not_nested(path, task, settings)
     after = []
     for index, (target, before) in enumerate(read):
-        entry = _entry(target, algorithm, before, settings, cache, own=own)
+        entry = _entry(target, algorithm, before, settings, cache, own=own, task=task)
         if before is None or entry is None or entry["digest"] != before["digest"]:
             raise InputChangedError(task, _name(target, None, index))
         after.append(entry)

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -23,6 +24,8 @@ import uuid
 
 import luigi
 import luigi.configuration
+import luigi.format
+import luigi.target
 import luigi.mock
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -6247,6 +6250,78 @@ def test_mock_targets_edit_no_op_and_early_cutoff(tmp_path, monkeypatch):
     with luigi.mock.MockTarget("mock/raw.txt").open("w") as f:
         f.write("bye")
     assert build(top, workers=2) and ran(str(tmp_path)) == ["up", "head", "tail"]
+
+
+class DictFS(luigi.target.FileSystem):
+    """A filesystem with only what FileSystem requires: exists() and remove()."""
+
+    files: typing.ClassVar[dict] = {}
+    folders: typing.ClassVar[set] = set()
+
+    def exists(self, path):
+        return path in self.files or path in self.folders
+
+    def remove(self, path, recursive=True, skip_trash=True):
+        self.files.pop(path, None)
+
+    def isdir(self, path):
+        return path in self.folders
+
+
+class DictTarget(luigi.target.FileSystemTarget):
+    fs = DictFS()
+
+    def __init__(self, path, format=None):
+        super().__init__(path)
+        self.format = format or luigi.format.get_default_format()
+
+    def open(self, mode="r"):
+        import io
+
+        if mode == "r":
+            return self.format.pipe_reader(io.BytesIO(self.fs.files[self.path]))
+        target = self
+
+        class Writer(io.BytesIO):
+            def close(self):
+                target.fs.files[target.path] = self.getvalue()
+                super().close()
+
+        return self.format.pipe_writer(Writer())
+
+
+class DictStep(HashCheckingTask):
+    name = luigi.Parameter()
+    source = luigi.Parameter(default="raw")
+
+    def input(self):
+        return DictTarget(self.source)
+
+    def output(self):
+        return DictTarget(f"out/{self.name}")
+
+    def run(self):
+        note_run(os.environ["HASHCHECK_MOCK_RUNS"], self.name)
+        with self.output().open("w") as f:
+            f.write(self.input().open("r").read()[::-1])
+
+
+def test_any_filesystem_target_is_hashed_through_its_fs_and_a_folder_without_listdir_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HASHCHECK_MOCK_RUNS", str(tmp_path))
+    DictFS.files.clear()
+    DictFS.folders.clear()
+    DictFS.files["raw"] = "héllo".encode()
+    assert build(DictStep("a")) and ran(str(tmp_path)) == ["a"]
+    record = json.loads(DictFS.files["out/.luigi_hashes/a.json"])
+    assert record["inputs"][0]["digest"] == hashlib.sha256("héllo".encode()).hexdigest()  # the raw bytes
+    assert "token" not in record["inputs"][0]  # no metadata: hashed at every check
+    assert build(DictStep("a")) and ran(str(tmp_path)) == []
+    DictFS.files["raw"] = b"bye"
+    assert build(DictStep("a")) and ran(str(tmp_path)) == ["a"]
+    DictFS.folders.add("folder")
+    (failure,) = failures_of(DictStep, DictStep("b", "folder"))
+    assert isinstance(failure, hc.UnhashableTargetError)
+    assert re.search(r"DictStep.*DictTarget.*DictFS has no listdir\(\)", str(failure)), failure
 
 
 # The storage contract, which every storage passes.
