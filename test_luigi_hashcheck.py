@@ -25,8 +25,8 @@ import uuid
 import luigi
 import luigi.configuration
 import luigi.format
-import luigi.target
 import luigi.mock
+import luigi.target
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
