@@ -26,13 +26,13 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-import boto3  # noqa: E402
-import luigi  # noqa: E402
-import luigi.configuration  # noqa: E402
-import luigi.contrib.s3  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
+import boto3
+import luigi
+import luigi.configuration
+import luigi.contrib.s3
+from moto.server import ThreadedMotoServer
 
-import luigi_hashcheck as hc  # noqa: E402
+import luigi_hashcheck as hc
 
 BUCKET = "bench"
 COUNTS = collections.Counter()
