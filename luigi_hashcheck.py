@@ -430,6 +430,7 @@ def _track_builds(method, running):
         if running and not was_running:
             # Here, in the parent, after every forked child has ended, and just before
             # luigi.build logs its own execution summary.
+            _settle_set_aside(memo)
             _log_summary(memo, worker)
         return result
 
@@ -3213,7 +3214,33 @@ def _end_rerun(task, state):
         )
 
 
-def _restored(task, settings):
+def _settle_set_aside(memo):
+    """At the end of a build, put back what its reruns left set aside: the outputs of a
+    generator run() Luigi abandoned here for dynamic dependencies that then failed, and those
+    of a rerun in a forked child that ended without records. Only copies whose lock this
+    process can take go back; a rerun still running elsewhere keeps its own."""
+    if memo.inspecting:
+        return
+    try:
+        settings = memo.settings
+    except HashCheckError:
+        return  # a bad configuration has failed the build already
+    for task_id in [tid for tid in _abandoned if tid in memo.verdicts]:
+        task = memo.verdicts[task_id][0]
+        restored = _put_back(task, _abandoned.pop(task_id), settings)
+        if restored:
+            logger.warning(
+                "luigi_hashcheck: the build ended before %s ran again, so its last outputs were restored with their records: %s. "
+                "It is still stale, and runs again next build",
+                task,
+                ", ".join(restored),
+            )
+    for task, verdict, _upstream, _deps in list(memo.verdicts.values()):
+        if not verdict.ok and _checked(task) and settings.keep_stale:
+            _restored(task, settings, why="did not finish")
+
+
+def _restored(task, settings, why="was killed"):
     """For a check that found an output of ``task`` without its record: put back the outputs
     a killed rerun set aside, if this check can take their locks. Return "restored", "aside"
     (copies a live rerun holds, or that an inspection only reports) or None (no copies)."""
@@ -3232,11 +3259,12 @@ def _restored(task, settings):
         if _put_back(task, [path], settings):
             found = "restored" if found == "none" else found
             logger.warning(
-                "luigi_hashcheck: restored %s of %s from %s, set aside by a rerun that was killed; "
+                "luigi_hashcheck: restored %s of %s from %s, set aside by a rerun that %s; "
                 "it is still stale, and runs again",
                 path,
                 task,
                 copy,
+                why,
             )
     return None if found == "none" else found
 

@@ -5666,6 +5666,54 @@ def test_extra_inputs_are_hashed_so_an_edit_reruns_the_task(root, own_tmp, caplo
     assert undeclared(caplog) == []
 
 
+
+class FailsWhenTold(luigi.Task):
+    """A plain dynamic dependency that fails while FAIL exists in its root."""
+
+    root = luigi.Parameter()
+    v = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, f"dyn-{self.v}.txt"))
+
+    def run(self):
+        if os.path.exists(os.path.join(self.root, "FAIL")):
+            raise RuntimeError("the dynamic dependency fails")
+        write(self.output().path, "")
+
+
+class TrainsAfterYield(HashCheckingTask):
+    root = luigi.Parameter()
+
+    def extra_inputs(self):
+        return [os.path.join(self.root, "raw.txt")]
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "model.bin"))
+
+    def run(self):
+        v = read(os.path.join(self.root, "raw.txt"))
+        yield FailsWhenTold(self.root, v)
+        note_run(self.root, "TrainsAfterYield")
+        write(self.output().path, "a day of training on " + v)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_abandoned_rerun_whose_dynamic_dependency_fails_gets_its_outputs_back_when_the_build_ends(root, workers, caplog):
+    # Found in review: the outputs stayed set aside after the build, and forget then deleted them.
+    write(os.path.join(root, "raw.txt"), "v1")
+    assert build(TrainsAfterYield(root), workers=workers)
+    write(os.path.join(root, "raw.txt"), "v2")
+    write(os.path.join(root, "FAIL"), "")
+    assert not build(TrainsAfterYield(root), workers=workers)
+    assert read(os.path.join(root, "model.bin")) == "a day of training on v1"
+    assert not [n for n in os.listdir(os.path.join(root, ".luigi_hashes")) if n.endswith((".stale-output", ".stale-record"))]
+    os.remove(os.path.join(root, "FAIL"))
+    ran(root)
+    assert build(TrainsAfterYield(root), workers=workers)  # still stale, and nothing holds it back
+    assert ran(root) == ["TrainsAfterYield"]
+    assert read(os.path.join(root, "model.bin")) == "a day of training on v2"
+
 ###############################################################################
 # Other stores: Mock and S3 ###################################################
 ###############################################################################
