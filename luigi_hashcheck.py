@@ -2274,6 +2274,7 @@ _REASONS = {
     "reran": "upstream {task} reran",
     "cutoff": "skipped by early cutoff, its inputs did not change",
     "not run": "did not run ({reason})",
+    "failed": "failed ({reason})",
     # verify's, which judges records without their pipeline:
     "record damaged": "record damaged: {error}",
     "record unreadable": "record unreadable: {error}",
@@ -2906,13 +2907,16 @@ def _is_complete(root, memo):
 _SUMMARY_TASKS = 20  # tasks listed; the rest are counted
 
 
-def _outcome(task, started_ns, done):
+def _outcome(task, started_ns, done, failed=()):
     """What became of a task found stale while scheduling: ("ran", "cutoff" or "not run",
     and the reason its run-time check gave, as its record keeps it, or None).
 
     :param done: the task_ids Luigi's worker saw finish in this build, for a task whose
         outputs are all third-party targets and so have no record to read.
+    :param failed: the task_ids Luigi's worker saw fail in this build.
     """
+    if task.task_id in failed:
+        return "failed", None
     dated = []
     for output in _outputs(task):
         if isinstance(output, luigi.LocalTarget):
@@ -2931,7 +2935,7 @@ def _outcome(task, started_ns, done):
     return "ran", reason if isinstance(reason, str) else None
 
 
-def _summary(memo, done=()):
+def _summary(memo, done=(), failed=()):
     """The summary of one build, or None if it checked no HashCheckingTask."""
     checked = {tid: found for tid, found in memo.verdicts.items() if _checked(found[0])}
     if not checked:
@@ -2948,10 +2952,10 @@ def _summary(memo, done=()):
                 placed.add(tid)
                 stack.append((tid, True))
                 stack.extend((dep, False) for dep in reversed(memo.verdicts[tid][3]))
-    found = {tid: ("ok", None) if v[1].ok else _outcome(v[0], memo.started_ns, done) for tid, v in checked.items()}
+    found = {tid: ("ok", None) if v[1].ok else _outcome(v[0], memo.started_ns, done, failed) for tid, v in checked.items()}
     outcomes = {tid: outcome for tid, (outcome, _reason_text) in found.items()}
     lines = []
-    for wanted in ("ran", "cutoff", "not run"):
+    for wanted in ("ran", "cutoff", "failed", "not run"):
         for tid in (t for t in order if outcomes.get(t) == wanted):
             task, verdict, upstream, _deps = checked[tid]
             # Why it ran, as its run-time check found (a task below a rerun finds its input
@@ -2961,11 +2965,13 @@ def _summary(memo, done=()):
                 reason = _reason("reran", task=memo.verdicts[upstream][0])
             if wanted == "cutoff":
                 reason = _reason("cutoff")
-            elif wanted == "not run":
-                reason = _reason("not run", reason=reason)
+            elif wanted in ("failed", "not run"):
+                reason = _reason(wanted, reason=reason)
             lines.append(f"  {task}: {reason}")
     counts = collections.Counter(outcomes.values())
     head = f"luigi_hashcheck: {counts['ran']} ran, {counts['ok']} up to date, {counts['cutoff']} skipped by early cutoff"
+    if counts["failed"]:
+        head += f", {counts['failed']} failed"
     if counts["not run"]:
         head += f", {counts['not run']} did not run"
     if len(lines) > _SUMMARY_TASKS:
@@ -2980,8 +2986,10 @@ def _log_summary(memo, worker):
     try:
         if not memo.settings.summary:
             return
-        done = {task.task_id for task, status, _runnable in getattr(worker, "_add_task_history", ()) if status == luigi.worker.DONE}
-        text = _summary(memo, done)
+        history = getattr(worker, "_add_task_history", ())
+        done = {task.task_id for task, status, _runnable in history if status == luigi.worker.DONE}
+        failed = {task.task_id for task, status, _runnable in history if status == luigi.worker.FAILED}
+        text = _summary(memo, done, failed)
     except HashCheckError as exc:  # a bad configuration has failed the build already
         logger.warning("luigi_hashcheck: no summary: %s", exc)
         return
@@ -3400,7 +3408,7 @@ def _before_run(task):
     if verdict.ok and pending is None:
         # Its upstream reran and made byte-identical outputs ("early cutoff").
         logger.info("luigi_hashcheck: %s is up to date, its inputs did not change; skipping run()", task)
-        _tell(task, f"luigi_hashcheck: run() skipped: {_reason('cutoff')} (its upstream reran and made the same outputs)")
+        _tell(task, f"luigi_hashcheck: run() {_reason('cutoff')} (its upstream reran and made the same outputs)")
         memo.answers[task.task_id] = True
         for record_path, fresh, old in verdict.refreshes:
             _save_refresh(record_path, fresh, old, settings)

@@ -4516,7 +4516,7 @@ def test_luigid_shows_each_task_why_it_ran(tmp_path, luigid):
     assert "&lt;b&gt;" in messages["WhyClean"] and "<" not in messages["WhyClean"]
     # Below a rerun, the task's own run-time check finds its input changed, and says so.
     assert messages["WhyHead"] == html.escape(f"luigi_hashcheck: running because input clean.txt changed ({short('HELLO')} -> {short('HELP!')})")
-    assert messages["WhyCount"].startswith("luigi_hashcheck: run() skipped: skipped by early cutoff")
+    assert messages["WhyCount"].startswith("luigi_hashcheck: run() skipped by early cutoff")
     assert messages["WhyTalks"] == "mine: <ok>"  # the user's own call came later, and won
     listed = luigid_api(luigid, "task_list", status="DONE", upstream_status="", search="WhyClean")
     assert listed[WhyClean(root).task_id]["status_message"] == messages["WhyClean"]
@@ -4619,7 +4619,9 @@ def test_the_summary_counts_what_did_not_run(root, caplog):
     write(os.path.join(root, "fail"), "")
     with caplog.at_level(logging.INFO, logger="luigi-interface"):
         assert not build(Failing(root), log_level="INFO")
-    assert summaries(caplog)[0].getMessage().splitlines()[0] == "luigi_hashcheck: 0 ran, 0 up to date, 0 skipped by early cutoff, 1 did not run"
+    summary = summaries(caplog)[0].getMessage().splitlines()
+    assert summary[0] == "luigi_hashcheck: 0 ran, 0 up to date, 0 skipped by early cutoff, 1 failed"  # it ran, and raised
+    assert summary[1].startswith("  Failing(") and ": failed (" in summary[1]
 
 
 def test_the_luigi_command_line_ends_with_the_summary(tmp_path, caplog, monkeypatch):
