@@ -76,6 +76,7 @@ import errno
 import functools
 import hashlib
 import html
+import importlib.util
 import inspect
 import json
 import logging
@@ -4085,18 +4086,17 @@ def _cli_storage(scheme):
     if _client_factory is not None:
         client = _client_factory(scheme)
     elif scheme in _S3_SCHEMES:
-        try:
-            import boto3  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: F401 - only to say which package is missing
-            import luigi.contrib.s3
-        except ImportError as exc:
-            raise _UsageError(f"{scheme}:// URLs need boto3: pip install boto3 ({exc})") from None
+        # Found, never imported by us: Luigi's client imports it when it needs it.
+        if importlib.util.find_spec("boto3") is None:
+            raise _UsageError(f"{scheme}:// URLs need boto3: pip install boto3")
+        import luigi.contrib.s3
+
         client = luigi.contrib.s3.S3Client()
     elif scheme == "hdfs":
-        try:
-            import hdfs  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: F401 - WebHDFS's client library
-            import luigi.contrib.hdfs
-        except ImportError as exc:
-            raise _UsageError(f"hdfs:// URLs need the hdfs package: pip install hdfs ({exc})") from None
+        if importlib.util.find_spec("hdfs") is None:  # WebHDFS's client library, which Luigi imports
+            raise _UsageError("hdfs:// URLs need the hdfs package: pip install hdfs")
+        import luigi.contrib.hdfs
+
         client = luigi.contrib.hdfs.get_autoconfig_client()  # [hdfs] client = webhdfs
     else:
         raise _UsageError(f"{scheme}:// URLs need --client-factory MODULE:FUNC, a function returning the Luigi client for a URL scheme")
