@@ -58,6 +58,7 @@ __all__ = [
     "HashableTargetException",
     "InputChangedError",
     "LockTimeout",
+    "StoreError",
     "TaskWithCheckingInputHash",
     "UnhashableTargetError",
     "ValidationError",
@@ -178,6 +179,13 @@ class LockTimeout(HashCheckError, TimeoutError):
     def __init__(self, path, timeout):
         self.path = path
         super().__init__(f"could not lock {path} within {timeout:g} s; is another writer stuck?")
+
+
+class StoreError(HashCheckError, OSError):
+    """A store (S3, GCS, ...) refused or failed a request: network, permission, missing bucket.
+
+    Raised out of ``complete()`` like an ``OSError`` on local disk; nothing is deleted.
+    """
 
 
 class _DamagedRecord(Exception):
@@ -785,13 +793,6 @@ _LOCAL = _LocalStorage()
 # s3:// URL, a Mock key) without a trailing "/", never made absolute; "/" separates its
 # parts. A remote stat carries a token instead of mtime and inode, and vouches() compares
 # tokens only: a token from a listing never equals one from a HEAD, as it lacks fields.
-
-
-class StoreError(HashCheckError, OSError):
-    """A store (S3, GCS, ...) refused or failed a request: network, permission, missing bucket.
-
-    Raised out of ``complete()`` like an ``OSError`` on local disk; nothing is deleted.
-    """
 
 
 class _RemoteStat:
