@@ -1381,23 +1381,23 @@ def _storage_of(target, task=None):
     return _client_storage(target.fs) or _FileSystemStorage(task, target), path
 
 
+# The Luigi clients we know: (module, class, storage). Looked up in sys.modules, never
+# imported: a pipeline that uses one has imported it already.
+_CLIENTS = (
+    ("luigi.mock", "MockFileSystem", _MockStorage),
+    ("luigi.contrib.s3", "S3Client", _S3Storage),
+    ("luigi.contrib.gcs", "GCSClient", _GCSStorage),
+    ("luigi.contrib.hdfs.webhdfs_client", "WebHdfsClient", _WebHdfsStorage),
+    ("luigi.contrib.azureblob", "AzureBlobClient", _AzureStorage),
+)
+
+
 def _client_storage(fs):
     """The storage for a Luigi filesystem client we know, or None."""
-    mock = sys.modules.get("luigi.mock")
-    if mock is not None and isinstance(fs, mock.MockFileSystem):
-        return _MockStorage(fs)
-    s3 = sys.modules.get("luigi.contrib.s3")
-    if s3 is not None and isinstance(fs, s3.S3Client):
-        return _S3Storage(fs)
-    gcs = sys.modules.get("luigi.contrib.gcs")
-    if gcs is not None and isinstance(fs, gcs.GCSClient):
-        return _GCSStorage(fs)
-    webhdfs = sys.modules.get("luigi.contrib.hdfs.webhdfs_client")
-    if webhdfs is not None and isinstance(fs, webhdfs.WebHdfsClient):
-        return _WebHdfsStorage(fs)
-    azure = sys.modules.get("luigi.contrib.azureblob")
-    if azure is not None and isinstance(fs, azure.AzureBlobClient):
-        return _AzureStorage(fs)
+    for module_name, class_name, storage in _CLIENTS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(fs, getattr(module, class_name)):
+            return storage(fs)
     return None
 
 
