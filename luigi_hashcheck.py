@@ -4164,7 +4164,7 @@ class _Verification:
             return self.results[record_path]
         try:
             fs = _located(record_path)[0]
-            record = _read_record(record_path) if fs is _LOCAL else _read_record(record_path, fs)
+            record = _read_record(record_path, fs)
         except _DamagedRecord as exc:
             result = ("corrupt", _reason("record damaged", error=exc), None)
         except OSError as exc:
@@ -4373,7 +4373,7 @@ def _cmd_accept(args):
         output = _output_of(record_path)
         fs = _located(record_path)[0]
         try:
-            record = _read_record(record_path) if fs is _LOCAL else _read_record(record_path, fs)
+            record = _read_record(record_path, fs)
         except _DamagedRecord as exc:
             print(f"cannot accept {_show(output)}: record damaged: {exc}")
             failed += 1
