@@ -79,6 +79,7 @@ import hashlib
 import html
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -92,6 +93,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -327,13 +329,30 @@ _local = threading.local()
 # hashing a large file there can report how far it got. A context variable, not _local, so
 # the threads hashing one folder can be handed it (contextvars.copy_context).
 _reporting_to: contextvars.ContextVar = contextvars.ContextVar("_reporting_to", default=None)
+# Listing digest -> an unnamed temporary file holding a folder's listing that a scan in this
+# process wrote, until a record names it and its bytes are copied beside the record (see
+# _with_listings). Emptied when the outermost build ends, and never holds more than
+# _PENDING_LIMIT: one lost costs a hash of its folder's files at the next check.
+_pending: dict[str, typing.IO[bytes]] = {}
+_PENDING_LIMIT = 64
+# Whether scans write the new listings they find (builds, adopt, accept) or only compare
+# (verify and explain, which write nothing), for the length of a command.
+_keeping_listings: contextvars.ContextVar = contextvars.ContextVar("_keeping_listings", default=True)
+# verify's progress through the files of a large folder: a callback(done, total, path).
+_folder_progress: contextvars.ContextVar = contextvars.ContextVar("_folder_progress", default=None)
 
 
 def _forget_process_state():
     """Empty every cache of the process, as if it had just started (for tests and notebooks)."""
     for cache in (_logged, _digest_cache, _sources, _module_texts, _module_specs, _param_specs, _config_folders, _cleaned, _counts):
         cache.clear()
+    _drop_pending()
     _norm_absolute.cache_clear()
+
+
+def _drop_pending():
+    while _pending:
+        _pending.popitem()[1].close()
 
 
 def _warn_task(kind, task, message):
@@ -441,6 +460,7 @@ def _track_builds(method, running):
             # luigi.build logs its own execution summary.
             _settle_set_aside(memo)
             _log_summary(memo, worker)
+            _drop_pending()
         return result
 
     wrapper._hashcheck = True
@@ -754,6 +774,110 @@ def _remove_output(path):
         os.remove(path)
 
 
+def _sorted_runs(root, excluded=()):
+    """Yield a folder's files as lists of (relative posix path, absolute path, is_link, stat),
+    in the order of their sorted relative paths, each list a run of one folder's files.
+
+    The order is that of ``sorted()`` over the whole relative paths, which listings and
+    folder digests use, without holding more than one folder's entries per level: a
+    subfolder sorts as its name plus "/", as all its paths begin so. Skips what _list_dir
+    skips. ``is_link`` marks a link that counts by its target's name; its stat is None.
+    """
+    skip = set(excluded)
+    stack = [_sorted_entries(root, "", skip)]
+    while stack:
+        prefix, entries = stack[-1]
+        run = []
+        for key, entry in entries:
+            if key[-1] == "/":
+                stack.append(_sorted_entries(entry.path, prefix + key, skip))
+                break
+            if entry.is_symlink() and _counts_by_name(entry):
+                run.append((prefix + key, entry.path, True, None))
+            else:
+                run.append((prefix + key, entry.path, False, entry.stat()))
+        else:
+            stack.pop()
+        if run:
+            yield run
+
+
+def _sorted_entries(folder, prefix, skip):
+    """(prefix, iterator of (sort key, DirEntry)) of one folder, for _sorted_runs."""
+    with os.scandir(folder) as found:
+        entries = []
+        for entry in found:
+            if skip and prefix + entry.name in skip:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name != RECORD_DIR:
+                    entries.append((entry.name + "/", entry))
+            else:
+                entries.append((entry.name, entry))
+    entries.sort(key=_first)
+    return prefix, iter(entries)
+
+
+def _first(pair):
+    return pair[0]
+
+
+def _read_blocks(path):
+    """The blocks of the listing file ``path``; FileNotFoundError if there is none.
+
+    :raises _DamagedRecord: if it is a symbolic link or not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _DamagedRecord("it is a symbolic link") from exc
+        raise
+    with open(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _DamagedRecord("it is not a regular file")
+        while block := f.read(_BLOCK):
+            yield block
+
+
+def _replace_from(path, source):
+    """Write the bytes of the file object ``source`` to ``path`` atomically, as _replace does,
+    in blocks: a listing can be larger than memory should hold."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
+    try:
+        try:
+            offset = 0
+            while block := os.pread(source.fileno(), _BLOCK, offset):  # pread: a forked worker shares the offset
+                offset += len(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _sidecars(records, stem):
+    """The listing files of the record ``stem`` in the records folder ``records``."""
+    try:
+        names = os.listdir(records)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(records, name) for name in names if _is_sidecar(name, stem)]
+
+
+def _remove_sidecar(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class _LocalStorage:
     """The storage interface, with the local filesystem behind it.
 
@@ -769,6 +893,9 @@ class _LocalStorage:
       dead writers' leftovers; ``replace(path, data)``: write a record atomically.
     - ``lock(records, timeout)``: a context manager; a no-op for stores without locks.
     - ``remove_record(path, timeout)``, under the folder's lock, and ``remove_output(path)``.
+    - ``runs(folder, excluded)``: the folder's files with their stats, in sorted order (see
+      _sorted_runs); listings: ``read_blocks(path)``, ``replace_from(path, file)``,
+      ``sidecars(records, stem)`` and ``remove_sidecar(path)``.
     """
 
     stat = staticmethod(os.stat)
@@ -783,6 +910,11 @@ class _LocalStorage:
     lock = staticmethod(_locked)
     remove_record = staticmethod(_remove_record_file)
     remove_output = staticmethod(_remove_output)
+    runs = staticmethod(_sorted_runs)
+    read_blocks = staticmethod(_read_blocks)
+    replace_from = staticmethod(_replace_from)
+    sidecars = staticmethod(_sidecars)
+    remove_sidecar = staticmethod(_remove_sidecar)
 
 
 _LOCAL = _LocalStorage()
@@ -931,6 +1063,34 @@ class _RemoteStorage:
                 return
             for full, _st in list(self._list(path.rstrip("/") + "/")):
                 self._delete(full)
+
+    def runs(self, folder, excluded=()):
+        # One listing, sorted here: a store's order is its own.
+        found = sorted(self.scan(folder, excluded), key=lambda item: item[0])
+        if found:
+            yield found
+
+    def read_blocks(self, path):
+        with self._errors(path):
+            data = self._get(path)
+        if data is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path)
+        yield data
+
+    def replace_from(self, path, source):
+        source.seek(0)
+        self.replace(path, source.read())
+
+    def sidecars(self, records, stem):
+        try:
+            with self._errors(records):
+                return [full for full, _st in self._list(records + "/") if _is_sidecar(full.rpartition("/")[2], stem)]
+        except UnhashableTargetError:  # a filesystem that cannot list has no folders, so no listings
+            return []
+
+    def remove_sidecar(self, path):
+        with self._errors(path):
+            self._delete(path)
 
 
 class _MockStorage(_RemoteStorage):
@@ -1421,77 +1581,388 @@ def _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked=False):
     return dict(entry)
 
 
-def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=()):
+# Folders. A folder's entry holds its digest, its file count and, while every file's stat
+# vouches for its digest, "stats": a digest of every file's name and stat, so that a no-op
+# check is one walk and one comparison. Its files are listed in a listing: a sidecar in
+# .luigi_hashes named NAME.<16 hex>.list after the record that owns it and its own digest,
+# one line per file, sorted, so that it is written and read as a stream (DESIGN.md,
+# "Listings"). A check whose stats differ merges the walk with the listing, and hashes only
+# the files whose stat no longer vouches for their listed digest.
+
+_LISTING_HEADER = b"luigi_hashcheck listing 1\n"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_UNESCAPES = {"t": "\t", "n": "\n", "r": "\r"}
+# The keys of a folder entry that describe its files, which a new scan replaces together.
+_LISTED_KEYS = ("files", "tokens", "count", "stats", "listing", "listing_digest")
+_SHOWN_CHANGES = 100  # names of changed files a scan keeps, for explain and verify --json
+
+
+def _escape(text):
+    """A name as a listing line holds it: no tab, newline or carriage return."""
+    return text.translate(_ESCAPES) if "\\" in text or not text.isprintable() else text
+
+
+def _unescape(text):
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append(_UNESCAPES.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _sidecar_name(stem, digest):
+    return f"{stem}.{digest[:16]}.list"
+
+
+def _is_sidecar(name, stem):
+    """Whether ``name`` is a listing of the record ``stem`` (its name without ``.json``)."""
+    middle = name[len(stem) + 1 : -len(".list")]
+    return len(name) == len(stem) + 22 and name.startswith(stem + ".") and name.endswith(".list") and all(c in "0123456789abcdef" for c in middle)
+
+
+def _token_text(token):
+    return "-" if token is None else _encode_canonical(token)
+
+
+class _Scanned(dict):
+    """A folder's entry as a scan found it. Beside its keys, which records hold, it keeps
+    for this process: ``changes``, (count, the first names) of the files edited, added or
+    removed against the listing it was compared with, or None without one; ``base``, the
+    folder digest that listing described; ``worth``, whether its new listing would spare
+    the next check a hash (see _worth_refreshing)."""
+
+    changes = None
+    base = None
+    worth = False
+
+
+class _ListingWriter:
+    """A new listing, written to an unnamed temporary file as its lines come, in order;
+    ``close()`` gives its digest, under which it waits in _pending for a record to name it."""
+
+    def __init__(self, algorithm):
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open in _pending, closed by _drop_pending
+        self.hash = hashlib.new(algorithm)
+        self.lines = []
+        self.write(_LISTING_HEADER)
+
+    def write(self, data):
+        self.hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.file.fileno(), view):]
+
+    def add(self, rel, digest, size, mtime_ns, inode, hashed_ns, token):
+        none = "-"
+        self.lines.append(
+            f"{_escape(rel)}\t{_escape(digest)}\t{none if size is None else size}\t{none if mtime_ns is None else mtime_ns}\t"
+            f"{none if inode is None else inode}\t{hashed_ns}\t{token}\n"
+        )
+        if len(self.lines) >= 4096:
+            self.flush()
+
+    def flush(self):
+        if self.lines:
+            self.write(_utf8("".join(self.lines)))
+            self.lines.clear()
+
+    def close(self):
+        self.flush()
+        digest = self.hash.hexdigest()
+        if digest in _pending:
+            self.file.close()
+        else:
+            while len(_pending) >= _PENDING_LIMIT:
+                _pending.pop(next(iter(_pending))).close()
+            _pending[digest] = self.file
+        return digest
+
+
+def _listing_from_files(known, algorithm):
+    """The listing of a folder recorded the old way, with its files inline: its digest."""
+    writer = _ListingWriter(algorithm)
+    tokens = known.get("tokens", {})
+    for rel, digest, size, mtime_ns, inode, hashed_ns in known["files"]:
+        writer.add(rel, digest, size, mtime_ns, inode, hashed_ns, _token_text(tokens.get(rel)))
+    return writer.close()
+
+
+def _listing_lines(blocks, expected, algorithm, where):
+    """Yield the fields of each line of a listing read as ``blocks``, names unescaped.
+
+    :raises _DamagedRecord: at its first line, or at the end, if it is not a listing whose
+        digest is ``expected``.
+    """
+    h = hashlib.new(algorithm)
+    tail = b""
+    header = True
+    for block in blocks:
+        h.update(block)
+        data = tail + block if tail else block
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        lines = data[:cut].decode("utf-8", "surrogateescape").split("\n")
+        lines.pop()
+        if header and lines:
+            if lines[0] + "\n" != _LISTING_HEADER.decode():
+                raise _DamagedRecord(f"{where} is not a listing")
+            del lines[0]
+            header = False
+        for line in lines:
+            fields = line.split("\t")
+            if len(fields) != 7:
+                raise _DamagedRecord(f"{where} has a damaged line")
+            fields[0] = _unescape(fields[0])
+            yield fields
+    if tail or header or h.hexdigest() != expected:
+        raise _DamagedRecord(f"{where} is truncated or does not match its digest")
+
+
+def _pending_blocks(source):
+    offset = 0
+    while block := os.pread(source.fileno(), _BLOCK, offset):  # pread: forked workers share the offset
+        offset += len(block)
+        yield block
+
+
+def _listing_source(fs, path, known, algorithm, home):
+    """The listing to compare the folder at ``path`` with: (lines, the folder digest it
+    describes, where it is), or None. Found in order: the recorded entry's own files (the
+    old format), this process's new listing of that digest, the named listing beside the
+    folder or in the records folder ``home`` of the record that holds ``known``, and last
+    the listing of the record beside the folder, whichever task made it: any listing of
+    this path serves, as its digests are checked against the files' stats."""
+    dirname = os.path.dirname if fs is _LOCAL else posixpath.dirname
+    join = os.path.join if fs is _LOCAL else posixpath.join
+    beside = join(dirname(path), RECORD_DIR)
+    tried = []
+    entries = [known] if known and known.get("kind") == "dir" else []
+    for entry in entries:
+        if "files" in entry:
+            digest = _listing_from_files(entry, algorithm)
+            return _listing_lines(_pending_blocks(_pending[digest]), digest, algorithm, "a listing"), entry["digest"], None
+        digest = entry.get("listing_digest")
+        if digest in _pending:
+            return _listing_lines(_pending_blocks(_pending[digest]), digest, algorithm, "a listing"), entry["digest"], None
+        if digest and entry.get("listing"):
+            for folder in dict.fromkeys([beside, home] if home else [beside]):
+                tried.append((join(folder, entry["listing"]), digest, entry["digest"]))
+    record_path = _record_path(path, fs)
+    try:
+        producer = _read_record(record_path, fs)
+    except (_DamagedRecord, OSError):
+        producer = None
+    if producer and producer["output"]["kind"] == "dir" and producer["output"] is not known:
+        made = producer["output"]
+        if "files" in made or made.get("listing_digest") in _pending:
+            return _listing_source(fs, path, made, algorithm, None)
+        if made.get("listing"):
+            tried.append((join(beside, made["listing"]), made["listing_digest"], made["digest"]))
+    for where, digest, base in tried:
+        try:
+            blocks = fs.read_blocks(where)
+            first = next(blocks, b"")
+        except FileNotFoundError:
+            continue
+        except (_DamagedRecord, OSError) as exc:
+            _warn_listing(where, path, exc)
+            continue
+        return _listing_lines(itertools.chain([first], blocks), digest, algorithm, where), base, where
+    if tried:
+        _warn_listing(tried[0][0], path, "it is missing")
+    return None
+
+
+def _warn_listing(where, folder, why):
+    _log_once(
+        key=("listing", where),
+        level=logging.WARNING,
+        message=f"luigi_hashcheck: listing {where} of {folder} is unusable ({why}); hashing the folder in full, "
+        "which only costs time: nothing is rebuilt for it",
+    )
+
+
+def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=(), home=None):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
 
-    The entry lists each file as [relative path, digest, size, mtime_ns, inode, hashed_ns],
-    so a later check can skip hashing the files whose stat still matches, as for one file,
-    and the ``excluded`` relative paths, if any, that the digest leaves out.
+    One walk gives each file's name and stat. While they all match the ``known`` entry's
+    stats, its digest stands; otherwise the walk is merged with the folder's listing (see
+    _listing_source), and only the files whose stat no longer vouches are hashed.
+
+    :param home: the records folder of the record that holds ``known``.
+    :returns: a _Scanned entry.
     """
-    if fs is _LOCAL:
-        files = sorted(fs.listdir(path, excluded))
-        st = fs.stat(path)
-        stats = [None if link else fs.stat(full) for _rel, full, link in files]
-    else:
-        # One listing gives every file's token: no request per file.
-        scanned = sorted(fs.scan(path, excluded), key=lambda item: item[0])
-        files = [item[:3] for item in scanned]
-        stats = [item[3] for item in scanned]
-        st = _FOLDER_STAT
-    recorded = {}
-    if known and known.get("kind") == "dir":
-        tokens = known.get("tokens", {})
-        for rel, digest, size, mtime_ns, inode, hashed_ns in known.get("files", ()):
-            recorded[rel] = {"kind": "file", "digest": digest, "size": size, "mtime_ns": mtime_ns, "inode": inode, "hashed_ns": hashed_ns}
-            if rel in tokens:
-                recorded[rel]["token"] = tokens[rel]
-
-    def one(index):
-        rel, full, link = files[index]
-        if link:
-            return [rel, "link:" + fs.readlink(full), None, None, None, 0]
-        if not stat.S_ISREG(stats[index].st_mode):
-            raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
-        entry = _digest_file(fs, full, algorithm, stats[index], recorded.get(rel), trust_mtime, rechecked)
-        if "token" in entry:
-            tokens[rel] = entry["token"]
-        return [rel, entry["digest"], entry["size"], entry["mtime_ns"], entry["inode"], entry["hashed_ns"]]
-
-    tokens = {}
-
-    sizes = [fst.st_size if fst else 0 for fst in stats]
-    if sum(sizes) > (64 << 20) and (os.cpu_count() or 1) > 1:
-        # hashlib releases the GIL on large buffers, so threads use every core. The largest
-        # files go first, so no core is left hashing one big file alone at the end.
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            largest_first = sorted(range(len(files)), key=sizes.__getitem__, reverse=True)
-            futures = {index: pool.submit(contextvars.copy_context().run, one, index) for index in largest_first}
-            listed = [futures[index].result() for index in range(len(files))]
-    else:
-        listed = [one(index) for index in range(len(files))]
+    local = fs is _LOCAL
+    st = fs.stat(path) if local else _FOLDER_STAT
     h = hashlib.new(algorithm)
-    for rel, digest, *_stat in listed:
-        h.update(f"{digest}  {rel}\n".encode("utf-8", "surrogateescape"))
-    entry = {
-        "kind": "dir",
-        "digest": h.hexdigest(),
-        "size": None,
-        "mtime_ns": st.st_mtime_ns,
-        "inode": st.st_ino,
-        "hashed_ns": time.time_ns(),
-        "files": listed,
-    }
+    chunks = []
+    count = 0
+    for run in fs.runs(path, excluded):
+        lines = []
+        for rel, full, link, fst in run:
+            if link:
+                lines.append(f"{_escape(rel)}\tlink:{_escape(fs.readlink(full))}\n")
+            elif not stat.S_ISREG(fst.st_mode):
+                raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
+            elif local:
+                lines.append(f"{_escape(rel)}\t{fst.st_size}\t{fst.st_mtime_ns}\t{fst.st_ino}\n")
+            else:
+                lines.append(f"{_escape(rel)}\t{fst.st_size}\t{_token_text(fst.token)}\n")
+        chunk = "".join(lines)
+        h.update(_utf8(chunk))
+        chunks.append(chunk)
+        count += len(lines)
+    stats = h.hexdigest()
+    entry = _Scanned(kind="dir", digest=None, size=None, mtime_ns=st.st_mtime_ns, inode=st.st_ino, hashed_ns=time.time_ns(), count=count)
     if excluded:
         entry["excluded"] = list(excluded)
-    if fs is not _LOCAL:
+    if not local:
         entry["store"] = fs.name
-        if tokens:
-            entry["tokens"] = tokens
+    if trust_mtime and known and known.get("kind") == "dir" and known.get("stats") == stats and known.get("count") == count:
+        # Every file as it was when its listed digest vouched for it: nothing to read.
+        entry.update((key, known[key]) for key in ("digest", "hashed_ns", "listing", "listing_digest") if key in known)
+        entry["stats"] = stats
+        entry.changes, entry.base = (0, []), known["digest"]
+        return entry
+    source = _listing_source(fs, path, known, algorithm, home) if trust_mtime else None
+    try:
+        return _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats)
+    except _DamagedRecord as exc:
+        _warn_listing(source[2] or "made in this process", path, exc)
+        return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats)
+
+
+def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
+    """Finish the ``entry`` of the folder at ``path`` from the walk's ``chunks`` and the
+    listing ``source``, if any: reuse each listed digest its file's stat vouches for, hash
+    the rest, and write the new listing as the lines come."""
+    local = fs is _LOCAL
+    listed = source[0] if source else iter(())
+    old = next(listed, None)
+    writer = _ListingWriter(algorithm) if _keeping_listings.get() else None
+    folder_hash = hashlib.new(algorithm)
+    changed, first = 0, []
+    worth = source is None
+    vouching = True
+    waiting = []  # (rel, full, listed fields or None), in order, until enough are to be hashed
+    report = _folder_progress.get()
+    done = 0
+
+    def note(how, rel):
+        nonlocal changed
+        changed += 1
+        if len(first) < _SHOWN_CHANGES:
+            first.append(f"{how} {rel}")
+
+    def flush():
+        nonlocal worth, vouching, done
+        todo = [item for item in waiting if item[3] is None]
+        if len(todo) > 16 and (os.cpu_count() or 1) > 1:
+            with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+                hashed = list(pool.map(fs.hash, [item[1] for item in todo], itertools.repeat(algorithm)))
+        else:
+            hashed = [fs.hash(item[1], algorithm) for item in todo]
+        for item, new in zip(todo, hashed):
+            item[3] = new
+        for rel, _full, was, new in waiting:
+            if isinstance(new, list):  # the listed line, vouched for, or a link's
+                digest = _unescape(new[1])
+                if writer:
+                    writer.lines.append("\t".join([_escape(rel), *new[1:]]) + "\n")
+            else:
+                digest = new["digest"]
+                token = _token_text(new.get("token"))
+                if was is None:
+                    note("added", rel)
+                elif was[1] != digest:
+                    note("edited", rel)
+                fields = (new["size"], new["mtime_ns"], new["inode"], new["hashed_ns"])
+                if local:
+                    good = new["mtime_ns"] is not None and new["hashed_ns"] - new["mtime_ns"] >= _TICK_NS
+                else:
+                    good = fs.vouches(new, _RemoteStat(False, new["size"], new.get("token")))
+                vouching = vouching and good
+                if not worth and was is not None:
+                    before = tuple(None if f == "-" else int(f) for f in was[2:6])
+                    worth = was[1] != digest or was[6] != token or _worth_refreshing(before, fields)
+                if writer:
+                    writer.add(rel, digest, *fields, token)
+            folder_hash.update(_utf8(f"{digest}  {rel}\n"))
+        done += len(waiting)
+        if report:
+            report(done, entry["count"], path)
+        waiting.clear()
+
+    for chunk in chunks:
+        for line in chunk[:-1].split("\n") if chunk else ():
+            fields = line.split("\t")
+            rel = _unescape(fields[0])
+            while old is not None and old[0] < rel:
+                note("removed", old[0])
+                worth = True
+                old = next(listed, None)
+            was = None
+            if old is not None and old[0] == rel:
+                was, old = old, next(listed, None)
+            full = path + "/" + rel if not local or os.sep == "/" else os.path.join(path, *rel.split("/"))
+            if fields[1].startswith("link:"):
+                digest = _unescape(fields[1])
+                line_fields = [fields[0], fields[1], "-", "-", "-", "0", "-"]
+                if was is None:
+                    note("added", rel)
+                    worth = True
+                elif was[1] != _escape(digest):
+                    note("edited", rel)
+                    worth = True
+                waiting.append([rel, full, was, line_fields])
+            elif was is not None and _listed_vouches(fs, was, fields, rechecked):
+                waiting.append([rel, full, was, was])
+            else:
+                waiting.append([rel, full, was, None])
+            if len(waiting) >= 4096:
+                flush()
+    flush()
+    while old is not None:
+        note("removed", old[0])
+        worth = True
+        old = next(listed, None)
+    entry["digest"] = folder_hash.hexdigest()
+    if vouching:
+        entry["stats"] = stats
+    entry.changes = (changed, first) if source else None
+    entry.base = source[1] if source else None
+    entry.worth = worth
+    if writer:
+        entry["listing_digest"] = writer.close()
     return entry
 
 
+def _listed_vouches(fs, was, fields, rechecked):
+    """Whether the listed line ``was`` still vouches for the file whose stat line, from the
+    walk, is ``fields``: as _vouches for one file, on strings."""
+    if fs is _LOCAL:
+        return was[2] == fields[1] and was[3] == fields[2] and was[4] == fields[3] and (rechecked or int(was[5]) - int(fields[2]) >= _TICK_NS)
+    token = None if fields[2] == "-" else json.loads(fields[2])
+    known = {"size": None if was[2] == "-" else int(was[2]), "hashed_ns": int(was[5]), "token": None if was[6] == "-" else json.loads(was[6])}
+    return fs.vouches(known, _RemoteStat(False, int(fields[1]), token), rechecked)
+
+
 def _digest(
-    path: str, algorithm: str, known: dict | None = None, trust_mtime: bool = True, rechecked: bool = False, excluded: tuple[str, ...] = (), fs=_LOCAL, st=None
+    path: str,
+    algorithm: str,
+    known: dict | None = None,
+    trust_mtime: bool = True,
+    rechecked: bool = False,
+    excluded: tuple[str, ...] = (),
+    fs=_LOCAL,
+    st=None,
+    home: str | None = None,
 ) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
@@ -1502,6 +1973,7 @@ def _digest(
     :param excluded: for a folder, relative posix paths below it to leave out.
     :param fs: the storage the path is in.
     :param st: its stat, when the caller has just taken it.
+    :param home: for a folder, the records folder of the record that holds ``known``.
     :raises FileNotFoundError: if nothing is at ``path``.
     """
     if st is None:
@@ -1514,7 +1986,7 @@ def _digest(
                 return dict(cached)
         st = fs.stat(path)
     if stat.S_ISDIR(st.st_mode):
-        return _digest_dir(fs, path, algorithm, trust_mtime, known, rechecked, excluded)
+        return _digest_dir(fs, path, algorithm, trust_mtime, known, rechecked, excluded, home)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
     return _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked)
@@ -1826,6 +2298,12 @@ _OPTIONAL = {
     "entry": {
         "excluded": _names_problem,
         "files": _files_problem,
+        # A folder's: its file count, the digest of its files' names and stats, and its
+        # listing's name and digest (see _digest_dir).
+        "count": functools.partial(_leaf_problem, kind="int"),
+        "stats": functools.partial(_leaf_problem, kind="str"),
+        "listing": functools.partial(_leaf_problem, kind="str"),
+        "listing_digest": functools.partial(_leaf_problem, kind="str"),
         # An entry on a store other than the local disk: its name and freshness token(s).
         "store": functools.partial(_leaf_problem, kind="str"),
         "token": _token_problem,
@@ -1948,7 +2426,6 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
         an update never overwrites a record another process wrote meanwhile.
     :returns: whether the record was written.
     """
-    data = _dump(record)
     try:
         dirname = os.path.dirname if fs is _LOCAL else posixpath.dirname
         folder = fs.records_folder(dirname(dirname(path)))
@@ -1960,7 +2437,17 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
                         return False
                 except _DamagedRecord:
                     return False
-            fs.replace(path, data)
+            # Under the lock, so that no other writer's cleanup takes a listing between
+            # its write and the record that names it: listings first, the record (the
+            # commit point), then the listings no longer named.
+            record, kept = _with_listings(record, path, fs)
+            fs.replace(path, _dump(record))
+            if kept:
+                # Only a record that owns listings looks for its old ones: listing a
+                # records folder at every write would make a build quadratic.
+                for sidecar in fs.sidecars(folder, _stem(path)):
+                    if sidecar.rpartition("/" if fs is not _LOCAL else os.sep)[2] not in kept:
+                        fs.remove_sidecar(sidecar)
             return True
     except HashCheckError:
         raise
@@ -1969,8 +2456,74 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
 
 
 def _remove_record(path, settings, fs=_LOCAL):
-    """Remove the record file ``path``, under its folder's lock; return whether it was there."""
-    return fs.remove_record(path, settings.lock_timeout)
+    """Remove the record file ``path``, under its folder's lock, and then its listings;
+    return whether it was there."""
+    removed = fs.remove_record(path, settings.lock_timeout)
+    dirname = os.path.dirname if fs is _LOCAL else posixpath.dirname
+    for sidecar in fs.sidecars(dirname(path), _stem(path)):
+        fs.remove_sidecar(sidecar)
+    return removed
+
+
+def _stem(record_path):
+    """A record's name without ``.json``: how the names of its listings begin."""
+    return record_path.rpartition("/" if "://" in record_path or os.sep == "/" else os.sep)[2][: -len(".json")]
+
+
+def _exists(fs, path):
+    if fs is _LOCAL:
+        return os.path.isfile(path)
+    with fs._errors(path):
+        return fs._head(path) is not None
+
+
+def _with_listings(record, record_path, fs):
+    """``record`` with the listing of each folder entry beside it: (record, the names of the
+    listings of this record kept).
+
+    A folder output's listing, and that of a folder input that no HashCheckingTask made,
+    are this record's own, ``STEM.<16 hex>.list``: from this process's new listing, or
+    from a folder recorded the old way, with its files inline. A folder input that a
+    HashCheckingTask made is named by its maker's listing, never copied: ten readers of a
+    folder hold no copy of its list. An entry whose listing is lost keeps no listing."""
+    local = fs is _LOCAL
+    dirname, join = (os.path.dirname, os.path.join) if local else (posixpath.dirname, posixpath.join)
+    records, stem = dirname(record_path), _stem(record_path)
+    output_path = join(dirname(records), record["output"]["path"])
+    folder = dirname(output_path)
+    kept = set()
+
+    def settle(entry, own, path):
+        if entry.get("kind") != "dir" or not ("files" in entry or entry.get("listing_digest")):
+            return entry
+        algorithm = record["algorithm"]
+        if "files" in entry:
+            digest = _listing_from_files(entry, algorithm)
+            entry = {**{k: v for k, v in entry.items() if k not in _LISTED_KEYS}, "count": len(entry["files"]), "listing_digest": digest}
+        digest = entry["listing_digest"]
+        if not own and entry.get("recorded"):
+            maker = _stem(_record_path(path, fs))
+            return {**entry, "listing": _sidecar_name(maker, digest)}
+        name = _sidecar_name(stem, digest)
+        target = join(records, name)
+        if not _exists(fs, target):
+            source = _pending.get(digest)
+            if source is None:
+                return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
+            fs.replace_from(target, source)
+        kept.add(name)
+        return {**entry, "listing": name}
+
+    def inputs(entries):
+        return [settle(e, False, _input_path(folder, e["path"], fs)) for e in entries]
+
+    made = dict(
+        record,
+        output=settle(record["output"], True, output_path),
+        inputs=inputs(record["inputs"]),
+        dynamic=[dict(dep, outputs=inputs(dep["outputs"])) for dep in record["dynamic"]],
+    )
+    return made, kept
 
 
 _encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
@@ -2297,12 +2850,12 @@ def _reason(key, **fields):
 # The one comparison: a recorded entry against what is there now.
 
 
-def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, excluded=()):
+def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, excluded=(), home=None):
     """The entry of the file or folder at ``path`` now, or None if nothing is there.
 
     :param known: its recorded entry, whose digest serves while its stat vouches for it.
     :param cache: spares a second look at a path within one walk, as an output and as an input.
-    :param rechecked: as for ``_digest``.
+    :param rechecked: as for ``_digest``; ``home`` too.
     """
     key = (path, algorithm, excluded) if excluded else (path, algorithm)
     if fs is not _LOCAL:
@@ -2315,7 +2868,7 @@ def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, exclu
                 st = _stat_of(fs, path, cache)
                 if st is None:
                     raise FileNotFoundError(path)
-            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs, st)
+            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs, st, home)
         except FileNotFoundError:
             cache[key] = None
     return cache[key]
@@ -2339,16 +2892,18 @@ def _stat_of(fs, path, cache):
     return cache[key]
 
 
-def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=None):
+def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=None, home=None):
     """Compare the ``recorded`` entry of ``path`` with what is there now.
 
     :param excluded: what a folder leaves out; by default, what the entry says it left out.
+    :param home: the records folder of the record that holds ``recorded``, where a folder
+        that no task made has its listing.
     :returns: (change, current): change is None while the digest matches, else "missing",
         "excluded" (what is left out changed) or "changed"; current is the entry as now found.
     """
     if excluded is None:
         excluded = tuple(recorded.get("excluded", ()))
-    current = _look(fs, path, algorithm, recorded, trust_mtime, cache, excluded=excluded)
+    current = _look(fs, path, algorithm, recorded, trust_mtime, cache, excluded=excluded, home=home)
     if current is None:
         return "missing", None
     if current.get("excluded", []) != recorded.get("excluded", []):
@@ -2358,9 +2913,28 @@ def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=N
     return None, current
 
 
-def _digests(recorded, current):
-    """What a changed digest looks like in every message: ``old -> new``, eight digits each."""
-    return f"{recorded['digest'][:8]} -> {current['digest'][:8]}"
+def _digests(recorded, current, shown=10):
+    """What a changed digest looks like in every message: ``old -> new``, eight digits each;
+    for a folder, then the first ``shown`` files changed and their count, when the listing
+    of the recorded folder was there to compare with, else the count of its files."""
+    text = f"{recorded['digest'][:8]} -> {current['digest'][:8]}"
+    if current.get("kind") != "dir" or recorded.get("kind") != "dir":
+        return text
+    files = _changed_files(recorded, current)
+    if files is None:
+        return f"{text}; {current.get('count', '?')} files, no listing of the recorded ones to compare with"
+    count, first = files
+    more = f" and {count - shown} more" if count > shown else ""
+    return f"{text}; {count} files changed: {', '.join(first[:shown])}{more}"
+
+
+def _changed_files(recorded, current):
+    """(count, first names) of the files changed in a folder since ``recorded``, or None
+    when the scan had no listing of the recorded folder to compare with."""
+    changes = getattr(current, "changes", None)
+    if changes is None or getattr(current, "base", None) != recorded.get("digest"):
+        return None
+    return changes
 
 
 def _param_changes(recorded, family, params):
@@ -2394,6 +2968,14 @@ def _stat_refreshed(recorded, current):
     process skip a hash; otherwise the recorded entry unchanged."""
     if current is recorded or current["kind"] != recorded["kind"]:
         return recorded
+    if current["kind"] == "dir":
+        # A new listing, written by the scan, when it spares the next check a hash, or new
+        # stats, which spare it the listing; the old format's inline files stay until the
+        # record is written for another reason.
+        moved = "stats" in current and (current["stats"], current.get("listing_digest")) != (recorded.get("stats"), recorded.get("listing_digest"))
+        if getattr(current, "worth", False) or moved:
+            return {**{k: v for k, v in recorded.items() if k not in _LISTED_KEYS}, **current, "path": recorded["path"]}
+        return recorded
     if current.get("token", recorded.get("token")) != recorded.get("token") or current.get("tokens", {}) != recorded.get("tokens", {}):
         # Same bytes under a new token (a re-upload): the new token spares the next hash.
         return {**recorded, **current, "path": recorded["path"]}
@@ -2401,10 +2983,6 @@ def _stat_refreshed(recorded, current):
         old = (recorded["size"], recorded["mtime_ns"], recorded["inode"], recorded["hashed_ns"])
         if _worth_refreshing(old, (current["size"], current["mtime_ns"], current["inode"], current["hashed_ns"])):
             return {**recorded, **current, "path": recorded["path"]}  # keeps keys such as "recorded"
-    if current["kind"] == "dir":
-        before = {item[0]: item[2:] for item in recorded.get("files", ())}
-        if any(_worth_refreshing(before.get(item[0]), item[2:]) for item in current["files"]):
-            return {**recorded, **current, "path": recorded["path"]}
     return recorded
 
 
@@ -2751,7 +3329,8 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     """Compare one output's record with the world; return (reason or None, refreshed record)."""
     algorithm = record["algorithm"]
     folder = os.path.dirname(path) if fs is _LOCAL else posixpath.dirname(path)
-    change, output = _compare_entry(fs, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=())
+    home = (os.path.dirname if fs is _LOCAL else posixpath.dirname)(_record_path(path, fs))
+    change, output = _compare_entry(fs, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=(), home=home)
     if change == "missing":
         return _reason("output missing"), None
     if change:
@@ -2776,7 +3355,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
         return _reason("reordered"), None
     inputs_now = []
     for target, recorded in zip(inputs, record["inputs"]):
-        reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "input", own, task)
+        reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "input", own, task, home)
         if reason:
             return reason, None
         inputs_now.append(entry)
@@ -2792,7 +3371,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
             return _reason("dynamic outputs", task=dep_task), None
         entries = []
         for target, recorded in zip(targets, dep["outputs"]):
-            reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "dynamic input", own, task)
+            reason, entry = _compare_target(target, recorded, algorithm, settings, cache, "dynamic input", own, task, home)
             if reason:
                 return reason, None
             entries.append(entry)
@@ -2806,13 +3385,13 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     return None, _remade(record, output=output_now, inputs=inputs_now, dynamic=dynamic_now)
 
 
-def _compare_target(target, recorded, algorithm, settings, cache, what, own=(), task=None):
+def _compare_target(target, recorded, algorithm, settings, cache, what, own=(), task=None, home=None):
     """Compare an input target with its ``recorded`` entry: (reason or None, refreshed entry)."""
     if isinstance(target, luigi.LocalTarget):
         path = _norm(target.path)
-        change, current = _compare_entry(_LOCAL, path, recorded, algorithm, settings.trust_mtime, cache, _excluded(path, own) if own else ())
+        change, current = _compare_entry(_LOCAL, path, recorded, algorithm, settings.trust_mtime, cache, _excluded(path, own) if own else (), home)
     elif (found := _storage_of(target, task)) is not None:
-        change, current = _compare_entry(found[0], found[1], recorded, algorithm, settings.trust_mtime, cache, ())
+        change, current = _compare_entry(found[0], found[1], recorded, algorithm, settings.trust_mtime, cache, (), home)
     else:
         current = _entry(target, algorithm, recorded, settings, cache)
         change = "missing" if current is None else "changed" if current["digest"] != recorded["digest"] else None
@@ -4157,6 +4736,7 @@ class _Verification:
         self.upstream = {}  # record path -> records of its inputs, once run() has walked them
         self.dynamic_edges = set()  # (record path, record of an input a dynamic dependency made)
         self.settled = {}  # record path -> the upstream record that alone makes it stale
+        self.files = {}  # record path -> (count, first names) of the files changed in its folder
 
     def own(self, record_path):
         """Check one record against the files alone, not its upstream."""
@@ -4181,25 +4761,28 @@ class _Verification:
         folder = os.path.dirname(output)
         fs = _located(output)[0]
         algorithm = record["algorithm"]
-        change, reason = self._compare(output, record["output"], algorithm, output=True)
+        home = (os.path.dirname if fs is _LOCAL else posixpath.dirname)(record_path)
+        change, reason = self._compare(output, record["output"], algorithm, home, record_path, output=True)
         if change == "missing":
             return ("missing", _reason("output missing"), record)
         if change:
             return ("modified", reason, record)
         for entry in record["inputs"] + [e for dep in record["dynamic"] for e in dep["outputs"]]:
-            change, reason = self._compare(_input_path(folder, entry["path"], fs), entry, algorithm)
+            change, reason = self._compare(_input_path(folder, entry["path"], fs), entry, algorithm, home, record_path)
             if change:
                 return ("stale", reason, record)
         return ("ok", "", record)
 
-    def _compare(self, path, entry, algorithm, output=False):
+    def _compare(self, path, entry, algorithm, home, record_path, output=False):
         """(change, reason) for the ``entry`` of ``path``, an input or the ``output``, by the
         build's comparison and with the build's texts."""
         if entry["kind"] == "custom":
             return None, None  # a third-party target: only the pipeline can hash it
         what = "output" if output else f"input {entry['path']}"
         try:
-            change, current = _compare_entry(*_located(path), entry, algorithm, self.trust_mtime, self.cache)
+            change, current = _compare_entry(*_located(path), entry, algorithm, self.trust_mtime, self.cache, home=home)
+            if change == "changed" and (files := _changed_files(entry, current)) is not None:
+                self.files[record_path] = files
         except StoreError as exc:
             return "unreadable", f"cannot be read ({exc})"
         except HashCheckError:
@@ -4283,6 +4866,26 @@ def _progress(total):
     return report
 
 
+def _files_progress():
+    """A progress callback(done, total, folder) for the files of large folders, on stderr:
+    files checked, their rate and the time left; shown only on a terminal, after a second."""
+    if not sys.stderr.isatty():
+        return None
+    started = {}
+    last = [0.0]
+
+    def report(done, total, folder):
+        now = time.monotonic()
+        began = started.setdefault(folder, now)
+        if now - began > 1 and now - last[0] > 0.2:
+            last[0] = now
+            rate = done / (now - began)
+            left = f", {(total - done) / rate:.0f} s left" if total and rate else ""
+            print(f"\rchecked {done} files of {total} in {_show(folder)}, {rate:.0f} files/s{left}\033[K", end="", file=sys.stderr, flush=True)
+
+    return report
+
+
 # What verify, which has no pipeline code, cannot see: said once after its summary.
 _VERIFY_NOTE = (
     "luigi-hashcheck: verify compares records with the files only; it cannot see code or parameter "
@@ -4295,15 +4898,29 @@ def _cmd_verify(args):
     progress = None if args.quiet else _progress(len(records))
     trust_mtime = not args.no_trust_mtime and _settings().trust_mtime
     verification = _Verification(trust_mtime, progress)
-    results = verification.run(records)
+    # verify writes nothing, and so keeps no new listing; a large folder shows its progress.
+    kept = _keeping_listings.set(False)
+    shown = _folder_progress.set(None if args.quiet else _files_progress())
+    try:
+        results = verification.run(records)
+    finally:
+        _keeping_listings.reset(kept)
+        _folder_progress.reset(shown)
     if progress:
         print("\r\033[K", end="", file=sys.stderr)
     counts = collections.Counter(status for _, status, _ in results)
     if args.dot:
         print(_dot(*_record_graph(verification)), end="")
     elif args.json:
+        def shown(record_path, status, reason):
+            found = {"path": _show(verification.output_of(record_path)), "record": _show(record_path), "status": status, "reason": reason}
+            if status != "ok" and record_path in verification.files:
+                count, first = verification.files[record_path]
+                found["files"] = {"changed": first[:_SHOWN_CHANGES], "count": count}
+            return found
+
         document = {
-            "outputs": [{"path": _show(verification.output_of(p)), "record": _show(p), "status": s, "reason": r} for p, s, r in results],
+            "outputs": [shown(*result) for result in results],
             "counts": {status: counts[status] for status in _STATUSES},
         }
         print(json.dumps(document, indent=1))
@@ -4447,16 +5064,20 @@ def _cmd_explain(args):
 def _explain(root, settings, graph=None):
     """Print the tree below ``root`` with each task's verdict, from the build's own walk;
     or, with ``graph`` "dot" or "mermaid", the same verdicts as a picture."""
-    with _inspection(settings) as memo:
-        walk = _walk([root], memo, explore=True)
-        if graph:
-            # The recorded dynamic dependencies an up-to-date task was walked into, for
-            # dashed edges: those beyond its static ones.
-            dynamic = {}
-            for task in walk.order:
-                if _checked(task) and walk.verdicts[task.task_id].ok:
-                    static = {dep.task_id for dep in _deps_and_inputs(task)[0]}
-                    dynamic[task.task_id] = {d.task_id for d in walk.children[task.task_id]} - static
+    kept = _keeping_listings.set(False)  # explain writes nothing
+    try:
+        with _inspection(settings) as memo:
+            walk = _walk([root], memo, explore=True)
+            if graph:
+                # The recorded dynamic dependencies an up-to-date task was walked into, for
+                # dashed edges: those beyond its static ones.
+                dynamic = {}
+                for task in walk.order:
+                    if _checked(task) and walk.verdicts[task.task_id].ok:
+                        static = {dep.task_id for dep in _deps_and_inputs(task)[0]}
+                        dynamic[task.task_id] = {d.task_id for d in walk.children[task.task_id]} - static
+    finally:
+        _keeping_listings.reset(kept)
     if graph:
         nodes, edges = _task_graph(walk, dynamic)
         print((_dot if graph == "dot" else _mermaid)(nodes, edges), end="")

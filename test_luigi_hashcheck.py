@@ -95,6 +95,25 @@ def record_of(path):
         return json.load(f)
 
 
+def listing_of(output, entry=None, folder=None):
+    """The lines of the listing that a folder entry names, as lists [name, digest, size,
+    mtime_ns, inode, hashed_ns, token] of strings: by default the output's own; an input's
+    listing is beside its ``folder`` or in the output's records folder."""
+    records = os.path.join(os.path.dirname(os.path.abspath(str(output))), ".luigi_hashes")
+    entry = entry or record_of(output)["output"]
+    places = [records] + ([os.path.join(os.path.dirname(os.path.abspath(str(folder))), ".luigi_hashes")] if folder else [])
+    for place in places:
+        path = os.path.join(place, entry["listing"])
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            assert hashlib.sha256(data).hexdigest() == entry["listing_digest"]
+            header, *lines = data.decode("utf-8", "surrogateescape").split("\n")
+            assert header == "luigi_hashcheck listing 1" and lines.pop() == ""
+            return [line.split("\t") for line in lines]
+    raise AssertionError(f"no listing {entry['listing']} in {places}")
+
+
 def age(root, seconds=100):
     """Set every file's mtime into the past, as if built long ago."""
     then = time.time() - seconds
@@ -1002,7 +1021,7 @@ def test_files_in_a_directory_are_not_hashed_again(root):
     assert build(Folder(root))
     age(root)
     assert build(Folder(root))  # re-hashes the aged files once and refreshes the record
-    assert [f[0] for f in record_of(os.path.join(root, "folder"))["output"]["files"]] == ["one.txt", "sub/two.txt"]
+    assert [f[0] for f in listing_of(os.path.join(root, "folder"))] == ["one.txt", "sub/two.txt"]
     as_new_process()
     assert Folder(root).complete()
     assert counters["reads"] == 0
@@ -1071,7 +1090,7 @@ def test_a_symlink_loop_in_a_folder_output_or_input_counts_by_its_target(root, c
     os.symlink("loop1", os.path.join(root, "raw", "loop2"))
     assert build(LoopFolder(root), ReadLoopFolder(root))
     assert sorted(ran(root)) == ["LoopFolder", "ReadLoopFolder"]
-    files = {item[0]: item[1] for item in record_of(os.path.join(root, "looped"))["output"]["files"]}
+    files = {item[0]: item[1] for item in listing_of(os.path.join(root, "looped"))}
     assert files == {"a": "link:b", "b": "link:a", "file.txt": hashlib.sha256(b"x").hexdigest()}
     assert build(LoopFolder(root), ReadLoopFolder(root))
     assert ran(root) == []
@@ -2451,7 +2470,7 @@ def test_an_output_inside_its_own_input_folder_is_left_out_of_its_digest(root, c
     assert build(Manifest(root))
     assert ran(root) == ["Manifest"]
     entry = record_of(os.path.join(root, "raw", "MANIFEST"))["inputs"][0]
-    assert entry["excluded"] == ["MANIFEST"] and [item[0] for item in entry["files"]] == ["x.csv"]
+    assert entry["excluded"] == ["MANIFEST"] and [item[0] for item in listing_of(os.path.join(root, "raw", "MANIFEST"), entry, os.path.join(root, "raw"))] == ["x.csv"]
     assert build(Manifest(root))
     assert ran(root) == []
     code, out, _ = cli_main(["verify", root], capsys)
@@ -5715,6 +5734,278 @@ def test_an_abandoned_rerun_whose_dynamic_dependency_fails_gets_its_outputs_back
     assert build(TrainsAfterYield(root), workers=workers)  # still stale, and nothing holds it back
     assert ran(root) == ["TrainsAfterYield"]
     assert read(os.path.join(root, "model.bin")) == "a day of training on v2"
+
+###############################################################################
+# Folders of many files #######################################################
+###############################################################################
+#
+# A folder's files are listed once, in a listing beside its record; records hold digests.
+# 20,000 files in 20 subfolders: a few seconds to make, and far past any inline list.
+
+LARGE = 20_000
+
+
+def make_tiles(folder, count=LARGE, per=1000):
+    for sub in range(count // per):
+        os.makedirs(os.path.join(folder, f"d{sub:03d}"), exist_ok=True)
+        for i in range(per):
+            fd = os.open(os.path.join(folder, f"d{sub:03d}", f"t{i:05d}.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, b'{"tile": %d}' % (sub * per + i))
+            os.close(fd)
+
+
+class Tiles(HashCheckingTask):
+    root = luigi.Parameter(significant=False)  # so a copied tree's records still hold
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "tiles"))
+
+    def run(self):
+        note_run(self.root, "Tiles")
+        with self.output().temporary_path() as tmp:
+            make_tiles(tmp)
+
+
+class CountTiles(HashCheckingTask):
+    root = luigi.Parameter(significant=False)  # so a copied tree's records still hold
+    name = luigi.Parameter(default="count")
+
+    def requires(self):
+        return Tiles(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, self.name + ".txt"))
+
+    def run(self):
+        note_run(self.root, self.name)
+        count = sum(len(files) for _folder, _dirs, files in os.walk(self.input().path))
+        write(self.output().path, str(count))
+
+
+class RawFolder(luigi.ExternalTask):
+    path = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(self.path)
+
+
+class CountRaw(HashCheckingTask):
+    """Reads a folder that no task made."""
+
+    root = luigi.Parameter(significant=False)  # so a copied tree's records still hold
+
+    def requires(self):
+        return RawFolder(os.path.join(self.root, "raw"))
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "out", "raw-count.txt"))
+
+    def run(self):
+        note_run(self.root, "CountRaw")
+        write(self.output().path, str(sum(len(files) for _folder, _dirs, files in os.walk(self.input().path))))
+
+
+def steady(root, *tasks):
+    """Build, age every file, and build again, so that the records vouch for the files."""
+    assert build(*tasks)
+    age(root)
+    assert build(*tasks)
+    as_new_process()
+
+
+def sidecars(folder):
+    return sorted(name for name in os.listdir(os.path.join(folder, ".luigi_hashes")) if name.endswith(".list"))
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """A steady tiles folder and two consumers, made once, copied for each test."""
+    root = str(tmp_path_factory.mktemp("tiled"))
+    steady(root, CountTiles(root), CountTiles(root, name="other"))
+    return root
+
+
+@pytest.fixture
+def tiles(tiled, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(tiled, root, symlinks=True)
+    ran(root)
+    age(root)  # a copy has new inodes: the first check hashes again, and the records are refreshed
+    assert build(CountTiles(root), CountTiles(root, name="other"))
+    assert ran(root) == []
+    as_new_process()
+    return root
+
+
+def test_a_folder_listing_is_stored_once_and_records_stay_small(tiles):
+    record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
+    assert os.path.getsize(record_file) < 2048
+    entry = record_of(os.path.join(tiles, "tiles"))["output"]
+    assert entry["count"] == LARGE and "files" not in entry
+    assert sidecars(tiles) == [entry["listing"]] and entry["listing"] == f"tiles.{entry['listing_digest'][:16]}.list"
+    lines = listing_of(os.path.join(tiles, "tiles"))
+    assert len(lines) == LARGE and [line[0] for line in lines] == sorted(line[0] for line in lines)
+    for consumer in ("count", "other"):
+        record = record_of(os.path.join(tiles, consumer + ".txt"))
+        (entry,) = record["inputs"]
+        # A reader names its maker's listing, and holds no copy of it.
+        assert len(json.dumps(entry)) <= 4096 and "files" not in entry
+        assert entry["listing"] == record_of(os.path.join(tiles, "tiles"))["output"]["listing"]
+        assert os.path.getsize(os.path.join(tiles, ".luigi_hashes", consumer + ".txt.json")) < 4096
+    assert sidecars(tiles) == [entry["listing"]]
+
+
+def test_a_no_op_check_of_a_large_folder_reads_no_file_nor_its_listing(tiles, monkeypatch):
+    opened = []
+    real = hc._read_blocks  # private: the one call through which listings are read
+    monkeypatch.setattr(hc._LocalStorage, "read_blocks", staticmethod(lambda path: opened.append(path) or real(path)))
+    assert build(CountTiles(tiles), CountTiles(tiles, name="other"))
+    assert ran(tiles) == [] and counters["reads"] == 0 and opened == []
+
+
+@pytest.mark.parametrize("edit", ["edited", "added", "removed", "renamed"])
+def test_one_file_changed_in_a_large_folder_is_the_only_one_hashed_and_named(tiles, edit, capsys):
+    folder = os.path.join(tiles, "tiles")
+    path = os.path.join(folder, "d007", "t00123.json")
+    if edit == "edited":
+        write(path, '{"tile": 99999}')
+    elif edit == "added":
+        write(os.path.join(folder, "d007", "new.json"), "{}")
+    elif edit == "removed":
+        os.remove(path)
+    else:
+        os.rename(path, os.path.join(folder, "d019", "moved.json"))
+    assert not Tiles(tiles).complete()
+    assert counters["reads"] == {"edited": 1, "added": 1, "removed": 0, "renamed": 1}[edit]
+    as_new_process()
+    _code, out, _ = cli_main(["explain", "--module", __name__, "Tiles", "--root", tiles], capsys)
+    named = {
+        "edited": "1 files changed: edited d007/t00123.json",
+        "added": "1 files changed: added d007/new.json",
+        "removed": "1 files changed: removed d007/t00123.json",
+        "renamed": "2 files changed: removed d007/t00123.json, added d019/moved.json",
+    }[edit]
+    assert named in out, out
+    assert build(CountTiles(tiles))
+    assert ran(tiles) == ["Tiles"]  # which makes the same tiles again: its reader is spared
+
+
+def test_many_changed_files_are_named_ten_at_a_time_with_a_count(tiles, capsys):
+    for i in range(25):
+        write(os.path.join(tiles, "tiles", "d003", f"t00{i:03d}.json"), "changed")
+    _code, out, _ = cli_main(["explain", "--module", __name__, "Tiles", "--root", tiles], capsys)
+    assert "25 files changed: edited d003/t00000.json, " in out and " and 15 more" in out, out
+    _code, out, _ = cli_main(["verify", "--json", os.path.join(tiles, "tiles")], capsys)
+    (document,) = [o for o in json.loads(out)["outputs"] if o["path"].endswith("tiles")]
+    assert document["status"] == "modified" and document["files"]["count"] == 25 and len(document["files"]["changed"]) == 25
+
+
+@pytest.mark.parametrize("damage", ["damaged", "truncated", "missing", "not a listing"])
+def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tiles, damage, caplog):
+    entry = record_of(os.path.join(tiles, "tiles"))["output"]
+    path = os.path.join(tiles, ".luigi_hashes", entry["listing"])
+    with open(path, "rb") as f:
+        data = f.read()
+    if damage == "damaged":
+        data = data.replace(b"t00001.json\t", b"t00001.json\tx")
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "not a listing":
+        data = b"[]\n"
+    os.remove(path)
+    if damage != "missing":
+        write(path, data.decode("utf-8"))
+    then = time.time() - 50
+    os.utime(os.path.join(tiles, "tiles", "d000", "t00000.json"), (then, then))  # so the check needs the listing
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(CountTiles(tiles), CountTiles(tiles, name="other"))
+    assert ran(tiles) == []
+    warned = [r.getMessage() for r in caplog.records if "listing" in r.getMessage()]
+    assert len(warned) == 1 and entry["listing"] in warned[0] and "nothing is rebuilt" in warned[0], warned
+    assert LARGE <= counters["reads"] <= LARGE + 1  # the touched file may be hashed before the damage shows
+    # The full hash matched, and its listing replaced the lost one.
+    as_new_process()
+    assert sidecars(tiles) == [record_of(os.path.join(tiles, "tiles"))["output"]["listing"]]
+    assert build(CountTiles(tiles)) and counters["reads"] == 0
+
+
+def test_a_folder_recorded_the_old_way_is_checked_the_old_way_then_rewritten_the_new_way(tiles, caplog):
+    output = os.path.join(tiles, "tiles")
+    record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
+    record = record_of(output)
+    lines = listing_of(output)
+    # Today's format before sidecars: every file inline, in the record.
+    old = {k: v for k, v in record["output"].items() if k not in ("count", "stats", "listing", "listing_digest")}
+    old["files"] = [[rel, digest, int(size), int(mtime), int(inode), int(hashed)] for rel, digest, size, mtime, inode, hashed, _token in lines]
+    record["output"] = old
+    for name in sidecars(tiles):
+        os.remove(os.path.join(tiles, ".luigi_hashes", name))
+    with open(record_file, "w") as f:
+        json.dump(record, f)
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert Tiles(tiles).complete()
+    assert counters["reads"] == 0 and not [r for r in caplog.records if "listing" in r.getMessage()]
+    # That first check refreshed the record, in the new format: its stats spare the next
+    # check the listing.
+    entry = record_of(output)["output"]
+    assert "files" not in entry and entry["count"] == LARGE and sidecars(tiles) == [entry["listing"]]
+    assert len(listing_of(output)) == LARGE
+
+
+def test_a_raw_folder_keeps_one_listing_beside_its_readers_record(tmp_path, capsys):
+    root = str(tmp_path)
+    make_tiles(os.path.join(root, "raw"))
+    steady(root, CountRaw(root))
+    assert ran(root) == ["CountRaw"]
+    (entry,) = record_of(os.path.join(root, "out", "raw-count.txt"))["inputs"]
+    assert len(json.dumps(entry)) <= 4096 and entry["listing"].startswith("raw-count.txt.")
+    assert sidecars(os.path.join(root, "out")) == [entry["listing"]]
+    assert not os.path.exists(os.path.join(root, ".luigi_hashes"))  # nothing written beside raw data
+    assert len(listing_of(os.path.join(root, "out", "raw-count.txt"), entry)) == LARGE
+    assert build(CountRaw(root)) and ran(root) == [] and counters["reads"] == 0
+    write(os.path.join(root, "raw", "d001", "t00001.json"), "edited")
+    as_new_process()
+    _code, out, _ = cli_main(["explain", "--module", __name__, "CountRaw", "--root", root], capsys)
+    assert "edited d001/t00001.json" in out, out
+    assert build(CountRaw(root)) and ran(root) == ["CountRaw"]
+    entry = record_of(os.path.join(root, "out", "raw-count.txt"))["inputs"][0]
+    assert sidecars(os.path.join(root, "out")) == [entry["listing"]]  # the old one is gone
+
+
+def test_forget_removes_a_records_listings(tiles, capsys):
+    code, _out, _ = cli_main(["forget", os.path.join(tiles, "tiles")], capsys)
+    assert code == 0 and sidecars(tiles) == []
+
+
+KILL_DURING_LISTING = """
+import os, sys, luigi, luigi_hashcheck as hc, test_luigi_hashcheck as t
+real = hc._replace_from
+def dying(path, source):
+    # Die with the temporary file half written, as a kill -9 would leave it.
+    name = os.path.join(os.path.dirname(path), hc._temporary_prefix(os.path.basename(path)) + hc._HOST + "~" + str(os.getpid()) + "~dead.tmp")
+    with open(name, "wb") as f:
+        f.write(os.pread(source.fileno(), 1000, 0))
+    os._exit(9)
+hc._LocalStorage.replace_from = staticmethod(dying)
+luigi.build([t.Tiles(sys.argv[1])], local_scheduler=True, log_level="WARNING")
+"""
+
+
+def test_a_kill_while_a_listing_is_written_leaves_the_old_record_and_listing_good(tiles):
+    output = os.path.join(tiles, "tiles")
+    before = record_of(output)
+    then = time.time() - 50
+    os.utime(os.path.join(output, "d000", "t00000.json"), (then, then))  # a refresh will write a new listing
+    result = run_python(["-c", KILL_DURING_LISTING, tiles], tiles)
+    assert result.returncode == 9, result.stderr
+    assert record_of(output) == before and sidecars(tiles) == [before["output"]["listing"]]
+    assert [n for n in os.listdir(os.path.join(tiles, ".luigi_hashes")) if n.endswith(".tmp")]
+    as_new_process()
+    assert build(CountTiles(tiles), CountTiles(tiles, name="other"))
+    assert ran(tiles) == [] and counters["reads"] == 1  # only the touched file
+    assert not [n for n in os.listdir(os.path.join(tiles, ".luigi_hashes")) if n.endswith(".tmp")]
+    assert sidecars(tiles) == [record_of(output)["output"]["listing"]]
+
 
 ###############################################################################
 # Other stores: Mock and S3 ###################################################
