@@ -82,6 +82,7 @@ import inspect
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import posixpath
 import shlex
@@ -4375,8 +4376,15 @@ def _drive(task, generator, state):
         _after_run(task, state)
     except GeneratorExit:
         # Abandoned for new dynamic dependencies: the outputs stay aside, locked, until the
-        # task runs again (in a forked child, until the child ends).
-        _abandoned[task.task_id], state.aside = state.aside, []
+        # task runs again in this process. A forked worker never runs it again, and Luigi
+        # may start the rerun in another child before this one has exited, so its locks go
+        # now, not with the process; the copies stay aside for the rerun's check to put back.
+        if isinstance(multiprocessing.current_process(), luigi.worker.TaskProcess):
+            for path in state.aside:
+                _release_stale_lock(_stale_paths(path)[2])
+        else:
+            _abandoned[task.task_id] = state.aside
+        state.aside = []
         raise
     finally:
         _end_rerun(task, state)

@@ -5573,6 +5573,38 @@ def test_a_generator_run_abandoned_for_new_dependencies_keeps_its_outputs_aside(
     assert Gen(root).complete()
 
 
+def test_a_rerun_starts_while_its_abandoned_forked_worker_is_still_ending(root, monkeypatch):
+    # Found by the differential test under load: Luigi starts the rerun as soon as the
+    # abandoned child has reported, and a child that had not yet exited still held the locks
+    # of the outputs it set aside, so the rerun failed ("another run ... holds").
+    assert build(Gen(root))
+    write(os.path.join(root, "seed.txt"), "changed")
+    os.remove(os.path.join(root, "gendep.txt"))
+    ran(root)
+    done = os.path.join(root, "gen-rerun-done")
+    original = luigi.worker.TaskProcess.run
+
+    def run(self):
+        original(self)  # the result is reported; the child ends after this
+        if type(self.task) is not Gen:
+            return
+        note_run(root, "try")
+        if read(os.path.join(root, "runs.log")).count("try") > 1:
+            write(done, "")
+            return
+        # The abandoned child stays alive until the rerun's child has ended.
+        deadline = time.monotonic() + 60
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(luigi.worker.TaskProcess, "run", run)
+    assert build(Gen(root), workers=2)
+    assert [name for name in ran(root) if name != "try"] == ["Gen", "GenDep", "Gen"]
+    assert read(os.path.join(root, "gen.txt")) == "changed" + read(os.path.join(root, "gendep.txt"))
+    assert not any(n.endswith((".stale-output", ".stale-record")) for n in records_folder_names(root))
+    assert Gen(root).complete()
+
+
 class Financials(HashCheckingTask):
     """Reads data/financials.csv in run(); declares it only through extra_inputs() when asked."""
 
