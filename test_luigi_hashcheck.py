@@ -6791,6 +6791,14 @@ def test_benchmark_quick_mode_runs(tmp_path):
         assert figures[name]["pairs" if name != "scaling" else "tasks"]
     assert figures["one_seed"]["reran"] == 6 and figures["one_seed"]["chains_rerun"] == [1]
     assert figures["hashing"]["peak_rss_mib"] < 64
+    # The folder figures (issue 13), at 5,000 files: no folder no-op ran a task.
+    assert figures["folder_noop_vs_floor"]["files"] == 5000 and figures["folder_noop_vs_floor"]["pairs"]
+    assert figures["folder_create_vs_pool"]["pairs"] and figures["folder_rss"]["noop_mb"] > 0
+    assert figures["folder_scaling"]["files"] == [10, 1000, 5000] and figures["folder_reruns"] == []
+    # One file changed needs the folder's listing beside it, which a module that keeps the
+    # listing in the record does not write: then all three are skipped, and say why.
+    changed = [figures[name] for name in ("folder_one_edit", "folder_one_added", "folder_one_removed")]
+    assert all(c.get("pairs") for c in changed) or all(c.get("skipped", "").startswith("no .luigi_hashes/tiles.") for c in changed), changed
 
 
 def test_benchmark_against_another_checkout_runs(tmp_path):

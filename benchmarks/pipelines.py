@@ -135,7 +135,7 @@ def write_tiles(folder, n, mtime_ns=None):
 
 
 def note_run(root, name):
-    """Log a run, so the benchmark can tell that a no-op ran nothing."""
+    """Log a run, so the benchmark can tell that its no-ops ran nothing."""
     with open(os.path.join(root, "runs.log"), "a") as f:
         f.write(f"{name}\n")
 
