@@ -887,6 +887,7 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, help="pairs per figure (default 6, quick 2, --huge 2)")
     parser.add_argument("--against", metavar="PATH", help="time this module against the luigi_hashcheck.py in PATH, a checkout of an older commit")
     parser.add_argument("--folders", action="store_true", help="only the folder figures: 1,000,000 files (quick: 5,000)")
+    parser.add_argument("--files", type=int, metavar="N", help="the folder figures at N files, scaling at N/10 and N (default 1,000,000, quick 5,000)")
     parser.add_argument("--huge", action="store_true", help=f"only the folder no-op against its floor, at {HUGE_FILES:,} files: by hand, about 45 GB")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
@@ -894,6 +895,10 @@ def main(argv=None):
         p["pairs"] = 2  # one A B B A round: each side takes minutes
     if args.pairs:
         p["pairs"] = args.pairs
+    if args.files is not None and args.files < 1000:
+        parser.error("--files: at least 1,000, as scaling takes a tenth of it against a folder of 10")
+    if args.files:
+        p["folder_files"], p["folder_scaling"] = args.files, (args.files // 10, args.files)
     if args.against:
         return main_against(p, args.against, args.quick)
     if args.folders or args.huge:
