@@ -1079,8 +1079,7 @@ class _RemoteStorage:
         yield data
 
     def replace_from(self, path, source):
-        source.seek(0)
-        self.replace(path, source.read())
+        self.replace(path, b"".join(_pending_blocks(source)))
 
     def sidecars(self, records, stem):
         try:
@@ -1804,7 +1803,11 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     h = hashlib.new(algorithm)
     chunks = []
     count = 0
+    report = _folder_progress.get()
+    total = known.get("count") if known else None
     for run in fs.runs(path, excluded):
+        if report:
+            report(count, total, path)
         lines = []
         for rel, full, link, fst in run:
             if link:
@@ -2498,9 +2501,10 @@ def _with_listings(record, record_path, fs):
         if entry.get("kind") != "dir" or not ("files" in entry or entry.get("listing_digest")):
             return entry
         algorithm = record["algorithm"]
-        if "files" in entry:
+        if "files" in entry and not entry.get("listing_digest"):
             digest = _listing_from_files(entry, algorithm)
             entry = {**{k: v for k, v in entry.items() if k not in _LISTED_KEYS}, "count": len(entry["files"]), "listing_digest": digest}
+        entry = {k: v for k, v in entry.items() if k not in ("files", "tokens")}
         digest = entry["listing_digest"]
         if not own and entry.get("recorded"):
             maker = _stem(_record_path(path, fs))
@@ -5033,6 +5037,8 @@ def _accepted(name, path, entry, algorithm, trust_mtime, cache, changes):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     if change:
         changes.append(f"{name} {_digests(entry, found)}")
+    if found["kind"] == "dir":  # a new scan's listing keys replace the old ones, all together
+        entry = {k: v for k, v in entry.items() if k not in _LISTED_KEYS}
     return {**entry, **found, "path": entry["path"]}
 
 

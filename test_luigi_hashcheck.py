@@ -5772,7 +5772,8 @@ def test_an_abandoned_rerun_whose_dynamic_dependency_fails_gets_its_outputs_back
 ###############################################################################
 #
 # A folder's files are listed once, in a listing beside its record; records hold digests.
-# 20,000 files in 20 subfolders: a few seconds to make, and far past any inline list.
+# 20,000 files in 20 subfolders: a few seconds to make, and far past any inline list. Marked
+# folders: .ci/run runs them once, with README's command, not on every Python and Luigi.
 
 LARGE = 20_000
 
@@ -5869,6 +5870,7 @@ def tiles(tiled, tmp_path):
     return root
 
 
+@pytest.mark.folders
 def test_a_folder_listing_is_stored_once_and_records_stay_small(tiles):
     record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
     assert os.path.getsize(record_file) < 2048
@@ -5887,6 +5889,7 @@ def test_a_folder_listing_is_stored_once_and_records_stay_small(tiles):
     assert sidecars(tiles) == [entry["listing"]]
 
 
+@pytest.mark.folders
 def test_a_no_op_check_of_a_large_folder_reads_no_file_nor_its_listing(tiles, monkeypatch):
     opened = []
     real = hc._read_blocks  # private: the one call through which listings are read
@@ -5895,6 +5898,7 @@ def test_a_no_op_check_of_a_large_folder_reads_no_file_nor_its_listing(tiles, mo
     assert ran(tiles) == [] and counters["reads"] == 0 and opened == []
 
 
+@pytest.mark.folders
 @pytest.mark.parametrize("edit", ["edited", "added", "removed", "renamed"])
 def test_one_file_changed_in_a_large_folder_is_the_only_one_hashed_and_named(tiles, edit, capsys):
     folder = os.path.join(tiles, "tiles")
@@ -5922,6 +5926,7 @@ def test_one_file_changed_in_a_large_folder_is_the_only_one_hashed_and_named(til
     assert ran(tiles) == ["Tiles"]  # which makes the same tiles again: its reader is spared
 
 
+@pytest.mark.folders
 def test_many_changed_files_are_named_ten_at_a_time_with_a_count(tiles, capsys):
     for i in range(25):
         write(os.path.join(tiles, "tiles", "d003", f"t00{i:03d}.json"), "changed")
@@ -5932,6 +5937,7 @@ def test_many_changed_files_are_named_ten_at_a_time_with_a_count(tiles, capsys):
     assert document["status"] == "modified" and document["files"]["count"] == 25 and len(document["files"]["changed"]) == 25
 
 
+@pytest.mark.folders
 @pytest.mark.parametrize("damage", ["damaged", "truncated", "missing", "not a listing"])
 def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tiles, damage, caplog):
     entry = record_of(os.path.join(tiles, "tiles"))["output"]
@@ -5961,6 +5967,7 @@ def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tile
     assert build(CountTiles(tiles)) and counters["reads"] == 0
 
 
+@pytest.mark.folders
 def test_a_folder_recorded_the_old_way_is_checked_the_old_way_then_rewritten_the_new_way(tiles, caplog):
     output = os.path.join(tiles, "tiles")
     record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
@@ -5984,6 +5991,7 @@ def test_a_folder_recorded_the_old_way_is_checked_the_old_way_then_rewritten_the
     assert len(listing_of(output)) == LARGE
 
 
+@pytest.mark.folders
 def test_a_raw_folder_keeps_one_listing_beside_its_readers_record(tmp_path, capsys):
     root = str(tmp_path)
     make_tiles(os.path.join(root, "raw"))
@@ -6004,6 +6012,31 @@ def test_a_raw_folder_keeps_one_listing_beside_its_readers_record(tmp_path, caps
     assert sidecars(os.path.join(root, "out")) == [entry["listing"]]  # the old one is gone
 
 
+@pytest.mark.folders
+def test_accept_of_an_edited_large_folder_writes_its_new_listing(tiles, capsys):
+    write(os.path.join(tiles, "tiles", "d005", "t00005.json"), "by hand")
+    code, out, _ = cli_main(["accept", os.path.join(tiles, "tiles")], capsys)
+    assert code == 0 and "1 files changed: edited d005/t00005.json" in out, out
+    entry = record_of(os.path.join(tiles, "tiles"))["output"]
+    assert "files" not in entry and sidecars(tiles) == [entry["listing"]]
+    lines = {line[0]: line[1] for line in listing_of(os.path.join(tiles, "tiles"))}
+    assert len(lines) == LARGE and lines["d005/t00005.json"] == hashlib.sha256(b"by hand").hexdigest()
+    as_new_process()
+    assert Tiles(tiles).complete()
+
+
+@pytest.mark.folders
+def test_verify_shows_its_progress_through_a_large_folder(tiles, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    clock = iter(itertools.count(0, 0.5))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    os.utime(os.path.join(tiles, "tiles", "d000", "t00000.json"), (time.time() - 50,) * 2)
+    code, _out, err = cli_main(["verify", os.path.join(tiles, "tiles")], capsys)
+    assert code == 0
+    assert re.search(r"checked \d+ files of 20000 in \S*tiles, \d+ files/s, \d+ s left", err), err
+
+
+@pytest.mark.folders
 def test_forget_removes_a_records_listings(tiles, capsys):
     code, _out, _ = cli_main(["forget", os.path.join(tiles, "tiles")], capsys)
     assert code == 0 and sidecars(tiles) == []
@@ -6023,6 +6056,7 @@ luigi.build([t.Tiles(sys.argv[1])], local_scheduler=True, log_level="WARNING")
 """
 
 
+@pytest.mark.folders
 def test_a_kill_while_a_listing_is_written_leaves_the_old_record_and_listing_good(tiles):
     output = os.path.join(tiles, "tiles")
     before = record_of(output)
