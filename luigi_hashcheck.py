@@ -775,48 +775,64 @@ def _remove_output(path):
         os.remove(path)
 
 
-def _sorted_runs(root, excluded=()):
-    """Yield a folder's files as lists of (relative posix path, absolute path, is_link, stat),
-    in the order of their sorted relative paths, each list a run of one folder's files.
+def _stat_chunks(root, excluded=()):
+    """Yield a folder's files as chunks of stat lines, ``NAME<TAB>SIZE<TAB>MTIME_NS<TAB>INODE``
+    (or ``NAME<TAB>link:TARGET`` for a link that counts by its target's name), in the order
+    of their sorted relative posix paths, with names escaped as listings hold them.
 
-    The order is that of ``sorted()`` over the whole relative paths, which listings and
-    folder digests use, without holding more than one folder's entries per level: a
+    That order is the one of ``sorted()`` over the whole relative paths, which listings and
+    folder digests use, reached without holding more than one folder's entries per level: a
     subfolder sorts as its name plus "/", as all its paths begin so. Skips what _list_dir
-    skips. ``is_link`` marks a link that counts by its target's name; its stat is None.
+    skips. A no-op check of a folder is this walk alone, so it is written for speed: one
+    stat per file, as a bare walk makes, and one string per file.
+
+    :raises HashCheckError: for a file that is not a regular file, a folder or a link.
     """
     skip = set(excluded)
-    stack = [_sorted_entries(root, "", skip)]
-    while stack:
-        prefix, entries = stack[-1]
-        run = []
-        for key, entry in entries:
-            if key[-1] == "/":
-                stack.append(_sorted_entries(entry.path, prefix + key, skip))
+    frames = [_stat_frame(root, "", "", skip)]
+    while frames:
+        frame = frames[-1]
+        items, index, lines = frame[0], frame[1], []
+        while index < len(items):
+            key, line, folder = items[index]
+            index += 1
+            if line is None:
+                frame[1] = index
+                frames.append(_stat_frame(folder, frame[2] + key, frame[3] + _escape(key), skip))
                 break
-            if entry.is_symlink() and _counts_by_name(entry):
-                run.append((prefix + key, entry.path, True, None))
-            else:
-                run.append((prefix + key, entry.path, False, entry.stat()))
+            lines.append(line)
         else:
-            stack.pop()
-        if run:
-            yield run
+            frames.pop()
+        if lines:
+            yield "".join(lines)
 
 
-def _sorted_entries(folder, prefix, skip):
-    """(prefix, iterator of (sort key, DirEntry)) of one folder, for _sorted_runs."""
+def _stat_frame(folder, prefix, escaped, skip):
+    """[sorted (key, stat line or None for a subfolder, its path), next index, prefix,
+    escaped prefix] of one folder, for _stat_chunks."""
+    items = []
     with os.scandir(folder) as found:
-        entries = []
         for entry in found:
-            if skip and prefix + entry.name in skip:
+            name = entry.name
+            if skip and prefix + name in skip:
                 continue
             if entry.is_dir(follow_symlinks=False):
-                if entry.name != RECORD_DIR:
-                    entries.append((entry.name + "/", entry))
+                if name != RECORD_DIR:
+                    items.append((name + "/", None, entry.path))
+                continue
+            shown = name if name.isprintable() and "\\" not in name else _escape(name)
+            if entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+            elif entry.is_symlink() and _counts_by_name(entry):
+                items.append((name, f"{escaped}{shown}\tlink:{_escape(os.readlink(entry.path))}\n", None))
+                continue
             else:
-                entries.append((entry.name, entry))
-    entries.sort(key=_first)
-    return prefix, iter(entries)
+                st = entry.stat()  # a link to a file counts by the file
+                if not stat.S_ISREG(st.st_mode):
+                    raise HashCheckError(f"{entry.path} is not a regular file or directory; only those can be hashed")
+            items.append((name, f"{escaped}{shown}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\n", None))
+    items.sort(key=_first)
+    return [items, 0, prefix, escaped]
 
 
 def _first(pair):
@@ -894,8 +910,8 @@ class _LocalStorage:
       dead writers' leftovers; ``replace(path, data)``: write a record atomically.
     - ``lock(records, timeout)``: a context manager; a no-op for stores without locks.
     - ``remove_record(path, timeout)``, under the folder's lock, and ``remove_output(path)``.
-    - ``runs(folder, excluded)``: the folder's files with their stats, in sorted order (see
-      _sorted_runs); listings: ``read_blocks(path)``, ``replace_from(path, file)``,
+    - ``stat_chunks(folder, excluded)``: the folder's files' names and stats, in sorted order
+      (see _stat_chunks); listings: ``read_blocks(path)``, ``replace_from(path, file)``,
       ``sidecars(records, stem)`` and ``remove_sidecar(path)``.
     """
 
@@ -911,7 +927,7 @@ class _LocalStorage:
     lock = staticmethod(_locked)
     remove_record = staticmethod(_remove_record_file)
     remove_output = staticmethod(_remove_output)
-    runs = staticmethod(_sorted_runs)
+    stat_chunks = staticmethod(_stat_chunks)
     read_blocks = staticmethod(_read_blocks)
     replace_from = staticmethod(_replace_from)
     sidecars = staticmethod(_sidecars)
@@ -1065,11 +1081,12 @@ class _RemoteStorage:
             for full, _st in list(self._list(path.rstrip("/") + "/")):
                 self._delete(full)
 
-    def runs(self, folder, excluded=()):
-        # One listing, sorted here: a store's order is its own.
+    def stat_chunks(self, folder, excluded=()):
+        # One listing, sorted here: a store's order is its own. A line holds the size and
+        # the token, which stands in for mtime and inode.
         found = sorted(self.scan(folder, excluded), key=lambda item: item[0])
         if found:
-            yield found
+            yield "".join(f"{_escape(rel)}\t{st.st_size}\t{_token_text(st.token)}\n" for rel, _full, _link, st in found)
 
     def read_blocks(self, path):
         with self._errors(path):
@@ -1805,23 +1822,12 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     count = 0
     report = _folder_progress.get()
     total = known.get("count") if known else None
-    for run in fs.runs(path, excluded):
+    for chunk in fs.stat_chunks(path, excluded):
         if report:
             report(count, total, path)
-        lines = []
-        for rel, full, link, fst in run:
-            if link:
-                lines.append(f"{_escape(rel)}\tlink:{_escape(fs.readlink(full))}\n")
-            elif not stat.S_ISREG(fst.st_mode):
-                raise HashCheckError(f"{full} is not a regular file or directory; only those can be hashed")
-            elif local:
-                lines.append(f"{_escape(rel)}\t{fst.st_size}\t{fst.st_mtime_ns}\t{fst.st_ino}\n")
-            else:
-                lines.append(f"{_escape(rel)}\t{fst.st_size}\t{_token_text(fst.token)}\n")
-        chunk = "".join(lines)
         h.update(_utf8(chunk))
         chunks.append(chunk)
-        count += len(lines)
+        count += chunk.count("\n")
     stats = h.hexdigest()
     entry = _Scanned(kind="dir", digest=None, size=None, mtime_ns=st.st_mtime_ns, inode=st.st_ino, hashed_ns=time.time_ns(), count=count)
     if excluded:
