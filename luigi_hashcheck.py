@@ -1880,14 +1880,16 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
             hashed = [fs.hash(item[1], algorithm) for item in todo]
         for item, new in zip(todo, hashed):
             item[3] = new
-        for rel, _full, was, new in waiting:
+        for rel, _full, was, new, listed_token in waiting:
             if isinstance(new, list):  # the listed line, vouched for, or a link's
                 digest = _unescape(new[1])
                 if writer:
                     writer.lines.append("\t".join([_escape(rel), *new[1:]]) + "\n")
             else:
                 digest = new["digest"]
-                token = _token_text(new.get("token"))
+                # A listing's tokens come from the store's listing, which later checks compare
+                # them with: the walk's token, when the read saw the same version.
+                token = "-" if local else _listed_token(listed_token, new.get("token"))
                 if was is None:
                     note("added", rel)
                 elif was[1] != digest:
@@ -1896,7 +1898,8 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                 if local:
                     good = new["mtime_ns"] is not None and new["hashed_ns"] - new["mtime_ns"] >= _TICK_NS
                 else:
-                    good = fs.vouches(new, _RemoteStat(False, new["size"], new.get("token")))
+                    as_listed = None if token == "-" else json.loads(token)
+                    good = as_listed is not None and fs.vouches({**new, "token": as_listed}, _RemoteStat(False, new["size"], as_listed))
                 vouching = vouching and good
                 if not worth and was is not None:
                     before = tuple(None if f == "-" else int(f) for f in was[2:6])
@@ -1930,11 +1933,11 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                 elif was[1] != _escape(digest):
                     note("edited", rel)
                     worth = True
-                waiting.append([rel, full, was, line_fields])
+                waiting.append([rel, full, was, line_fields, None])
             elif was is not None and _listed_vouches(fs, was, fields, rechecked):
-                waiting.append([rel, full, was, was])
+                waiting.append([rel, full, was, was, None])
             else:
-                waiting.append([rel, full, was, None])
+                waiting.append([rel, full, was, None, None if local else fields[2]])
             if len(waiting) >= 4096:
                 flush()
     flush()
@@ -1951,6 +1954,17 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     if writer:
         entry["listing_digest"] = writer.close()
     return entry
+
+
+def _listed_token(listed, read):
+    """The token a listing line keeps for a store file just read: the one the store's listing
+    gave (``listed``, as text), when the read's token names the same version (all but how it
+    was asked); else none, so that the next check reads it again."""
+    if listed == "-" or read is None:
+        return "-"
+    found = json.loads(listed)
+    same = all(read.get(key) == value for key, value in found.items() if key != "by")  # a listing has no VersionId
+    return listed if same else "-"
 
 
 def _listed_vouches(fs, was, fields, rechecked):
