@@ -6091,18 +6091,24 @@ BUCKET = "hashcheck-test"
 
 
 class S3Requests:
-    """Counts of S3 calls by name, except those made inside a task's run() (``paused``)."""
+    """Counts of S3 calls by name, except those made inside a task's run() (``paused``);
+    ``got``, the keys read by GetObject, in order."""
 
     def __init__(self):
         self.counts = collections_counter()
         self.paused = 0
+        self.got = []
 
-    def __call__(self, event_name, **_kwargs):
+    def __call__(self, event_name, params=None, **_kwargs):
         if not self.paused:
-            self.counts[event_name.rsplit(".", 1)[1]] += 1
+            name = event_name.rsplit(".", 1)[1]
+            self.counts[name] += 1
+            if name == "GetObject":
+                self.got.append((params or {}).get("Key"))
 
     def take(self):
         counts, self.counts = dict(self.counts), collections_counter()
+        self.got = []
         return counts
 
 
@@ -6317,6 +6323,112 @@ def test_s3_request_budget(s3, tmp_path):
     noop = S3_REQUESTS.take()
     assert sum(noop.values()) <= 2 * outputs, noop
     assert set(noop) == {"HeadObject", "GetObject"}
+
+
+S3_TILES = 10_000
+
+
+def s3_tile_key(i):
+    return f"out/tiles/d{i // 1000:02d}/t{i:05d}.json"
+
+
+class S3Tiles(HashCheckingTask):
+    """A folder of S3_TILES small objects under one prefix, written with boto3 directly:
+    S3Target has no folder writer."""
+
+    def output(self):
+        return luigi.contrib.s3.S3Target(s3_url("out/tiles"))
+
+    def run(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        S3_REQUESTS.paused += 1
+        try:
+            s3_note("S3Tiles")
+            api = self.output().fs.s3.meta.client
+            with ThreadPoolExecutor(8) as pool:  # one PUT at a time would take minutes
+                list(pool.map(lambda i: api.put_object(Bucket=BUCKET, Key=s3_tile_key(i), Body=b'{"tile": %d}' % i), range(S3_TILES)))
+        finally:
+            S3_REQUESTS.paused -= 1
+
+
+class S3CountTiles(HashCheckingTask):
+    def requires(self):
+        return S3Tiles()
+
+    def output(self):
+        return luigi.contrib.s3.S3Target(s3_url("out/count.txt"))
+
+    def run(self):
+        S3_REQUESTS.paused += 1
+        try:
+            s3_note("S3CountTiles")
+            api = self.output().fs.s3.meta.client
+            pages = api.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="out/tiles/")
+            with self.output().open("w") as f:
+                f.write(str(sum(page.get("KeyCount", 0) for page in pages)))
+        finally:
+            S3_REQUESTS.paused -= 1
+
+
+def test_s3_a_folder_of_10000_objects_is_listed_once_and_a_no_op_costs_a_list_per_1000(s3_runs, caplog):
+    s3 = s3_runs
+    api = s3.s3.meta.client
+    assert build(S3CountTiles()) and s3_ran() == ["S3Tiles", "S3CountTiles"]
+    assert s3.get_as_string(s3_url("out/count.txt")) == str(S3_TILES)
+    # (a) The listing is an object beside the record; the reader's record names it, no copy.
+    entry = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/tiles.json")))["output"]
+    assert entry["count"] == S3_TILES and "files" not in entry and entry["listing"] == f"tiles.{entry['listing_digest'][:16]}.list"
+    records = sorted(item["Key"] for item in api.list_objects_v2(Bucket=BUCKET, Prefix="out/.luigi_hashes/")["Contents"])
+    assert records == ["out/.luigi_hashes/count.txt.json", "out/.luigi_hashes/" + entry["listing"], "out/.luigi_hashes/tiles.json"]
+    listing = api.get_object(Bucket=BUCKET, Key="out/.luigi_hashes/" + entry["listing"])["Body"].read()
+    assert hashlib.sha256(listing).hexdigest() == entry["listing_digest"] and listing.count(b"\n") == S3_TILES + 1
+    (read,) = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/count.txt.json")))["inputs"]
+    assert len(json.dumps(read)) <= 4096 and "files" not in read and read["listing"] == entry["listing"]
+    # (b) A no-op in a new process: one LIST per 1,000 keys, one GET per record, no data GET.
+    as_new_process()
+    S3_REQUESTS.take()
+    assert build(S3CountTiles()) and s3_ran() == []
+    got, noop = S3_REQUESTS.got, S3_REQUESTS.take()
+    assert sorted(got) == ["out/.luigi_hashes/count.txt.json", "out/.luigi_hashes/tiles.json"], got
+    assert S3_TILES // 1000 <= noop.get("ListObjectsV2", 0) <= S3_TILES // 1000 + 2, noop
+    assert sum(noop.values()) <= S3_TILES // 1000 + 8, noop
+    # (c) One object edited: the check reads that object alone (and the listing), and the
+    # folder is remade; the same tiles come back, so their reader is spared.
+    api.put_object(Bucket=BUCKET, Key=s3_tile_key(4321), Body=b'{"tile": "edited"}')
+    as_new_process()
+    S3_REQUESTS.take()
+    assert not S3Tiles().complete()
+    got, check = S3_REQUESTS.got, S3_REQUESTS.take()
+    assert [key for key in got if not key.startswith("out/.luigi_hashes/")] == [s3_tile_key(4321)], (got[:5], check)
+    assert build(S3CountTiles()) and s3_ran() == ["S3Tiles"]
+    assert api.get_object(Bucket=BUCKET, Key=s3_tile_key(4321))["Body"].read() == b'{"tile": 4321}'
+    # (d) The listing lost: one full hash and one warning, no rebuild. The same bytes
+    # uploaded in one multipart part change the listing's token of that object, so the
+    # check cannot take the record's stats and needs the listing.
+    entry = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/tiles.json")))["output"]
+    api.delete_object(Bucket=BUCKET, Key="out/.luigi_hashes/" + entry["listing"])
+    upload = api.create_multipart_upload(Bucket=BUCKET, Key=s3_tile_key(7))
+    part = api.upload_part(Bucket=BUCKET, Key=s3_tile_key(7), UploadId=upload["UploadId"], PartNumber=1, Body=b'{"tile": 7}')
+    api.complete_multipart_upload(
+        Bucket=BUCKET, Key=s3_tile_key(7), UploadId=upload["UploadId"], MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]}
+    )
+    as_new_process()
+    S3_REQUESTS.take()
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(S3CountTiles()) and s3_ran() == []
+    got, lost = S3_REQUESTS.got, S3_REQUESTS.take()
+    warned = [r.getMessage() for r in caplog.records if "listing" in r.getMessage()]
+    assert len(warned) == 1 and entry["listing"] in warned[0] and "nothing is rebuilt" in warned[0], warned
+    assert len([key for key in got if key.startswith("out/tiles/")]) == S3_TILES, lost
+    # The full hash wrote a new listing, which spares the next process the hash.
+    entry = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/tiles.json")))["output"]
+    assert api.head_object(Bucket=BUCKET, Key="out/.luigi_hashes/" + entry["listing"])["ContentLength"] == len(listing)
+    as_new_process()
+    S3_REQUESTS.take()
+    assert build(S3CountTiles()) and s3_ran() == []
+    got, again = S3_REQUESTS.got, S3_REQUESTS.take()
+    assert not [key for key in got if key.startswith("out/tiles/")], again
 
 
 def test_s3_workers_2(s3_runs):
