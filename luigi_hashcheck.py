@@ -1675,15 +1675,6 @@ class _ListingWriter:
         while view:
             view = view[os.write(self.file.fileno(), view):]
 
-    def add(self, rel, digest, size, mtime_ns, inode, hashed_ns, token):
-        none = "-"
-        self.lines.append(
-            f"{_escape(rel)}\t{_escape(digest)}\t{none if size is None else size}\t{none if mtime_ns is None else mtime_ns}\t"
-            f"{none if inode is None else inode}\t{hashed_ns}\t{token}\n"
-        )
-        if len(self.lines) >= 4096:
-            self.flush()
-
     def flush(self):
         if self.lines:
             self.write(_utf8("".join(self.lines)))
@@ -1701,17 +1692,32 @@ class _ListingWriter:
         return digest
 
 
+def _listing_line(key, vouches, digest, hashed_ns):
+    """A listing's line: the walk's stat line of the file (``key``), whether its digest
+    vouches for a file of that stat ("v", else "-"), the digest and when it was taken."""
+    return f"{key}\t{'v' if vouches else '-'}\t{_escape(digest)}\t{hashed_ns}\n"
+
+
 def _listing_from_files(known, algorithm):
     """The listing of a folder recorded the old way, with its files inline: its digest."""
     writer = _ListingWriter(algorithm)
     tokens = known.get("tokens", {})
+    lines = []
     for rel, digest, size, mtime_ns, inode, hashed_ns in known["files"]:
-        writer.add(rel, digest, size, mtime_ns, inode, hashed_ns, _token_text(tokens.get(rel)))
+        if digest.startswith("link:"):
+            key, vouches = f"{_escape(rel)}\t{_escape(digest)}", True
+        elif "store" in known:
+            key, vouches = f"{_escape(rel)}\t{size}\t{_token_text(tokens.get(rel))}", False  # its tokens came from reads, not listings
+        else:
+            key, vouches = f"{_escape(rel)}\t{size}\t{mtime_ns}\t{inode}", mtime_ns is not None and hashed_ns - mtime_ns >= _TICK_NS
+        lines.append((rel, _listing_line(key, vouches, digest, hashed_ns)))
+    lines.sort(key=_first)  # by the unescaped names, as the walk gives them
+    writer.lines = [line for _rel, line in lines]
     return writer.close()
 
 
 def _listing_lines(blocks, expected, algorithm, where):
-    """Yield the fields of each line of a listing read as ``blocks``, names unescaped.
+    """Yield each line of a listing read as ``blocks``, without its newline.
 
     :raises _DamagedRecord: at its first line, or at the end, if it is not a listing whose
         digest is ``expected``.
@@ -1732,11 +1738,9 @@ def _listing_lines(blocks, expected, algorithm, where):
             del lines[0]
             header = False
         for line in lines:
-            fields = line.split("\t")
-            if len(fields) != 7:
+            if line.count("\t") < 4:
                 raise _DamagedRecord(f"{where} has a damaged line")
-            fields[0] = _unescape(fields[0])
-            yield fields
+        yield from lines
     if tail or header or h.hexdigest() != expected:
         raise _DamagedRecord(f"{where} is truncated or does not match its digest")
 
@@ -1848,10 +1852,19 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
         return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats)
 
 
+def _rel(line):
+    """The name a stat line or listing line begins with, unescaped."""
+    return _unescape(line[: line.index("\t")])
+
+
 def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     """Finish the ``entry`` of the folder at ``path`` from the walk's ``chunks`` and the
     listing ``source``, if any: reuse each listed digest its file's stat vouches for, hash
-    the rest, and write the new listing as the lines come."""
+    the rest, and write the new listing as the lines come.
+
+    A listing line begins with the walk's stat line of its file, so a file whose stat is
+    as listed is one comparison of strings: the common case, kept cheap.
+    """
     local = fs is _LOCAL
     listed = source[0] if source else iter(())
     old = next(listed, None)
@@ -1860,7 +1873,7 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     changed, first = 0, []
     worth = source is None
     vouching = True
-    waiting = []  # (rel, full, listed fields or None), in order, until enough are to be hashed
+    waiting = []  # [stat line, name, listed line or None, (digest, listing line) or None]
     report = _folder_progress.get()
     done = 0
 
@@ -1873,40 +1886,47 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     def flush():
         nonlocal worth, vouching, done
         todo = [item for item in waiting if item[3] is None]
+        paths = [path + "/" + item[1] if not local or os.sep == "/" else os.path.join(path, *item[1].split("/")) for item in todo]
         if len(todo) > 16 and (os.cpu_count() or 1) > 1:
+            # Reads release the GIL, so threads overlap them; each thread takes a batch of
+            # files, as one hand-off per small file would cost more than its hash.
+            step = -(-len(paths) // (4 * os.cpu_count()))
             with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-                hashed = list(pool.map(fs.hash, [item[1] for item in todo], itertools.repeat(algorithm)))
+                batches = pool.map(_hash_all, itertools.repeat(fs), [paths[i : i + step] for i in range(0, len(paths), step)], itertools.repeat(algorithm))
+                hashed = [found for batch in batches for found in batch]
         else:
-            hashed = [fs.hash(item[1], algorithm) for item in todo]
+            hashed = _hash_all(fs, paths, algorithm)
         for item, new in zip(todo, hashed):
-            item[3] = new
-        for rel, _full, was, new, listed_token in waiting:
-            if isinstance(new, list):  # the listed line, vouched for, or a link's
-                digest = _unescape(new[1])
-                if writer:
-                    writer.lines.append("\t".join([_escape(rel), *new[1:]]) + "\n")
+            line, rel, was = item[0], item[1], item[2]
+            escaped = line[: line.index("\t")]
+            if local:
+                key = f"{escaped}\t{new['size']}\t{new['mtime_ns']}\t{new['inode']}"
+                good = new["hashed_ns"] - new["mtime_ns"] >= _TICK_NS
             else:
-                digest = new["digest"]
                 # A listing's tokens come from the store's listing, which later checks compare
-                # them with: the walk's token, when the read saw the same version.
-                token = "-" if local else _listed_token(listed_token, new.get("token"))
-                if was is None:
-                    note("added", rel)
-                elif was[1] != digest:
+                # them with: the walk's, when the read saw the same version.
+                token = _listed_token(line.rsplit("\t", 1)[1], new.get("token"))
+                key = f"{escaped}\t{new['size']}\t{token}"
+                good = token != "-" and fs.vouches({**new, "token": json.loads(token)}, _RemoteStat(False, new["size"], json.loads(token)))
+            vouching = vouching and good
+            if was is None:
+                note("added", rel)
+            else:
+                was_key, was_vouch, was_digest, _was_hashed = was.rsplit("\t", 3)
+                if _unescape(was_digest) != new["digest"]:
                     note("edited", rel)
-                fields = (new["size"], new["mtime_ns"], new["inode"], new["hashed_ns"])
-                if local:
-                    good = new["mtime_ns"] is not None and new["hashed_ns"] - new["mtime_ns"] >= _TICK_NS
-                else:
-                    as_listed = None if token == "-" else json.loads(token)
-                    good = as_listed is not None and fs.vouches({**new, "token": as_listed}, _RemoteStat(False, new["size"], as_listed))
-                vouching = vouching and good
-                if not worth and was is not None:
-                    before = tuple(None if f == "-" else int(f) for f in was[2:6])
-                    worth = was[1] != digest or was[6] != token or _worth_refreshing(before, fields)
-                if writer:
-                    writer.add(rel, digest, *fields, token)
-            folder_hash.update(_utf8(f"{digest}  {rel}\n"))
+                    worth = True
+                elif good and not (was_vouch == "v" and was_key == key):
+                    worth = True
+            item[3] = (new["digest"], _listing_line(key, good, new["digest"], new["hashed_ns"]))
+        digests = []
+        for line, rel, _was, (digest, listing_line) in waiting:
+            digests.append(f"{digest}  {rel}\n")
+            if writer:
+                writer.lines.append(listing_line)
+        folder_hash.update(_utf8("".join(digests)))
+        if writer:
+            writer.flush()
         done += len(waiting)
         if report:
             report(done, entry["count"], path)
@@ -1914,35 +1934,38 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
 
     for chunk in chunks:
         for line in chunk[:-1].split("\n") if chunk else ():
-            fields = line.split("\t")
-            rel = _unescape(fields[0])
-            while old is not None and old[0] < rel:
-                note("removed", old[0])
-                worth = True
+            if old is not None and not old.startswith(line):
+                rel = _rel(line)
+                while old is not None and _rel(old) < rel:
+                    note("removed", _rel(old))
+                    worth = True
+                    old = next(listed, None)
+            if old is not None and old.startswith(line) and old[len(line)] == "\t" and (old[len(line) + 1] == "v" or rechecked):
+                # The same file with the same stat as listed, and its digest vouches for it.
+                vouching = vouching and old[len(line) + 1] == "v"
+                digest = old[len(line) + 3 : old.rindex("\t")]
+                waiting.append([line, _rel(line), old, (_unescape(digest), old + "\n")])
                 old = next(listed, None)
-            was = None
-            if old is not None and old[0] == rel:
-                was, old = old, next(listed, None)
-            full = path + "/" + rel if not local or os.sep == "/" else os.path.join(path, *rel.split("/"))
-            if fields[1].startswith("link:"):
-                digest = _unescape(fields[1])
-                line_fields = [fields[0], fields[1], "-", "-", "-", "0", "-"]
-                if was is None:
-                    note("added", rel)
-                    worth = True
-                elif was[1] != _escape(digest):
-                    note("edited", rel)
-                    worth = True
-                waiting.append([rel, full, was, line_fields, None])
-            elif was is not None and _listed_vouches(fs, was, fields, rechecked):
-                waiting.append([rel, full, was, was, None])
             else:
-                waiting.append([rel, full, was, None, None if local else fields[2]])
+                rel = _rel(line)
+                was = None
+                if old is not None and _rel(old) == rel:
+                    was, old = old, next(listed, None)
+                if line.count("\t") == 1:  # NAME<TAB>link:TARGET, a link that counts by its target's name
+                    digest = line[line.index("\t") + 1 :]
+                    if was is None:
+                        note("added", rel)
+                    elif was.rsplit("\t", 3)[2] != digest:
+                        note("edited", rel)
+                    worth = True
+                    waiting.append([line, rel, was, (_unescape(digest), _listing_line(line, True, _unescape(digest), 0))])
+                else:
+                    waiting.append([line, rel, was, None])
             if len(waiting) >= 4096:
                 flush()
     flush()
     while old is not None:
-        note("removed", old[0])
+        note("removed", _rel(old))
         worth = True
         old = next(listed, None)
     entry["digest"] = folder_hash.hexdigest()
@@ -1956,6 +1979,10 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     return entry
 
 
+def _hash_all(fs, paths, algorithm):
+    return [fs.hash(path, algorithm) for path in paths]
+
+
 def _listed_token(listed, read):
     """The token a listing line keeps for a store file just read: the one the store's listing
     gave (``listed``, as text), when the read's token names the same version (all but how it
@@ -1965,16 +1992,6 @@ def _listed_token(listed, read):
     found = json.loads(listed)
     same = all(read.get(key) == value for key, value in found.items() if key != "by")  # a listing has no VersionId
     return listed if same else "-"
-
-
-def _listed_vouches(fs, was, fields, rechecked):
-    """Whether the listed line ``was`` still vouches for the file whose stat line, from the
-    walk, is ``fields``: as _vouches for one file, on strings."""
-    if fs is _LOCAL:
-        return was[2] == fields[1] and was[3] == fields[2] and was[4] == fields[3] and (rechecked or int(was[5]) - int(fields[2]) >= _TICK_NS)
-    token = None if fields[2] == "-" else json.loads(fields[2])
-    known = {"size": None if was[2] == "-" else int(was[2]), "hashed_ns": int(was[5]), "token": None if was[6] == "-" else json.loads(was[6])}
-    return fs.vouches(known, _RemoteStat(False, int(fields[1]), token), rechecked)
 
 
 def _digest(
@@ -2527,8 +2544,12 @@ def _with_listings(record, record_path, fs):
         entry = {k: v for k, v in entry.items() if k not in ("files", "tokens")}
         digest = entry["listing_digest"]
         if not own and entry.get("recorded"):
-            maker = _stem(_record_path(path, fs))
-            return {**entry, "listing": _sidecar_name(maker, digest)}
+            # Named only while its maker's listing of these very lines is there; else the
+            # check finds whatever listing the maker's record names then.
+            name = _sidecar_name(_stem(_record_path(path, fs)), digest)
+            if _exists(fs, join(dirname(path), RECORD_DIR, name)):
+                return {**entry, "listing": name}
+            return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
         name = _sidecar_name(stem, digest)
         target = join(records, name)
         if not _exists(fs, target):
