@@ -2544,11 +2544,11 @@ def _with_listings(record, record_path, fs):
         entry = {k: v for k, v in entry.items() if k not in ("files", "tokens")}
         digest = entry["listing_digest"]
         if not own and entry.get("recorded"):
-            # Named only while its maker's listing of these very lines is there; else the
-            # check finds whatever listing the maker's record names then.
+            # Named only when its maker's listing of these very lines is there or to come;
+            # else the check finds whatever listing the maker's record names then.
             name = _sidecar_name(_stem(_record_path(path, fs)), digest)
-            if _exists(fs, join(dirname(path), RECORD_DIR, name)):
-                return {**entry, "listing": name}
+            if digest in _pending or _exists(fs, join(dirname(path), RECORD_DIR, name)):
+                return {**entry, "listing": name}  # pending: its maker's record, refreshed in this build too, will write it
             return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
         name = _sidecar_name(stem, digest)
         target = join(records, name)
