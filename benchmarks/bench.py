@@ -1,8 +1,11 @@
 """Benchmarks for luigi_hashcheck, against plain Luigi and doit, measured side by side.
 
-    python benchmarks/bench.py            # the full set: some minutes, over 2 GiB of scratch
-    python benchmarks/bench.py --quick    # small graphs, seconds: what the tests run
+    python benchmarks/bench.py            # the full set: over an hour, about 5 GB of scratch
+    python benchmarks/bench.py --quick    # small graphs, about a minute: what the tests run
     python benchmarks/bench.py --against ../old   # this module against the one in ../old
+    python benchmarks/bench.py --folders  # only issue 13's folders of 1,000,000 files (--quick: 5,000)
+    python benchmarks/bench.py --huge     # only the folder no-op at 10,000,000 files: by hand
+    BENCH_MODULE=../main python benchmarks/bench.py --folders   # the luigi_hashcheck.py in ../main
 
 Every figure is a ratio of two commands run alternately, A B B A, in this one call; the
 median of the pairs is quoted. A command is a whole process, and its cost is CPU seconds
@@ -865,14 +868,15 @@ def main_folders(p, args):
     scratch = new_scratch()
     try:
         results = fig_huge(scratch, p) if args.huge else fig_folders(scratch, p)
+        files = HUGE_FILES if args.huge else p["folder_files"]
+        print(f"luigi_hashcheck {MODULE}: folders of {files:,} files in {files // 1000:,} subfolders (median of {p['pairs']} ABBA pairs)")
+        print_rows(folder_rows(results))
+        print_folder_notes(results)
+        results.update(machine(), quick=args.quick, huge=args.huge, module=MODULE)
+        print(json.dumps(results, sort_keys=True), flush=True)
     finally:
+        # After the report: removing a million files takes minutes.
         shutil.rmtree(scratch, ignore_errors=True)
-    files = HUGE_FILES if args.huge else p["folder_files"]
-    print(f"luigi_hashcheck {MODULE}: folders of {files:,} files in {files // 1000:,} subfolders (median of {p['pairs']} ABBA pairs)")
-    print_rows(folder_rows(results))
-    print_folder_notes(results)
-    results.update(machine(), quick=args.quick, huge=args.huge, module=MODULE)
-    print(json.dumps(results, sort_keys=True))
     return 0
 
 
@@ -915,8 +919,9 @@ def main(argv=None):
         results["scaling"] = fig_scaling(scratch, p)
         results["one_seed"] = fig_one_seed(scratch, p)
         results.update(fig_folders(scratch, p))
-    finally:
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
     doit_skipped = results["noop_vs_doit"].get("skipped", "")
     rows = [
@@ -940,7 +945,8 @@ def main(argv=None):
           f"(expected {p['chain_depth']}, in one chain)")
     print_folder_notes(results)
     results.update(machine(), quick=args.quick)
-    print(json.dumps(results, sort_keys=True))
+    print(json.dumps(results, sort_keys=True), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)  # after the report: removing a million files takes minutes
     return 0
 
 
