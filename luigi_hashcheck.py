@@ -728,15 +728,22 @@ def _replace(path, data):
     """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
     if os.path.islink(path):
         raise HashCheckError(f"record {path} is a symbolic link; refusing to write through it")
+    _write_atomically(path, (data,))
+
+
+def _write_atomically(path, blocks):
+    """Write the bytes ``blocks`` to a new temporary file beside ``path``, fsync it, then
+    rename it over ``path``; on any failure remove the temporary file."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     try:
         try:
             # os.write, not a file object: nothing is buffered, so nothing needs a flush.
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for block in blocks:
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -860,25 +867,7 @@ def _read_blocks(path):
 def _replace_from(path, source):
     """Write the bytes of the file object ``source`` to ``path`` atomically, as _replace does,
     in blocks: a listing can be larger than memory should hold."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
-    try:
-        try:
-            offset = 0
-            while block := os.pread(source.fileno(), _BLOCK, offset):  # pread: a forked worker shares the offset
-                offset += len(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _write_atomically(path, _pending_blocks(source))
 
 
 def _sidecars(records, stem):
