@@ -576,33 +576,6 @@ def _hash_file(path: str, algorithm: str) -> dict:
     }
 
 
-def _list_dir(root, excluded=()):
-    """Yield (relative posix path, absolute path, is_link) for a directory's files, where
-    is_link marks a link to a folder, a dangling link or a link loop, which count by their
-    target's name.
-
-    Skips every ``.luigi_hashes`` folder, and the files and folders whose relative paths
-    are ``excluded``; does not follow links to directories, so a link cycle cannot hang
-    the walk.
-    """
-    skip = set(excluded)
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(root, rel) if rel else root) as entries:
-            for entry in entries:
-                name = f"{rel}/{entry.name}" if rel else entry.name
-                if skip and name in skip:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if entry.name != RECORD_DIR:
-                        stack.append(name)
-                elif entry.is_symlink() and _counts_by_name(entry):
-                    yield name, entry.path, True  # a link to a folder, dangling or looping: its target's name counts
-                else:
-                    yield name, entry.path, False
-
-
 # A link that leads nowhere: to itself through other links, or through a file as if a folder.
 _UNRESOLVED = (errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG)
 
@@ -789,8 +762,9 @@ def _stat_chunks(root, excluded=()):
 
     That order is the one of ``sorted()`` over the whole relative paths, which listings and
     folder digests use, reached without holding more than one folder's entries per level: a
-    subfolder sorts as its name plus "/", as all its paths begin so. Skips what _list_dir
-    skips. A no-op check of a folder is this walk alone, so it is written for speed: one
+    subfolder sorts as its name plus "/", as all its paths begin so. Skips every
+    ``.luigi_hashes`` folder, and the files and folders whose relative paths are
+    ``excluded``; does not follow links to folders, so a link cycle cannot hang the walk. A no-op check of a folder is this walk alone, so it is written for speed: one
     stat per file, as a bare walk makes, and one string per file.
 
     :raises HashCheckError: for a file that is not a regular file, a folder or a link.
@@ -892,7 +866,6 @@ class _LocalStorage:
     - ``vouches(entry, stat, rechecked)``: whether a recorded entry's token still vouches
       for its digest.
     - ``hash(path, algorithm)``: a file's entry, read in blocks.
-    - ``listdir(folder, excluded)``: a folder's files, recursively, without ``.luigi_hashes``.
     - ``readlink(path)``: where a link points.
     - ``read_record(path, limit)``: a record file's bytes, or None.
     - ``records_folder(folder)``: make ``.luigi_hashes`` there; ``clean(records)``: remove
@@ -907,7 +880,6 @@ class _LocalStorage:
     stat = staticmethod(os.stat)
     vouches = staticmethod(_vouches)
     hash = staticmethod(_hash_file)
-    listdir = staticmethod(_list_dir)
     readlink = staticmethod(os.readlink)
     read_record = staticmethod(_read_bytes)
     records_folder = staticmethod(_records_folder)
@@ -1028,10 +1000,6 @@ class _RemoteStorage:
                 if skip and any("/".join(parts[: i + 1]) in skip for i in range(len(parts))):
                     continue
                 yield rel, full, False, st
-
-    def listdir(self, folder, excluded=()):
-        for rel, full, link, _st in self.scan(folder, excluded):
-            yield rel, full, link
 
     def readlink(self, path):
         raise HashCheckError(f"{self.name} {path}: stores have no links")

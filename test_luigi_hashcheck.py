@@ -721,19 +721,17 @@ def test_storage_contract(storage):
     assert fs.vouches(old, fs.stat(path))  # an old, unchanged file
     write(path, "edited")
     assert not fs.vouches(old, fs.stat(path)) and not fs.vouches(old, fs.stat(path), True)
-    # listdir: recursive, without any .luigi_hashes folder, without what is excluded; a link
-    # to a folder is listed, not followed, and readlink says where it points.
+    # stat_chunks: recursive, sorted by relative path, without any .luigi_hashes folder,
+    # without what is excluded; one stat line per file, and a link to a folder is listed
+    # by where it points, not followed, as readlink says.
     for rel in ("sub/b.txt", "sub/deeper/c.txt", "skip.txt", "skipdir/d.txt", ".luigi_hashes/x.json", "sub/.luigi_hashes/y.json"):
         write(f"{folder}/{rel}", rel)
     os.symlink("sub", f"{folder}/link")
-    listed = sorted(fs.listdir(folder, ["skip.txt", "skipdir"]))
-    assert listed == [
-        ("a.txt", f"{folder}/a.txt", False),
-        ("link", f"{folder}/link", True),
-        ("sub/b.txt", f"{folder}/sub/b.txt", False),
-        ("sub/deeper/c.txt", f"{folder}/sub/deeper/c.txt", False),
-    ]
-    assert sorted(rel for rel, _, _ in fs.listdir(f"{folder}/sub")) == ["b.txt", "deeper/c.txt"]
+    lines = "".join(fs.stat_chunks(folder, ["skip.txt", "skipdir"])).splitlines()
+    st = os.stat(f"{folder}/a.txt")
+    assert lines[:2] == [f"a.txt\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}", "link\tlink:sub"]
+    assert [line.split("\t")[0] for line in lines] == ["a.txt", "link", "sub/b.txt", "sub/deeper/c.txt"]
+    assert [line.split("\t")[0] for line in "".join(fs.stat_chunks(f"{folder}/sub")).splitlines()] == ["b.txt", "deeper/c.txt"]
     assert fs.readlink(f"{folder}/link") == "sub"
     # records_folder makes .luigi_hashes, again and again; replace writes a record whole,
     # leaving no temporary file; read_record reads it back, None when there is none.
@@ -6928,8 +6926,10 @@ def test_the_storage_contract(any_storage):
     entry = fs.hash(folder + "/a.txt", "sha256")
     assert entry["digest"] == hashlib.sha256(b"hello").hexdigest() and entry["size"] == 5
     assert fs.vouches(entry, fs.stat(folder + "/a.txt"), rechecked=True) == (not isinstance(fs, hc._MockStorage))
-    assert sorted(rel for rel, _full, _link in fs.listdir(folder)) == ["a.txt", "sub/b.txt"]
-    assert sorted(rel for rel, _full, _link in fs.listdir(folder, ("sub",))) == ["a.txt"]
+    names = [line.split("\t")[0] for line in "".join(fs.stat_chunks(folder)).splitlines()]
+    assert names == ["a.txt", "sub/b.txt"]
+    assert "".join(fs.stat_chunks(folder, ("sub",))).splitlines()[0].split("\t")[:2] == ["a.txt", "5"]
+    assert len("".join(fs.stat_chunks(folder, ("sub",))).splitlines()) == 1
     # A folder's digest is the local rule's, so a folder uploaded from disk keeps it.
     lines = f"{hashlib.sha256(b'hello').hexdigest()}  a.txt\n{hashlib.sha256(b'').hexdigest()}  sub/b.txt\n"
     assert hc._digest(folder, "sha256", fs=fs)["digest"] == hashlib.sha256(lines.encode()).hexdigest()
