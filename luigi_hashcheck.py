@@ -1674,7 +1674,8 @@ def _listing_from_files(known, algorithm):
 
 
 def _listing_lines(blocks, expected, algorithm, where):
-    """Yield each line of a listing read as ``blocks``, without its newline.
+    """Yield the lines of a listing read as ``blocks``, without their newlines, as one list
+    per block.
 
     :raises _DamagedRecord: at its first line, or at the end, if it is not a listing whose
         digest is ``expected``.
@@ -1694,12 +1695,48 @@ def _listing_lines(blocks, expected, algorithm, where):
                 raise _DamagedRecord(f"{where} is not a listing")
             del lines[0]
             header = False
-        for line in lines:
-            if line.count("\t") < 4:
-                raise _DamagedRecord(f"{where} has a damaged line")
-        yield from lines
+        if lines:
+            yield lines
     if tail or header or h.hexdigest() != expected:
         raise _DamagedRecord(f"{where} is truncated or does not match its digest")
+
+
+class _Listed:
+    """The lines of a listing (from _listing_lines), as _merged takes them: one at a time,
+    checked, or a run of them to compare at once."""
+
+    def __init__(self, blocks, where):
+        self.blocks, self.where = blocks, where
+        self.lines, self.at = [], 0
+
+    def _more(self):
+        block = next(self.blocks, None)
+        if block is None:
+            return False
+        self.lines, self.at = self.lines[self.at :] + block, 0
+        return True
+
+    def next(self):
+        """The next line, or None at the end.
+
+        :raises _DamagedRecord: if it has too few fields.
+        """
+        if self.at == len(self.lines) and not self._more():
+            return None
+        line = self.lines[self.at]
+        self.at += 1
+        if line.count("\t") < 4:
+            raise _DamagedRecord(f"{self.where} has a damaged line")
+        return line
+
+    def run(self, count):
+        """The next ``count`` lines, or fewer at the end, left to take with skip()."""
+        while len(self.lines) - self.at < count and self._more():
+            pass
+        return self.lines[self.at : self.at + count]
+
+    def skip(self, count):
+        self.at += count
 
 
 def _pending_blocks(source):
@@ -1809,6 +1846,29 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
         return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats)
 
 
+def _unchanged(chunk, run, fields):
+    """The folder digest's lines of the files of the walk's ``chunk``, if the listed lines
+    ``run`` are theirs, each with the same stat and vouching for its digest; else None.
+
+    Lists of fields compared at once, not a loop over lines, as this is most of the cost of
+    checking a folder with a few changed files. Only a chunk of files whose stat lines have
+    ``fields`` fields, and with no escaped name, is taken so: names then are as the digest
+    lines hold them, and fields line up.
+    """
+    count = len(run)
+    text = "\n".join(run)
+    if "\\" in text or chunk.count("\t") != (fields - 1) * count:
+        return None
+    walked = chunk[:-1].replace("\n", "\t").split("\t")
+    listed = text.replace("\n", "\t").split("\t")
+    step = fields + 3  # the stat line's, then v, the digest and when it was taken
+    if len(listed) != step * count or listed[fields::step].count("v") != count:
+        return None
+    if any(walked[i::fields] != listed[i::step] for i in range(fields)):
+        return None
+    return "\n".join(map("  ".join, zip(listed[fields + 1 :: step], listed[0::step]))) + "\n"
+
+
 def _rel(line):
     """The name a stat line or listing line begins with, unescaped."""
     return _unescape(line[: line.index("\t")])
@@ -1820,11 +1880,14 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     the rest, and write the new listing as the lines come.
 
     A listing line begins with the walk's stat line of its file, so a file whose stat is
-    as listed is one comparison of strings: the common case, kept cheap.
+    as listed is one comparison of strings. A whole chunk of the walk that is as listed is
+    a few comparisons of lists (see _unchanged): the common case, a folder with few changed
+    files, kept near the cost of reading its listing.
     """
     local = fs is _LOCAL
-    listed = source[0] if source else iter(())
-    old = next(listed, None)
+    fields = 4 if local else 3  # of a file's stat line: NAME SIZE MTIME INODE, or NAME SIZE TOKEN
+    listed = _Listed(source[0] if source else iter(()), source and source[2] or "a listing")
+    old = listed.next()
     writer = _ListingWriter(algorithm) if _keeping_listings.get() else None
     folder_hash = hashlib.new(algorithm)
     changed, first = 0, []
@@ -1890,24 +1953,40 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
         waiting.clear()
 
     for chunk in chunks:
+        if old is not None and old.startswith(chunk[: chunk.index("\n")]):  # else its first file differs
+            count = chunk.count("\n")
+            run = [old, *listed.run(count - 1)]
+            digests = _unchanged(chunk, run, fields) if len(run) == count else None
+            if digests is not None:
+                if waiting:
+                    flush()
+                folder_hash.update(_utf8(digests))
+                if writer:
+                    writer.write(_utf8("\n".join(run) + "\n"))
+                listed.skip(count - 1)
+                old = listed.next()
+                done += count
+                if report:
+                    report(done, entry["count"], path)
+                continue
         for line in chunk[:-1].split("\n") if chunk else ():
             if old is not None and not old.startswith(line):
                 rel = _rel(line)
                 while old is not None and _rel(old) < rel:
                     note("removed", _rel(old))
                     worth = True
-                    old = next(listed, None)
+                    old = listed.next()
             if old is not None and old.startswith(line) and old[len(line)] == "\t" and (old[len(line) + 1] == "v" or rechecked):
                 # The same file with the same stat as listed, and its digest vouches for it.
                 vouching = vouching and old[len(line) + 1] == "v"
                 digest = old[len(line) + 3 : old.rindex("\t")]
                 waiting.append([line, _rel(line), old, (_unescape(digest), old + "\n")])
-                old = next(listed, None)
+                old = listed.next()
             else:
                 rel = _rel(line)
                 was = None
                 if old is not None and _rel(old) == rel:
-                    was, old = old, next(listed, None)
+                    was, old = old, listed.next()
                 if line.count("\t") == 1:  # NAME<TAB>link:TARGET, a link that counts by its target's name
                     digest = line[line.index("\t") + 1 :]
                     if was is None:
@@ -1924,7 +2003,7 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     while old is not None:
         note("removed", _rel(old))
         worth = True
-        old = next(listed, None)
+        old = listed.next()
     entry["digest"] = folder_hash.hexdigest()
     if vouching:
         entry["stats"] = stats

@@ -125,7 +125,9 @@ def age(root, seconds=100):
     then = time.time() - seconds
     for folder, _dirs, files in os.walk(root):
         for name in files:
-            os.utime(os.path.join(folder, name), (then, then))
+            path = os.path.join(folder, name)
+            if os.path.exists(path):  # not a dangling link
+                os.utime(path, (then, then))
 
 
 @pytest.fixture
@@ -6018,6 +6020,60 @@ def test_a_raw_folder_keeps_one_listing_beside_its_readers_record(tmp_path, caps
     assert build(CountRaw(root)) and ran(root) == ["CountRaw"]
     entry = record_of(os.path.join(root, "out", "raw-count.txt"))["inputs"][0]
     assert sidecars(os.path.join(root, "out")) == [entry["listing"]]  # the old one is gone
+
+
+def sha256sum_of(folder):
+    """A folder's digest by its definition, without the module: sha256 of sorted
+    ``DIGEST  NAME`` lines, a link to a folder or to nothing counting as ``link:TARGET``."""
+    lines = []
+    for dirpath, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != ".luigi_hashes" and not os.path.islink(os.path.join(dirpath, d))]
+        names = files + [d for d in os.listdir(dirpath) if os.path.islink(os.path.join(dirpath, d)) and d not in files]
+        for name in names:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if os.path.islink(path) and (os.path.isdir(path) or not os.path.exists(path)):
+                lines.append((rel, f"link:{os.readlink(path)}  {rel}\n"))
+            else:
+                with open(path, "rb") as f:
+                    lines.append((rel, f"{hashlib.sha256(f.read()).hexdigest()}  {rel}\n"))
+    text = "".join(line for _rel, line in sorted(lines))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def test_a_folder_check_that_takes_unchanged_subfolders_whole_agrees_with_a_full_hash(tmp_path, capsys):
+    # Subfolders whose files are all as listed are compared whole; those with names that
+    # need escapes, links, or a changed file are taken line by line. Either way the digest
+    # must be the folder's own, and only the changed file is read.
+    root = str(tmp_path)
+    raw = os.path.join(root, "raw")
+    for sub in ("a", "z"):
+        for i in range(40):
+            write(os.path.join(raw, sub, f"f{i:03d}"), f"{sub}{i}")
+    for name in ("back\\slash", "tab\tname", "new\nline", "two  spaces", "\u00fcn\u00ef", "cr\rname"):
+        write(os.path.join(raw, "odd", name), name)
+    write(os.path.join(raw, "links", "file"), "target")
+    os.symlink("file", os.path.join(raw, "links", "to-file"))
+    os.symlink("../a", os.path.join(raw, "links", "to-folder"))
+    os.symlink("nowhere", os.path.join(raw, "links", "dangling"))
+    steady(root, CountRaw(root))
+    assert ran(root) == ["CountRaw"]
+    record = os.path.join(root, "out", "raw-count.txt")
+    assert record_of(record)["inputs"][0]["digest"] == sha256sum_of(raw)
+    for edited in ("z/f039", "a/f000", "odd/two  spaces", "links/file"):
+        with open(os.path.join(raw, *edited.split("/")), "a") as f:
+            f.write(" edited")
+        as_new_process()
+        assert not CountRaw(root).complete()
+        assert counters["reads"] == (2 if edited == "links/file" else 1), edited  # a link to a file counts by the file
+        as_new_process()
+        _code, out, _ = cli_main(["explain", "--module", __name__, "CountRaw", "--root", root], capsys)
+        changed = "2 files changed: edited links/file, edited links/to-file" if edited == "links/file" else f"1 files changed: edited {edited}"
+        assert changed in out, out
+        assert build(CountRaw(root)) and ran(root) == ["CountRaw"]
+        assert record_of(record)["inputs"][0]["digest"] == sha256sum_of(raw)
+        age(root)
+        assert build(CountRaw(root)) and ran(root) == []
 
 
 @pytest.mark.folders
