@@ -1930,7 +1930,8 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                 good = token != "-" and fs.vouches({**new, "token": json.loads(token)}, _RemoteStat(False, new["size"], json.loads(token)))
             vouching = vouching and good
             if was is None:
-                note("added", rel)
+                if source:  # without a listing every file is new, and none is named
+                    note("added", rel)
             else:
                 was_key, was_vouch, was_digest, _was_hashed = was.rsplit("\t", 3)
                 if _unescape(was_digest) != new["digest"]:
