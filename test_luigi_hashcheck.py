@@ -6076,6 +6076,29 @@ def test_a_folder_check_that_takes_unchanged_subfolders_whole_agrees_with_a_full
         assert build(CountRaw(root)) and ran(root) == []
 
 
+def test_a_flat_folder_with_one_changed_file_is_merged_line_by_line_only_around_it(tmp_path, monkeypatch, capsys):
+    # A folder's files come in chunks of at most 1,000 stat lines, so one changed file in a
+    # flat folder costs one chunk line by line, not the whole folder.
+    root = str(tmp_path)
+    raw = os.path.join(root, "raw")
+    for i in range(2500):
+        write(os.path.join(raw, f"f{i:05d}"), str(i))
+    steady(root, CountRaw(root))
+    assert ran(root) == ["CountRaw"]
+    write(os.path.join(raw, "f01234"), "edited")
+    taken = []
+    real = hc._unchanged  # private: the merge's fast case, counted
+    monkeypatch.setattr(hc, "_unchanged", lambda *args: taken.append(real(*args)) or taken[-1])
+    assert not CountRaw(root).complete()
+    assert counters["reads"] == 1 and len(taken) == 3 and [t is None for t in taken] == [False, True, False]
+    monkeypatch.undo()
+    as_new_process()
+    _code, out, _ = cli_main(["explain", "--module", __name__, "CountRaw", "--root", root], capsys)
+    assert "1 files changed: edited f01234" in out, out
+    assert build(CountRaw(root)) and ran(root) == ["CountRaw"]
+    assert record_of(os.path.join(root, "out", "raw-count.txt"))["inputs"][0]["digest"] == sha256sum_of(raw)
+
+
 @pytest.mark.folders
 def test_accept_of_an_edited_large_folder_writes_its_new_listing(tiles, capsys):
     write(os.path.join(tiles, "tiles", "d005", "t00005.json"), "by hand")
