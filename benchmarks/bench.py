@@ -394,7 +394,11 @@ def threaded():
 def single():
     hc._digest_cache.clear()
     h = hashlib.sha256()
-    for rel, full, _link in sorted(hc._list_dir(path)):
+    files = []
+    for folder, subfolders, names in os.walk(path):  # plain files only, as this figure's folder holds
+        subfolders[:] = [name for name in subfolders if name != ".luigi_hashes"]
+        files += [(os.path.relpath(os.path.join(folder, name), path).replace(os.sep, "/"), os.path.join(folder, name)) for name in names]
+    for rel, full in sorted(files):
         h.update(f"{{hc._hash_file(full, 'sha256')['digest']}}  {{rel}}\\n".encode())
     return h.hexdigest()
 fast, slow = threaded, single
