@@ -1963,7 +1963,7 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
         waiting.clear()
 
     for chunk in chunks:
-        if old is not None and old.startswith(chunk[: chunk.index("\n")]):  # else its first file differs
+        if old is not None and chunk and old.startswith(chunk[: chunk.index("\n")]):  # else its first file differs
             count = chunk.count("\n")
             run = [old, *listed.run(count - 1)]
             digests = _unchanged(chunk, run, fields) if len(run) == count else None
