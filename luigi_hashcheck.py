@@ -1910,7 +1910,8 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
         nonlocal changed
         changed += 1
         if len(first) < _SHOWN_CHANGES:
-            first.append(f"{how} {rel}")
+            # Shown to people and in JSON: a name that is not UTF-8 shows its bytes as \xNN.
+            first.append(f"{how} {_utf8(rel).decode('utf-8', 'backslashreplace')}")
 
     def flush():
         nonlocal worth, vouching, done

@@ -6133,6 +6133,24 @@ def test_a_flat_folder_with_one_edited_file_is_merged_in_batches_not_held_whole(
     assert record_of(os.path.join(root, "out", "raw-count.txt"))["inputs"][0]["digest"] == sha256sum_of(raw)
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
+def test_explain_names_a_changed_file_whose_name_is_not_utf8(tmp_path):
+    root = str(tmp_path)
+    raw = os.path.join(root, "raw")
+    write(os.path.join(raw, "plain"), "x")
+    odd = os.path.join(os.fsencode(raw), b"caf\xe9")  # Latin-1, as old archives hold
+    with open(odd, "wb") as f:
+        f.write(b"before")
+    steady(root, CountRaw(root))
+    assert ran(root) == ["CountRaw"]
+    with open(odd, "wb") as f:
+        f.write(b"after!")
+    module = os.path.splitext(os.path.basename(__file__))[0]
+    result = run_python(["-m", "luigi_hashcheck", "explain", "--module", module, "CountRaw", "--root", root], root, env={"PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 1, result.stderr
+    assert "1 files changed: edited caf\\xe9" in result.stdout, result.stdout
+
+
 @pytest.mark.folders
 def test_accept_of_an_edited_large_folder_writes_its_new_listing(tiles, capsys):
     write(os.path.join(tiles, "tiles", "d005", "t00005.json"), "by hand")
