@@ -770,8 +770,9 @@ def _stat_chunks(root, excluded=()):
     folder digests use, reached without holding more than one folder's entries per level: a
     subfolder sorts as its name plus "/", as all its paths begin so. Skips every
     ``.luigi_hashes`` folder, and the files and folders whose relative paths are
-    ``excluded``; does not follow links to folders, so a link cycle cannot hang the walk. A no-op check of a folder is this walk alone, so it is written for speed: one
-    stat per file, as a bare walk makes, and one string per file.
+    ``excluded``; does not follow links to folders, so a link cycle cannot hang the walk.
+    A no-op check of a folder is this walk alone, so it is written for speed: one stat per
+    file, as a bare walk makes, and one string per file.
 
     :raises HashCheckError: for a file that is not a regular file, a folder or a link.
     """
@@ -1855,17 +1856,16 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
         return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats)
 
 
-def _unchanged(chunk, run, fields):
-    """The folder digest's lines of the files of the walk's ``chunk``, if the listed lines
-    ``run`` are theirs, each with the same stat and vouching for its digest; else None.
+def _unchanged(chunk, text, count, fields):
+    """The folder digest's lines of the files of the walk's ``chunk``, if ``text``, the next
+    ``count`` listed lines joined by newlines, are theirs, each with the same stat and
+    vouching for its digest; else None.
 
     Lists of fields compared at once, not a loop over lines, as this is most of the cost of
     checking a folder with a few changed files. Only a chunk of files whose stat lines have
     ``fields`` fields, and with no escaped name, is taken so: names then are as the digest
     lines hold them, and fields line up.
     """
-    count = len(run)
-    text = "\n".join(run)
     if "\\" in text or chunk.count("\t") != (fields - 1) * count:
         return None
     walked = chunk[:-1].replace("\n", "\t").split("\t")
@@ -1967,13 +1967,14 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
         if old is not None and chunk and old.startswith(chunk[: chunk.index("\n")]):  # else its first file differs
             count = chunk.count("\n")
             run = [old, *listed.run(count - 1)]
-            digests = _unchanged(chunk, run, fields) if len(run) == count else None
+            text = "\n".join(run)
+            digests = _unchanged(chunk, text, count, fields) if len(run) == count else None
             if digests is not None:
                 if waiting:
                     flush()
                 folder_hash.update(_utf8(digests))
                 if writer:
-                    writer.write(_utf8("\n".join(run) + "\n"))
+                    writer.write(_utf8(text + "\n"))
                 listed.skip(count - 1)
                 old = listed.next()
                 done += count
