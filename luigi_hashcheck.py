@@ -81,6 +81,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import linecache
 import logging
 import multiprocessing
 import os
@@ -284,6 +285,12 @@ _module_texts: dict[object, tuple[tuple, str]] = {}
 # Module of a function or class in code_dependencies -> its __spec__ when first seen, which
 # importlib.reload() replaces.
 _module_specs: dict[object, object] = {}
+# Source file -> (its lines as linecache holds them, qualified name -> line of each class's
+# definition). Before Python 3.13, inspect.getsource parses the whole file again for every
+# class, so a module of a hundred task classes took seconds to import; one parse per file
+# serves them all. It lives as long as linecache's lines: once checkcache() drops an
+# edited file, getlines() reads it anew and the file is parsed again.
+_class_lines: dict[str, tuple[list, dict[str, int]]] = {}
 # This process, for code fingerprints taken after a reload (_reloaded): unique to it, and
 # kept by forked workers, which run the same code.
 _PROCESS = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
@@ -345,7 +352,7 @@ _folder_progress: contextvars.ContextVar = contextvars.ContextVar("_folder_progr
 
 def _forget_process_state():
     """Empty every cache of the process, as if it had just started (for tests and notebooks)."""
-    for cache in (_logged, _digest_cache, _sources, _module_texts, _module_specs, _param_specs, _config_folders, _cleaned, _counts):
+    for cache in (_logged, _digest_cache, _sources, _module_texts, _module_specs, _class_lines, _param_specs, _config_folders, _cleaned, _counts):
         cache.clear()
     _drop_pending()
     _norm_absolute.cache_clear()
@@ -2175,13 +2182,52 @@ def _source_text(obj):
         pass
     name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
     try:
-        text = _ast_text(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+        text = _ast_text(ast.parse(textwrap.dedent(_getsource(obj))))
     except (OSError, TypeError, SyntaxError, RecursionError):
         text = _fallback_text(obj, name)
     if not inspect.ismodule(obj):  # importlib.reload() changes a module in place
         with contextlib.suppress(TypeError):
             _sources[obj] = text
     return text
+
+
+def _getsource(obj):
+    """``inspect.getsource(obj)``, the same text, with one parse per file for all its classes
+    (see _class_lines); Python 3.13 finds a class by its ``__firstlineno__`` instead."""
+    if not inspect.isclass(obj) or sys.version_info >= (3, 13):
+        return inspect.getsource(obj)
+    # As inspect.findsource does it, up to the parse.
+    file = inspect.getsourcefile(obj)
+    if not file:
+        return inspect.getsource(obj)
+    linecache.checkcache(file)
+    module = inspect.getmodule(obj, file)
+    lines = linecache.getlines(file, module.__dict__) if module else linecache.getlines(file)
+    known = _class_lines.get(file)
+    if lines and (known is None or known[0] is not lines):
+        known = _class_lines[file] = (lines, _class_starts(ast.parse("".join(lines))))
+    start = known[1].get(obj.__qualname__) if lines and known else None
+    if start is None:
+        return inspect.getsource(obj)  # which says why it cannot
+    return "".join(inspect.getblock(lines[start:]))
+
+
+def _class_starts(tree):
+    """Qualified name -> index of the first line (its first decorator's) of each class in
+    ``tree``: the first of that name in the order inspect's _ClassFinder meets them, depth
+    first."""
+    starts: dict[str, int] = {}
+    todo = [(tree, "")]  # a node, and the qualified name it is in
+    while todo:
+        node, prefix = todo.pop()
+        if isinstance(node, ast.ClassDef):
+            prefix += node.name
+            starts.setdefault(prefix, (node.decorator_list[0] if node.decorator_list else node).lineno - 1)
+            prefix += "."
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            prefix += node.name + ".<locals>."
+        todo.extend((child, prefix) for child in reversed(list(ast.iter_child_nodes(node))))
+    return starts
 
 
 def _fallback_text(obj, name):

@@ -1,10 +1,12 @@
 """Tests for luigi_hashcheck: real Luigi builds in tmp_path, arranged as the module is."""
 
+import ast
 import contextlib
 import errno
 import functools
 import hashlib
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -1209,6 +1211,75 @@ def test_the_fingerprint_is_taken_when_the_class_is_defined(root):
     write(path, CODE)
     # private: the fingerprint of the class as defined, to compare with the record's.
     assert recorded == hc._fingerprint(load_module(root, CODE).Step)  # the code that ran
+
+
+TRICKY_CLASSES = """
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+
+def mark(cls):
+    return cls
+
+
+if True:
+    if True:
+        class Twice:  # found first, though deeper than the second
+            x = 1
+
+
+class Twice:
+    x = 2
+
+
+@mark
+@mark
+class Decorated(HashCheckingTask):
+    class Inner:
+        class Deepest:
+            y = 3
+
+    def run(self):
+        class InMethod:
+            pass
+
+
+def factory():
+    class Local(HashCheckingTask):
+        z = 4
+    return Local
+
+
+async def coroutine():
+    class InCoroutine:
+        pass
+"""
+
+
+def test_a_class_fingerprint_reads_the_source_inspect_gives(root):
+    module = load_module(root, TRICKY_CLASSES)
+    classes = [module.Twice, module.Decorated, module.Decorated.Inner, module.Decorated.Inner.Deepest, module.factory()]
+    for cls in classes:
+        # private: the source a class's fingerprint is taken of, found with one parse per file.
+        assert hc._getsource(cls) == inspect.getsource(cls), cls
+    assert "x = 1" in hc._getsource(module.Twice) and hc._getsource(module.Decorated).startswith("@mark\n@mark\nclass Decorated")
+
+
+def test_a_module_of_many_task_classes_is_parsed_once_on_import(root, monkeypatch):
+    source = CODE + "".join(f"\n\nclass Many{i}(HashCheckingTask):\n    n = luigi.IntParameter(default={i})\n" for i in range(60))
+    whole, parse = [], ast.parse
+
+    def counted(text, *args, **kwargs):
+        if len(text) >= len(source):
+            whole.append(text)
+        return parse(text, *args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", counted)
+    module = load_module(root, source)
+    # inspect.getsource parsed the whole file once per class before Python 3.13: 61 parses,
+    # and seconds to import a big pipeline module; 3.13 finds classes without a parse.
+    assert len(whole) <= 1, len(whole)
+    assert module.Many59().n == 59 and hc._fingerprint(module.Many3) != hc._fingerprint(module.Many4)
 
 
 def test_no_source_falls_back_to_a_stable_fingerprint(tmp_path):
