@@ -1262,7 +1262,9 @@ def test_a_class_fingerprint_reads_the_source_inspect_gives(root):
     for cls in classes:
         # private: the source a class's fingerprint is taken of, found with one parse per file.
         assert hc._getsource(cls) == inspect.getsource(cls), cls
-    assert "x = 1" in hc._getsource(module.Twice) and hc._getsource(module.Decorated).startswith("@mark\n@mark\nclass Decorated")
+    # Before Python 3.13 inspect takes the first class of a name, deepest or not; 3.13 the one defined.
+    assert ("x = 2" if sys.version_info >= (3, 13) else "x = 1") in hc._getsource(module.Twice)
+    assert hc._getsource(module.Decorated).startswith("@mark\n@mark\nclass Decorated")
 
 
 def test_a_module_of_many_task_classes_is_parsed_once_on_import(root, monkeypatch):
@@ -6572,7 +6574,7 @@ def test_s3_request_budget(s3, tmp_path):
     assert set(noop) == {"HeadObject", "GetObject"}
 
 
-S3_TILES = 10_000  # the size, in slow mode; CI builds 2,500 (moto takes ~2 s per LIST page)
+S3_TILES = 10_000  # the size, in slow mode; CI builds 1,200, two LIST pages (moto takes ~10 ms a request)
 
 
 def s3_tile_key(i):
@@ -6617,7 +6619,7 @@ class S3CountTiles(HashCheckingTask):
 
 
 @pytest.mark.folders
-@pytest.mark.parametrize("count", [2500, pytest.param(S3_TILES, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("count", [1200, pytest.param(S3_TILES, marks=pytest.mark.slow)])
 def test_s3_a_folder_of_10000_objects_is_listed_once_and_a_no_op_costs_a_list_per_1000(s3_runs, caplog, count):
     s3 = s3_runs
     api = s3.s3.meta.client
@@ -6642,14 +6644,14 @@ def test_s3_a_folder_of_10000_objects_is_listed_once_and_a_no_op_costs_a_list_pe
     assert sum(noop.values()) <= -(-count // 1000) + 8, noop
     # (c) One object edited: the check reads that object alone (and the listing), and the
     # folder is remade; the same tiles come back, so their reader is spared.
-    api.put_object(Bucket=BUCKET, Key=s3_tile_key(1234), Body=b'{"tile": "edited"}')
+    api.put_object(Bucket=BUCKET, Key=s3_tile_key(1111), Body=b'{"tile": "edited"}')
     as_new_process()
     S3_REQUESTS.take()
     assert not S3Tiles(count).complete()
     got, check = S3_REQUESTS.got, S3_REQUESTS.take()
-    assert [key for key in got if not key.startswith("out/.luigi_hashes/")] == [s3_tile_key(1234)], (got[:5], check)
+    assert [key for key in got if not key.startswith("out/.luigi_hashes/")] == [s3_tile_key(1111)], (got[:5], check)
     assert build(S3CountTiles(count)) and s3_ran() == ["S3Tiles"]
-    assert api.get_object(Bucket=BUCKET, Key=s3_tile_key(1234))["Body"].read() == b'{"tile": 1234}'
+    assert api.get_object(Bucket=BUCKET, Key=s3_tile_key(1111))["Body"].read() == b'{"tile": 1111}'
     # (d) The listing lost: one full hash and one warning, no rebuild. The same bytes
     # uploaded in one multipart part change the listing's token of that object, so the
     # check cannot take the record's stats and needs the listing.
