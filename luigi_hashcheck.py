@@ -70,6 +70,7 @@ __version__ = "0.1.0"
 
 import abc
 import ast
+import bisect
 import collections.abc
 import contextlib
 import contextvars
@@ -289,7 +290,8 @@ _module_specs: dict[object, object] = {}
 # definition). Before Python 3.13, inspect.getsource parses the whole file again for every
 # class, so a module of a hundred task classes took seconds to import; one parse per file
 # serves them all. It lives as long as linecache's lines: once checkcache() drops an
-# edited file, getlines() reads it anew and the file is parsed again.
+# edited file, getlines() reads it anew and the file is parsed again. _forget_process_state
+# leaves it: from the same lines a new process would find the same lines of classes.
 _class_lines: dict[str, tuple[list, dict[str, int]]] = {}
 # This process, for code fingerprints taken after a reload (_reloaded): unique to it, and
 # kept by forked workers, which run the same code.
@@ -352,7 +354,7 @@ _folder_progress: contextvars.ContextVar = contextvars.ContextVar("_folder_progr
 
 def _forget_process_state():
     """Empty every cache of the process, as if it had just started (for tests and notebooks)."""
-    for cache in (_logged, _digest_cache, _sources, _module_texts, _module_specs, _class_lines, _param_specs, _config_folders, _cleaned, _counts):
+    for cache in (_logged, _digest_cache, _sources, _module_texts, _module_specs, _param_specs, _config_folders, _cleaned, _counts):
         cache.clear()
     _drop_pending()
     _norm_absolute.cache_clear()
@@ -779,58 +781,68 @@ def _stat_chunks(root, excluded=()):
     ``.luigi_hashes`` folder, and the files and folders whose relative paths are
     ``excluded``; does not follow links to folders, so a link cycle cannot hang the walk.
     A no-op check of a folder is this walk alone, so it is written for speed: one stat per
-    file, as a bare walk makes, and one string per file.
+    file, as a bare walk makes, one string per file, and the rest in C (sort, join).
 
     :raises HashCheckError: for a file that is not a regular file, a folder or a link.
     """
     skip = set(excluded)
-    frames = [_stat_frame(root, "", "", skip)]
+    frames = [iter(_stat_frame(root, "", "", skip))]
     while frames:
-        frame = frames[-1]
-        items, index, lines = frame[0], frame[1], []
-        while index < len(items):
-            key, line, folder = items[index]
-            index += 1
-            if line is None:
-                frame[1] = index
-                frames.append(_stat_frame(folder, frame[2] + key, frame[3] + _escape(key), skip))
-                break
-            lines.append(line)
-            if len(lines) == _CHUNK_LINES:
-                frame[1] = index
+        for item in frames[-1]:
+            if item.__class__ is str:
+                yield item
+            else:  # a subfolder, walked in its place
+                frames.append(iter(_stat_frame(*item, skip)))
                 break
         else:
             frames.pop()
-        if lines:
-            yield "".join(lines)
 
 
 def _stat_frame(folder, prefix, escaped, skip):
-    """[sorted (key, stat line or None for a subfolder, its path), next index, prefix,
-    escaped prefix] of one folder, for _stat_chunks."""
-    items = []
+    """One folder's part of _stat_chunks, in order: chunks of at most _CHUNK_LINES stat lines
+    of its files, and between them its subfolders, as (path, prefix, escaped prefix)."""
+    names, lines, subfolders = [], [], []
     with os.scandir(folder) as found:
         for entry in found:
             name = entry.name
             if skip and prefix + name in skip:
                 continue
-            if entry.is_dir(follow_symlinks=False):
-                if name != RECORD_DIR:
-                    items.append((name + "/", None, entry.path))
-                continue
-            shown = name if name.isprintable() and "\\" not in name else _escape(name)
             if entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
+            elif entry.is_dir(follow_symlinks=False):
+                if name != RECORD_DIR:
+                    subfolders.append(name + "/")
+                continue
             elif entry.is_symlink() and _counts_by_name(entry):
-                items.append((name, f"{escaped}{shown}\tlink:{_escape(os.readlink(entry.path))}\n", None))
+                names.append(name)
+                lines.append(f"{escaped}{name}\tlink:{_escape(os.readlink(entry.path))}\n")
                 continue
             else:
                 st = entry.stat()  # a link to a file counts by the file
                 if not stat.S_ISREG(st.st_mode):
                     raise HashCheckError(f"{entry.path} is not a regular file or directory; only those can be hashed")
-            items.append((name, f"{escaped}{shown}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\n", None))
-    items.sort(key=_first)
-    return [items, 0, prefix, escaped]
+            names.append(name)
+            lines.append(f"{escaped}{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\n")
+    joined = "".join(names) + "".join(subfolders)
+    if joined.isprintable() and "\\" not in joined:
+        # Names as they are: every character of them sorts after the tab that ends a name
+        # in its line, so the lines sort as their names do.
+        lines.sort()
+        keys, before = lines, escaped
+    else:
+        order = sorted(range(len(names)), key=names.__getitem__)
+        cut = len(escaped)
+        lines = [escaped + _escape(names[i]) + lines[i][cut + len(names[i]) :] for i in order]
+        keys, before = [names[i] for i in order], ""
+    parts: list = []
+    at = 0
+    for key in sorted(subfolders):
+        end = bisect.bisect_left(keys, before + key)  # the files whose names sort below key
+        parts.extend("".join(lines[i : min(i + _CHUNK_LINES, end)]) for i in range(at, end, _CHUNK_LINES))
+        parts.append((os.path.join(folder, key[:-1]), prefix + key, escaped + _escape(key)))
+        at = end
+    parts.extend("".join(lines[i : i + _CHUNK_LINES]) for i in range(at, len(lines), _CHUNK_LINES))
+    return parts
 
 
 def _first(pair):
@@ -2194,9 +2206,10 @@ def _source_text(obj):
 def _getsource(obj):
     """``inspect.getsource(obj)``, the same text, with one parse per file for all its classes
     (see _class_lines); Python 3.13 finds a class by its ``__firstlineno__`` instead."""
-    if not inspect.isclass(obj) or sys.version_info >= (3, 13):
+    if not inspect.isclass(inspect.unwrap(obj)) or sys.version_info >= (3, 13):
         return inspect.getsource(obj)
-    # As inspect.findsource does it, up to the parse.
+    # As inspect.getsourcelines and findsource do it, up to the parse.
+    obj = inspect.unwrap(obj)
     file = inspect.getsourcefile(obj)
     if not file:
         return inspect.getsource(obj)
@@ -2215,7 +2228,8 @@ def _getsource(obj):
 def _class_starts(tree):
     """Qualified name -> index of the first line (its first decorator's) of each class in
     ``tree``: the first of that name in the order inspect's _ClassFinder meets them, depth
-    first."""
+    first. Only statements can hold a class, so only lists of statements are walked, in
+    the order of each node's fields."""
     starts: dict[str, int] = {}
     todo = [(tree, "")]  # a node, and the qualified name it is in
     while todo:
@@ -2226,8 +2240,14 @@ def _class_starts(tree):
             prefix += "."
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             prefix += node.name + ".<locals>."
-        todo.extend((child, prefix) for child in reversed(list(ast.iter_child_nodes(node))))
+        inner = [child for field in _STATEMENT_FIELDS for child in getattr(node, field, ())]
+        todo.extend((child, prefix) for child in reversed(inner))
     return starts
+
+
+# The fields that hold statements (or handlers and match cases, which hold them), in the
+# order every node that has them lists them.
+_STATEMENT_FIELDS = ("body", "handlers", "orelse", "finalbody", "cases")
 
 
 def _fallback_text(obj, name):
