@@ -6125,6 +6125,18 @@ def sha256sum_of(folder):
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+@pytest.mark.parametrize("odd", ["", "a\tb", "a\\b", "a\x01"])
+def test_a_folder_digest_orders_files_and_subfolders_as_their_sorted_paths(tmp_path, monkeypatch, odd):
+    # The walk sorts a folder's stat lines themselves when no name needs an escape, and by
+    # name otherwise; either way files and subfolders interleave as sorted paths do.
+    folder = str(tmp_path / "f")
+    for name in ["a", "a b", "a-b", "a0", "a.txt", "A", "b", "~", "é", "a-/x", "a_/y", "aa/b/c", "a.d/z", *([odd] if odd else [])]:
+        write(os.path.join(folder, *name.split("/")), name)
+    for width in (1000, 2):  # chunks of 1,000 stat lines, and of 2
+        monkeypatch.setattr(hc, "_CHUNK_LINES", width)  # private: how many lines a chunk holds
+        assert hc._digest(folder, "sha256", trust_mtime=False)["digest"] == sha256sum_of(folder)
+
+
 @pytest.mark.stress
 def test_a_folder_check_that_takes_unchanged_subfolders_whole_agrees_with_a_full_hash(tmp_path, capsys):
     # Subfolders whose files are all as listed are compared whole; those with names that
