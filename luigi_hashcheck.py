@@ -292,7 +292,7 @@ _module_specs: dict[object, object] = {}
 # serves them all. It lives as long as linecache's lines: once checkcache() drops an
 # edited file, getlines() reads it anew and the file is parsed again. _forget_process_state
 # leaves it: from the same lines a new process would find the same lines of classes.
-_class_lines: dict[str, tuple[list, dict[str, int]]] = {}
+_class_lines: dict[str, tuple[list, dict[str, list[int]]]] = {}
 # This process, for code fingerprints taken after a reload (_reloaded): unique to it, and
 # kept by forked workers, which run the same code.
 _PROCESS = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
@@ -2219,24 +2219,39 @@ def _getsource(obj):
     known = _class_lines.get(file)
     if lines and (known is None or known[0] is not lines):
         known = _class_lines[file] = (lines, _class_starts(ast.parse("".join(lines))))
-    start = known[1].get(obj.__qualname__) if lines and known else None
-    if start is None:
+    starts = known[1].get(obj.__qualname__) if lines and known else None
+    if not starts:
         return inspect.getsource(obj)  # which says why it cannot
-    return "".join(inspect.getblock(lines[start:]))
+    blocks = [inspect.getblock(lines[start:]) for start in starts]
+    if len(blocks) > 1:
+        # A name defined twice (under if and else, say): inspect takes the first, which may
+        # not be the class that runs, and its edits would go unseen. The one that holds the
+        # class's own functions is it; 3.13's inspect finds it by __firstlineno__.
+        firsts = [code.co_firstlineno - 1 for code in map(_own_code, vars(obj).values()) if code is not None]
+        for start, block in zip(starts, blocks):
+            if any(start <= first < start + len(block) for first in firsts):
+                return "".join(block)
+    return "".join(blocks[0])
+
+
+def _own_code(value):
+    """The code object of a function, method, static or class method or property in a
+    class's namespace, or None."""
+    value = getattr(value, "__func__", getattr(value, "fget", value))
+    return getattr(inspect.unwrap(value), "__code__", None) if callable(value) else None
 
 
 def _class_starts(tree):
-    """Qualified name -> index of the first line (its first decorator's) of each class in
-    ``tree``: the first of that name in the order inspect's _ClassFinder meets them, depth
-    first. Only statements can hold a class, so only lists of statements are walked, in
+    """Qualified name -> indexes of the first lines (their first decorators') of the classes
+    of that name in ``tree``, in the order inspect's _ClassFinder meets them, depth first. Only statements can hold a class, so only lists of statements are walked, in
     the order of each node's fields."""
-    starts: dict[str, int] = {}
+    starts: dict[str, list[int]] = {}
     todo = [(tree, "")]  # a node, and the qualified name it is in
     while todo:
         node, prefix = todo.pop()
         if isinstance(node, ast.ClassDef):
             prefix += node.name
-            starts.setdefault(prefix, (node.decorator_list[0] if node.decorator_list else node).lineno - 1)
+            starts.setdefault(prefix, []).append((node.decorator_list[0] if node.decorator_list else node).lineno - 1)
             prefix += "."
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             prefix += node.name + ".<locals>."

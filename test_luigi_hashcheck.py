@@ -1267,6 +1267,30 @@ def test_a_class_fingerprint_reads_the_source_inspect_gives(root):
     assert hc._getsource(module.Decorated).startswith("@mark\n@mark\nclass Decorated")
 
 
+TWO_BRANCHES = """
+import luigi
+from luigi_hashcheck import HashCheckingTask
+
+if False:
+    class Chosen(HashCheckingTask):
+        def run(self):
+            return "the branch not taken"
+else:
+    class Chosen(HashCheckingTask):
+        def run(self):
+            return "RESULT"
+"""
+
+
+def test_a_class_defined_in_two_branches_is_fingerprinted_by_the_one_that_runs(root):
+    # Before Python 3.13 inspect.getsource gives the first class of a name, here the branch
+    # not taken: an edit to the class that runs went unseen, and its stale output passed.
+    first = load_module(root, TWO_BRANCHES).Chosen
+    edited = load_module(root, TWO_BRANCHES.replace("RESULT", "EDITED")).Chosen
+    assert '"RESULT"' in hc._getsource(first) and "not taken" not in hc._getsource(first)
+    assert hc._fingerprint(first) != hc._fingerprint(edited)
+
+
 def test_a_module_of_many_task_classes_is_parsed_once_on_import(root, monkeypatch):
     source = CODE + "".join(f"\n\nclass Many{i}(HashCheckingTask):\n    n = luigi.IntParameter(default={i})\n" for i in range(60))
     whole, parse = [], ast.parse
