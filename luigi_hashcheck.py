@@ -2231,6 +2231,8 @@ def _getsource(obj):
         for start, block in zip(starts, blocks):
             if any(start <= first < start + len(block) for first in firsts):
                 return "".join(block)
+        # None to tell them apart: all of them, so that an edit to any one counts.
+        return "".join(textwrap.dedent("".join(block)) for block in blocks)
     return "".join(blocks[0])
 
 
