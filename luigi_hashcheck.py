@@ -2204,8 +2204,9 @@ def _source_text(obj):
 
 
 def _getsource(obj):
-    """``inspect.getsource(obj)``, the same text, with one parse per file for all its classes
-    (see _class_lines); Python 3.13 finds a class by its ``__firstlineno__`` instead."""
+    """``inspect.getsource(obj)``, with one parse per file for all its classes (see
+    _class_lines), and for a class defined twice the definition that ran (see below);
+    Python 3.13 finds a class by its ``__firstlineno__`` instead."""
     if not inspect.isclass(inspect.unwrap(obj)) or sys.version_info >= (3, 13):
         return inspect.getsource(obj)
     # As inspect.getsourcelines and findsource do it, up to the parse.
@@ -2245,8 +2246,9 @@ def _own_code(value):
 
 def _class_starts(tree):
     """Qualified name -> indexes of the first lines (their first decorators') of the classes
-    of that name in ``tree``, in the order inspect's _ClassFinder meets them, depth first. Only statements can hold a class, so only lists of statements are walked, in
-    the order of each node's fields."""
+    of that name in ``tree``, in the order inspect's _ClassFinder meets them, depth first.
+    Only statements can hold a class, so only lists of statements are walked, in the order
+    of each node's fields."""
     starts: dict[str, list[int]] = {}
     todo = [(tree, "")]  # a node, and the qualified name it is in
     while todo:
