@@ -1592,11 +1592,14 @@ def _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked=False):
 # "Listings"). A check whose stats differ merges the walk with the listing, and hashes only
 # the files whose stat no longer vouches for their listed digest.
 
-_LISTING_HEADER = b"luigi_hashcheck listing 1\n"
+_LISTING_HEADER = b"luigi_hashcheck listing 2\n"
+_LISTING_HEADER_1 = b"luigi_hashcheck listing 1\n"  # one line per file: still read, never written
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _UNESCAPES = {"t": "\t", "n": "\n", "r": "\r"}
 # The keys of a folder entry that describe its files, which a new scan replaces together.
 _LISTED_KEYS = ("files", "tokens", "count", "stats", "listing", "listing_digest")
+_UNREAD = object()  # see _merged
+_BLOCK_LIMIT = 1 << 26  # bytes of a listing's block: _CHUNK_LINES names take far less
 _SHOWN_CHANGES = 100  # names of changed files a scan keeps, for explain and verify --json
 
 
@@ -1646,28 +1649,29 @@ class _Scanned(dict):
 
 
 class _ListingWriter:
-    """A new listing, written to an unnamed temporary file as its lines come, in order;
+    """A new listing, written to an unnamed temporary file a block at a time, in order;
     ``close()`` gives its digest, under which it waits in _pending for a record to name it."""
 
     def __init__(self, algorithm):
         self.file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open in _pending, closed by _drop_pending
         self.hash = hashlib.new(algorithm)
-        self.lines = []
         self.write(_LISTING_HEADER)
 
     def write(self, data):
+        """Write bytes as they are: a header, or a block read from another listing."""
         self.hash.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self.file.fileno(), view):]
 
-    def flush(self):
-        if self.lines:
-            self.write(_utf8("".join(self.lines)))
-            self.lines.clear()
+    def block(self, keys, digests, flags):
+        """Write a block of files: their stat lines as the walk gives them (``keys``), their
+        escaped digest lines (``digests``), and a v or - for each (``flags``), as lists."""
+        if keys:
+            stats, lines = _utf8("".join(keys)), _utf8("".join(digests))
+            self.write(b"%d %d %d\n%b%b%b\n" % (len(keys), len(stats), len(lines), stats, lines, "".join(flags).encode()))
 
     def close(self):
-        self.flush()
         digest = self.hash.hexdigest()
         if digest in _pending:
             self.file.close()
@@ -1678,17 +1682,19 @@ class _ListingWriter:
         return digest
 
 
-def _listing_line(key, vouches, digest, hashed_ns):
-    """A listing's line: the walk's stat line of the file (``key``), whether its digest
-    vouches for a file of that stat ("v", else "-"), the digest and when it was taken."""
-    return f"{key}\t{'v' if vouches else '-'}\t{_escape(digest)}\t{hashed_ns}\n"
+def _block_lines(keys, digests, flags):
+    """The stat lines, digest lines and flags of a block of listed files, each ending in a
+    newline but the flags, from its listed ``key`` (stat line), digest, and whether the
+    digest vouches for a file of that stat: as _ListingWriter.block takes them."""
+    digest_lines = [f"{_escape(digest)}  {key[: key.index(chr(9))]}\n" for key, digest in zip(keys, digests)]
+    return [key + "\n" for key in keys], digest_lines, ["v" if good else "-" for good in flags]
 
 
 def _listing_from_files(known, algorithm):
     """The listing of a folder recorded the old way, with its files inline: its digest."""
     writer = _ListingWriter(algorithm)
     tokens = known.get("tokens", {})
-    lines = []
+    files = []
     for rel, digest, size, mtime_ns, inode, hashed_ns in known["files"]:
         if digest.startswith("link:"):
             key, vouches = f"{_escape(rel)}\t{_escape(digest)}", True
@@ -1696,54 +1702,114 @@ def _listing_from_files(known, algorithm):
             key, vouches = f"{_escape(rel)}\t{size}\t{_token_text(tokens.get(rel))}", False  # its tokens came from reads, not listings
         else:
             key, vouches = f"{_escape(rel)}\t{size}\t{mtime_ns}\t{inode}", mtime_ns is not None and hashed_ns - mtime_ns >= _TICK_NS
-        lines.append((rel, _listing_line(key, vouches, digest, hashed_ns)))
-    lines.sort(key=_first)  # by the unescaped names, as the walk gives them
-    writer.lines = [line for _rel, line in lines]
+        files.append((rel, key, digest, vouches))
+    files.sort(key=_first)  # by the unescaped names, as the walk gives them
+    for at in range(0, len(files), _CHUNK_LINES):
+        part = files[at : at + _CHUNK_LINES]
+        writer.block(*_block_lines([f[1] for f in part], [f[2] for f in part], [f[3] for f in part]))
     return writer.close()
 
 
 def _listing_lines(blocks, expected, algorithm, where):
-    """Yield the lines of a listing read as ``blocks``, without their newlines, as one list
-    per block.
+    """Yield the files of a listing read as ``blocks``, in order: for a listing of blocks,
+    each block as (its bytes, its stat lines, its digest lines, its flags), all bytes; for
+    one of lines (the first format), lists of its lines without their newlines.
 
-    :raises _DamagedRecord: at its first line, or at the end, if it is not a listing whose
-        digest is ``expected``.
+    :raises _DamagedRecord: where it is not a listing, or at the end if its digest is not
+        ``expected``.
     """
     h = hashlib.new(algorithm)
-    tail = b""
-    header = True
+    data = b""
+    version = None
     for block in blocks:
         h.update(block)
-        data = tail + block if tail else block
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        lines = data[:cut].decode("utf-8", "surrogateescape").split("\n")
-        lines.pop()
-        if header and lines:
-            if lines[0] + "\n" != _LISTING_HEADER.decode():
+        data = data + block if data else block
+        if version is None:
+            if len(data) < len(_LISTING_HEADER):
+                continue
+            version = {_LISTING_HEADER: 2, _LISTING_HEADER_1: 1}.get(data[: len(_LISTING_HEADER)])
+            if version is None:
                 raise _DamagedRecord(f"{where} is not a listing")
-            del lines[0]
-            header = False
-        if lines:
-            yield lines
-    if tail or header or h.hexdigest() != expected:
+            data = data[len(_LISTING_HEADER) :]
+        if version == 1:
+            cut = data.rfind(b"\n") + 1
+            lines = data[:cut].decode("utf-8", "surrogateescape").split("\n")
+            data = data[cut:]
+            lines.pop()
+            if lines:
+                yield lines
+            continue
+        at = 0
+        while (head := data.find(b"\n", at, at + 64) + 1) > 0:
+            try:
+                count, stats, lines = map(int, data[at:head].split(b" "))
+            except ValueError:
+                raise _DamagedRecord(f"{where} has a damaged block") from None
+            end = head + stats + lines + count + 1
+            if stats + lines > _BLOCK_LIMIT:  # else a damaged size would have the rest read into memory
+                raise _DamagedRecord(f"{where} has a damaged block")
+            if end > len(data):
+                break
+            keys, digests, flags = data[head : head + stats], data[head + stats : end - count - 1], data[end - count - 1 : end - 1]
+            if data[end - 1 : end] != b"\n" or keys.count(b"\n") != count or digests.count(b"\n") != count or flags.strip(b"v-"):
+                raise _DamagedRecord(f"{where} has a damaged block")
+            yield data[at:end], keys, digests, flags
+            at = end
+        if len(data) - at >= 64 and head == 0:
+            raise _DamagedRecord(f"{where} has a damaged block")
+        data = data[at:]
+    if data or version is None or h.hexdigest() != expected:
         raise _DamagedRecord(f"{where} is truncated or does not match its digest")
 
 
 class _Listed:
-    """The lines of a listing (from _listing_lines), as _merged takes them: one at a time,
-    checked, or a run of them to compare at once."""
+    """The files of a listing (from _listing_lines), as _merged takes them: a block whose
+    files are all as listed, at once (block()), or else one line at a time, checked, or a
+    run of lines to compare at once, as the first format's lines were:
+    ``NAME<TAB>SIZE...<TAB>v<TAB>DIGEST<TAB>HASHED_NS``."""
 
-    def __init__(self, blocks, where):
-        self.blocks, self.where = blocks, where
+    def __init__(self, items, where):
+        self.items, self.where = items, where
         self.lines, self.at = [], 0
+        self.ahead = None  # a block read and not yet taken or made lines
 
     def _more(self):
-        block = next(self.blocks, None)
-        if block is None:
+        item, self.ahead = self.ahead or next(self.items, None), None
+        if item is None:
             return False
-        self.lines, self.at = self.lines[self.at :] + block, 0
+        lines = item if item.__class__ is list else self._lines(item)
+        _counts["lines_merged"] += len(lines)
+        self.lines, self.at = self.lines[self.at :] + lines, 0
         return True
+
+    def _lines(self, block):
+        """A block's files as lines of the first format (with no time of hashing)."""
+        keys = block[1].decode("utf-8", "surrogateescape").split("\n")
+        digests = block[2].decode("utf-8", "surrogateescape").split("\n")
+        lines = []
+        for key, line, flag in zip(keys, digests, block[3].decode()):
+            name = key[: key.find("\t")]
+            if "\t" not in key or not line.endswith("  " + name):
+                raise _DamagedRecord(f"{self.where} has a damaged line")
+            lines.append(f"{key}\t{flag}\t{line[: len(line) - len(name) - 2]}\t0")
+        return lines
+
+    def block(self, stats):
+        """The next block, taken, if no file of it was read yet, it lists the files of the
+        walk's chunk ``stats`` (bytes) with the same stats, each one vouching, and no name or
+        digest in it needs an escape; else None."""
+        if self.at < len(self.lines):
+            return None
+        if self.ahead is None:
+            self.ahead = next(self.items, None)
+            if self.ahead is None or self.ahead.__class__ is list:
+                self._more()  # a listing of lines: they are merged one by one
+                return None
+        block = self.ahead
+        if block[1] != stats or b"-" in block[3] or b"\\" in block[2]:
+            return None
+        self.ahead = None
+        return block
 
     def next(self):
         """The next line, or None at the end.
@@ -1852,9 +1918,10 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     for chunk in fs.stat_chunks(path, excluded):
         if report:
             report(count, total, path)
-        h.update(_utf8(chunk))
-        chunks.append(chunk)
-        count += chunk.count("\n")
+        data = _utf8(chunk)  # bytes, as a listing's blocks are compared with them
+        h.update(data)
+        chunks.append(data)
+        count += data.count(b"\n")
     stats = h.hexdigest()
     entry = _Scanned(kind="dir", digest=None, size=None, mtime_ns=st.st_mtime_ns, inode=st.st_ino, hashed_ns=time.time_ns(), count=count)
     if excluded:
@@ -1907,21 +1974,25 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     listing ``source``, if any: reuse each listed digest its file's stat vouches for, hash
     the rest, and write the new listing as the lines come.
 
-    A listing line begins with the walk's stat line of its file, so a file whose stat is
-    as listed is one comparison of strings. A whole chunk of the walk that is as listed is
-    a few comparisons of lists (see _unchanged): the common case, a folder with few changed
-    files, kept near the cost of reading its listing.
+    A listing's block holds the walk's stat lines of a chunk as the walk gives them, so a
+    chunk whose files are as listed is one comparison of bytes, and its digest lines are
+    hashed as they are: the common case, a folder with few changed files, costs little more
+    than reading its listing. Other chunks are merged a line at a time, or for a listing of
+    lines a run at a time (see _unchanged); a listing line begins with its file's stat line,
+    so a file whose stat is as listed is one comparison of strings.
     """
     local = fs is _LOCAL
     fields = 4 if local else 3  # of a file's stat line: NAME SIZE MTIME INODE, or NAME SIZE TOKEN
     listed = _Listed(source[0] if source else iter(()), source and source[2] or "a listing")
-    old = listed.next()
+    old = _UNREAD  # the next listed line, read only when a line is compared: a whole block may match
     writer = _ListingWriter(algorithm) if _keeping_listings.get() else None
     folder_hash = hashlib.new(algorithm)
     changed, first = 0, []
     worth = source is None
     vouching = True
-    waiting = []  # [stat line, name, listed line or None, (digest, listing line) or None]
+    # [stat line, name, listed line or None, (digest, listed stat line, flag) or None], and
+    # None where a chunk ends, as the new listing's blocks do.
+    waiting = []
     report = _folder_progress.get()
     done = 0
 
@@ -1934,7 +2005,7 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
 
     def flush():
         nonlocal worth, vouching, done
-        todo = [item for item in waiting if item[3] is None]
+        todo = [item for item in waiting if item is not None and item[3] is None]
         paths = [path + "/" + item[1] if not local or os.sep == "/" else os.path.join(path, *item[1].split("/")) for item in todo]
         if len(todo) > 16 and (os.cpu_count() or 1) > 1:
             # Reads release the GIL, so threads overlap them; each thread takes a batch of
@@ -1968,21 +2039,39 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                     worth = True
                 elif good and not (was_vouch == "v" and was_key == key):
                     worth = True
-            item[3] = (new["digest"], _listing_line(key, good, new["digest"], new["hashed_ns"]))
-        digests = []
-        for line, rel, _was, (digest, listing_line) in waiting:
+            item[3] = (new["digest"], key, good)
+        digests, block = [], ([], [], [])
+        for item in waiting:
+            if item is None:
+                if writer:
+                    writer.block(*_block_lines(*block))
+                block = ([], [], [])
+                continue
+            _line, rel, _was, (digest, key, good) = item
             digests.append(f"{digest}  {rel}\n")
-            if writer:
-                writer.lines.append(listing_line)
+            for part, value in zip(block, (key, digest, good)):
+                part.append(value)
         folder_hash.update(_utf8("".join(digests)))
-        if writer:
-            writer.flush()
-        done += len(waiting)
+        done += len(digests)
         if report:
             report(done, entry["count"], path)
         waiting.clear()
 
-    for chunk in chunks:
+    for data in chunks:
+        if old is _UNREAD and (found := listed.block(data)) is not None:
+            # Every file of the chunk as listed, and vouching: nothing to hash.
+            if waiting:
+                flush()
+            folder_hash.update(found[2])
+            if writer:
+                writer.write(found[0])
+            done += len(found[3])
+            if report:
+                report(done, entry["count"], path)
+            continue
+        chunk = data.decode("utf-8", "surrogateescape")
+        if old is _UNREAD:
+            old = listed.next()
         if old is not None and chunk and old.startswith(chunk[: chunk.index("\n")]):  # else its first file differs
             count = chunk.count("\n")
             run = [old, *listed.run(count - 1)]
@@ -1993,14 +2082,21 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                     flush()
                 folder_hash.update(_utf8(digests))
                 if writer:
-                    writer.write(_utf8(text + "\n"))
+                    keys, digest_lines = [], []
+                    for listed_line in run:
+                        key, _vouch, digest, _hashed = listed_line.rsplit("\t", 3)
+                        keys.append(key + "\n")
+                        digest_lines.append(f"{digest}  {key[: key.index(chr(9))]}\n")
+                    writer.block(keys, digest_lines, "v" * count)
                 listed.skip(count - 1)
-                old = listed.next()
+                old = _UNREAD
                 done += count
                 if report:
                     report(done, entry["count"], path)
                 continue
         for line in chunk[:-1].split("\n") if chunk else ():
+            if old is _UNREAD:
+                old = listed.next()
             if old is not None and not old.startswith(line):
                 rel = _rel(line)
                 while old is not None and _rel(old) < rel:
@@ -2011,13 +2107,13 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                 # The same file with the same stat as listed, and its digest vouches for it.
                 vouching = vouching and old[len(line) + 1] == "v"
                 digest = old[len(line) + 3 : old.rindex("\t")]
-                waiting.append([line, _rel(line), old, (_unescape(digest), old + "\n")])
-                old = listed.next()
+                waiting.append([line, _rel(line), old, (_unescape(digest), line, old[len(line) + 1] == "v")])
+                old = _UNREAD
             else:
                 rel = _rel(line)
                 was = None
                 if old is not None and _rel(old) == rel:
-                    was, old = old, listed.next()
+                    was, old = old, _UNREAD
                 if line.count("\t") == 1:  # NAME<TAB>link:TARGET, a link that counts by its target's name
                     digest = line[line.index("\t") + 1 :]
                     if was is None:
@@ -2025,12 +2121,15 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
                     elif was.rsplit("\t", 3)[2] != digest:
                         note("edited", rel)
                     worth = True
-                    waiting.append([line, rel, was, (_unescape(digest), _listing_line(line, True, _unescape(digest), 0))])
+                    waiting.append([line, rel, was, (_unescape(digest), line, True)])
                 else:
                     waiting.append([line, rel, was, None])
-            if len(waiting) >= 4096:
-                flush()
+        waiting.append(None)  # where the chunk ends, and the new listing's block
+        if len(waiting) >= 4096:
+            flush()
     flush()
+    if old is _UNREAD:
+        old = listed.next()
     while old is not None:
         note("removed", _rel(old))
         worth = True

@@ -99,8 +99,8 @@ def record_of(path):
 
 
 def listing_of(output, entry=None, folder=None):
-    """The lines of the listing that a folder entry names, as lists [name, digest, *stat,
-    hashed_ns] of strings (stat: size, mtime_ns and inode; on a store, size and token): by
+    """The lines of the listing that a folder entry names, as lists [name, digest, *stat]
+    of strings (stat: size, mtime_ns and inode; on a store, size and token): by
     default the output's own; an input's listing is beside its ``folder`` or in the output's
     records folder."""
     records = os.path.join(os.path.dirname(os.path.abspath(str(output))), ".luigi_hashes")
@@ -112,14 +112,32 @@ def listing_of(output, entry=None, folder=None):
             with open(path, "rb") as f:
                 data = f.read()
             assert hashlib.sha256(data).hexdigest() == entry["listing_digest"]
-            header, *lines = data.decode("utf-8", "surrogateescape").split("\n")
-            assert header == "luigi_hashcheck listing 1" and lines.pop() == ""
-            found = []
-            for line in lines:
-                name, *stat, _vouches, digest, hashed = line.split("\t")
-                found.append([name, digest, *stat, hashed])
-            return found
+            return listing_files(data)
     raise AssertionError(f"no listing {entry['listing']} in {places}")
+
+
+def listing_files(data):
+    """The files of a listing's bytes, as listing_of gives them, read by hand from the
+    format DESIGN.md gives: a header line, then blocks of COUNT STATBYTES DIGESTBYTES, the
+    stat lines, the digest lines and a flag per file."""
+    header, _, rest = data.partition(b"\n")
+    assert header == b"luigi_hashcheck listing 2"
+    found = []
+    while rest:
+        head, _, rest = rest.partition(b"\n")
+        count, stat_bytes, digest_bytes = map(int, head.split(b" "))
+        stats, digests = rest[:stat_bytes], rest[stat_bytes : stat_bytes + digest_bytes]
+        flags, rest = rest[stat_bytes + digest_bytes : stat_bytes + digest_bytes + count], rest[stat_bytes + digest_bytes + count :]
+        assert rest[:1] == b"\n" and set(flags) <= set(b"v-")
+        rest = rest[1:]
+        stats, digests = stats.decode("utf-8", "surrogateescape").split("\n"), digests.decode("utf-8", "surrogateescape").split("\n")
+        assert len(stats) == len(digests) == count + 1 and stats.pop() == digests.pop() == ""
+        for line, digest_line in zip(stats, digests):
+            name, *stat = line.split("\t")
+            digest, sep, listed_name = digest_line.partition("  ")
+            assert sep and listed_name == name, (line, digest_line)
+            found.append([name, digest, *stat])
+    return found
 
 
 def age(root, seconds=100):
@@ -6035,6 +6053,9 @@ def test_one_file_changed_in_a_large_folder_is_the_only_one_hashed_and_named(til
         os.rename(path, os.path.join(folder, "d019", "moved.json"))
     assert not Tiles(tiles).complete()
     assert counters["reads"] == {"edited": 1, "added": 1, "removed": 0, "renamed": 1}[edit]
+    # Of the listing, only the block of each changed subfolder (1,000 files) is merged file
+    # by file; every other block is taken whole.
+    assert counters["lines_merged"] == {"edited": 1000, "added": 1000, "removed": 1000, "renamed": 2000}[edit]
     as_new_process()
     _code, out, _ = cli_main(["explain", "--module", __name__, "Tiles", "--root", tiles], capsys)
     named = {
@@ -6060,7 +6081,7 @@ def test_many_changed_files_are_named_ten_at_a_time_with_a_count(tiles, capsys):
 
 
 @pytest.mark.folders
-@pytest.mark.parametrize("damage", ["damaged", "truncated", "missing", "not a listing"])
+@pytest.mark.parametrize("damage", ["damaged", "a digest changed", "a block too large", "truncated", "missing", "not a listing"])
 def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tiles, damage, caplog):
     entry = record_of(os.path.join(tiles, "tiles"))["output"]
     path = os.path.join(tiles, ".luigi_hashes", entry["listing"])
@@ -6068,6 +6089,14 @@ def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tile
         data = f.read()
     if damage == "damaged":
         data = data.replace(b"t00001.json\t", b"t00001.json\tx")
+    elif damage == "a digest changed":
+        # In a block the check takes whole, whose digest lines it hashes as they are: only
+        # the listing's own digest, at its end, shows the damage.
+        at = data.index(b"  d005/t00001.json\n") - 1
+        data = data[:at] + (b"0" if data[at : at + 1] != b"0" else b"1") + data[at + 1 :]
+    elif damage == "a block too large":
+        head = data.index(b"\n") + 1
+        data = data[:head] + b"1000 99999999999 1" + data[data.index(b"\n", head) :]
     elif damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "not a listing":
@@ -6092,6 +6121,35 @@ def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tile
 
 
 @pytest.mark.folders
+def test_a_listing_of_lines_as_the_version_before_wrote_still_serves(tiles, caplog):
+    # The first listing format: a line per file, NAME SIZE MTIME INODE VOUCHES DIGEST
+    # HASHED_NS. Such a listing still spares every unchanged file its hash, and the next
+    # record made writes the listing of blocks.
+    output = os.path.join(tiles, "tiles")
+    record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
+    record = record_of(output)
+    lines = [f"{name}\t{size}\t{mtime}\t{inode}\tv\t{digest}\t{int(mtime) + 10**10}\n" for name, digest, size, mtime, inode in listing_of(output)]
+    data = ("luigi_hashcheck listing 1\n" + "".join(lines)).encode()
+    for name in sidecars(tiles):
+        os.remove(os.path.join(tiles, ".luigi_hashes", name))
+    digest = hashlib.sha256(data).hexdigest()
+    record["output"].update(listing=f"tiles.{digest[:16]}.list", listing_digest=digest)
+    with open(os.path.join(tiles, ".luigi_hashes", record["output"]["listing"]), "wb") as f:
+        f.write(data)
+    with open(record_file, "w") as f:
+        json.dump(record, f)
+    write(os.path.join(output, "d007", "t00123.json"), '{"tile": 99999}')
+    as_new_process()
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert not Tiles(tiles).complete()
+    assert counters["reads"] == 1 and counters["lines_merged"] == LARGE
+    assert not [r for r in caplog.records if "listing" in r.getMessage()]
+    assert build(CountTiles(tiles)) and ran(tiles) == ["Tiles"]
+    assert len(listing_of(output)) == LARGE  # read as blocks, or it fails
+    assert sidecars(tiles) == [record_of(output)["output"]["listing"]]
+
+
+@pytest.mark.folders
 def test_a_folder_recorded_the_old_way_is_checked_the_old_way_then_rewritten_the_new_way(tiles, caplog):
     output = os.path.join(tiles, "tiles")
     record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
@@ -6099,7 +6157,8 @@ def test_a_folder_recorded_the_old_way_is_checked_the_old_way_then_rewritten_the
     lines = listing_of(output)
     # Today's format before sidecars: every file inline, in the record.
     old = {k: v for k, v in record["output"].items() if k not in ("count", "stats", "listing", "listing_digest")}
-    old["files"] = [[rel, digest, int(size), int(mtime), int(inode), int(hashed)] for rel, digest, size, mtime, inode, hashed in lines]
+    # Hashed ten seconds after each file's mtime, so each digest vouches for its file.
+    old["files"] = [[rel, digest, int(size), int(mtime), int(inode), int(mtime) + 10**10] for rel, digest, size, mtime, inode in lines]
     record["output"] = old
     for name in sidecars(tiles):
         os.remove(os.path.join(tiles, ".luigi_hashes", name))
@@ -6685,7 +6744,7 @@ def test_s3_a_folder_of_10000_objects_is_listed_once_and_a_no_op_costs_a_list_pe
     records = sorted(item["Key"] for item in api.list_objects_v2(Bucket=BUCKET, Prefix="out/.luigi_hashes/")["Contents"])
     assert records == ["out/.luigi_hashes/count.txt.json", "out/.luigi_hashes/" + entry["listing"], "out/.luigi_hashes/tiles.json"]
     listing = api.get_object(Bucket=BUCKET, Key="out/.luigi_hashes/" + entry["listing"])["Body"].read()
-    assert hashlib.sha256(listing).hexdigest() == entry["listing_digest"] and listing.count(b"\n") == count + 1
+    assert hashlib.sha256(listing).hexdigest() == entry["listing_digest"] and len(listing_files(listing)) == count
     (read,) = json.loads(s3.get_as_string(s3_url("out/.luigi_hashes/count.txt.json")))["inputs"]
     assert len(json.dumps(read)) <= 4096 and "files" not in read and read["listing"] == entry["listing"]
     # (b) A no-op in a new process: one LIST per 1,000 keys, one GET per record, no data GET.
