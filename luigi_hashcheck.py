@@ -766,7 +766,7 @@ def _remove_output(path):
 
 # The most stat lines in one chunk of a walk: a folder's files between its subfolders come
 # in chunks of at most this many, so a changed file costs the merge one chunk line by line
-# (see _unchanged), even in a flat folder of a million files.
+# (see _merged), even in a flat folder of a million files.
 _CHUNK_LINES = 1000
 
 
@@ -1588,9 +1588,9 @@ def _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked=False):
 # vouches for its digest, "stats": a digest of every file's name and stat, so that a no-op
 # check is one walk and one comparison. Its files are listed in a listing: a sidecar in
 # .luigi_hashes named NAME.<16 hex>.list after the record that owns it and its own digest,
-# one line per file, sorted, so that it is written and read as a stream (DESIGN.md,
-# "Listings"). A check whose stats differ merges the walk with the listing, and hashes only
-# the files whose stat no longer vouches for their listed digest.
+# a block per chunk of the walk, in order, so that it is written and read as a stream
+# (DESIGN.md, "Listings"). A check whose stats differ merges the walk with the listing, and
+# hashes only the files whose stat no longer vouches for their listed digest.
 
 _LISTING_HEADER = b"luigi_hashcheck listing 2\n"
 _LISTING_HEADER_1 = b"luigi_hashcheck listing 1\n"  # one line per file: still read, never written
