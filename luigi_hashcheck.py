@@ -1599,6 +1599,7 @@ _UNESCAPES = {"t": "\t", "n": "\n", "r": "\r"}
 # The keys of a folder entry that describe its files, which a new scan replaces together.
 _LISTED_KEYS = ("files", "tokens", "count", "stats", "listing", "listing_digest")
 _UNREAD = object()  # see _merged
+_HELD_LIMIT = 1 << 24  # bytes of new blocks a listing that may not be needed holds (_ListingWriter)
 _BLOCK_LIMIT = 1 << 26  # bytes of a listing's block: _CHUNK_LINES names take far less
 _SHOWN_CHANGES = 100  # names of changed files a scan keeps, for explain and verify --json
 
@@ -1650,19 +1651,45 @@ class _Scanned(dict):
 
 class _ListingWriter:
     """A new listing, written to an unnamed temporary file a block at a time, in order;
-    ``close()`` gives its digest, under which it waits in _pending for a record to name it."""
+    ``close()`` gives its digest, under which it waits in _pending for a record to name it.
 
-    def __init__(self, algorithm):
+    With ``hold``, the listing may turn out not to be needed, as when a check finds its
+    task's output folder changed, and the task reruns: then it is only held, blocks copied
+    from the listing being read as their places in it, until ``close()`` writes it (taking
+    those blocks from ``reread()``, (blocks, digest): that listing read again) or ``drop()``
+    forgets it. Holding more than _HELD_LIMIT bytes of new blocks writes it out at once.
+    """
+
+    def __init__(self, algorithm, hold=False, reread=None):
+        self.algorithm, self.reread = algorithm, reread
         self.file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open in _pending, closed by _drop_pending
         self.hash = hashlib.new(algorithm)
+        self.held, self.held_bytes = ([], 0) if hold else (None, 0)
         self.write(_LISTING_HEADER)
 
     def write(self, data):
         """Write bytes as they are: a header, or a block read from another listing."""
+        if self.file is None:
+            return
+        if self.held is not None:
+            self.held.append(bytes(data))
+            self.held_bytes += len(data)
+            if self.held_bytes > _HELD_LIMIT:
+                self._release()
+            return
         self.hash.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self.file.fileno(), view):]
+
+    def copy(self, data, offset):
+        """Write ``data``, a block at ``offset`` in the listing being read, or note its place."""
+        if self.held is None:
+            self.write(data)
+        elif self.held and self.held[-1].__class__ is tuple and self.held[-1][1] == offset:
+            self.held[-1] = (self.held[-1][0], offset + len(data))
+        else:
+            self.held.append((offset, offset + len(data)))
 
     def block(self, keys, digests, flags):
         """Write a block of files: their stat lines as the walk gives them (``keys``), their
@@ -1671,7 +1698,50 @@ class _ListingWriter:
             stats, lines = _utf8("".join(keys)), _utf8("".join(digests))
             self.write(b"%d %d %d\n%b%b%b\n" % (len(keys), len(stats), len(lines), stats, lines, "".join(flags).encode()))
 
+    def _release(self):
+        """Write what is held: its copied blocks read again, checked against their listing's
+        digest. If that listing is gone or changed, there is no new listing."""
+        held, self.held = self.held, None
+        places = collections.deque(held)
+        if all(place.__class__ is bytes for place in held):  # nothing copied: nothing to read again
+            for place in held:
+                self.write(place)
+            return
+        try:
+            blocks, expected = self.reread()
+            h, offset = hashlib.new(self.algorithm), 0
+            for data in blocks:
+                h.update(data)
+                end = offset + len(data)
+                while places and (places[0].__class__ is bytes or places[0][0] < end):
+                    if places[0].__class__ is bytes:
+                        self.write(places.popleft())
+                        continue
+                    start, stop = places[0]
+                    self.write(memoryview(data)[start - offset : min(stop, end) - offset])
+                    if stop <= end:
+                        places.popleft()
+                    else:
+                        places[0] = (end, stop)
+                offset = end
+            while places and places[0].__class__ is bytes:
+                self.write(places.popleft())
+            if places or h.hexdigest() != expected:
+                raise _DamagedRecord("it changed while it was read")
+        except (_DamagedRecord, OSError, KeyError):  # KeyError: a listing of _pending let go
+            self.drop()
+
+    def drop(self):
+        """Forget the listing: nothing is written from now on, and ``close()`` gives None."""
+        if self.file is not None:
+            self.file.close()
+        self.file, self.held = None, None
+
     def close(self):
+        if self.held is not None:
+            self._release()
+        if self.file is None:
+            return None
         digest = self.hash.hexdigest()
         if digest in _pending:
             self.file.close()
@@ -1712,8 +1782,10 @@ def _listing_from_files(known, algorithm):
 
 def _listing_lines(blocks, expected, algorithm, where):
     """Yield the files of a listing read as ``blocks``, in order: for a listing of blocks,
-    each block as (its bytes, its stat lines, its digest lines, its flags), all bytes; for
-    one of lines (the first format), lists of its lines without their newlines.
+    each block as (a buffer, where in it the block, its stat lines, its digest lines and its
+    flags begin, where it ends, and where the buffer begins in the file), offsets into the
+    buffer that spare copying it; for a listing of lines (the first format), lists of its
+    lines without their newlines.
 
     :raises _DamagedRecord: where it is not a listing, or at the end if its digest is not
         ``expected``.
@@ -1721,6 +1793,7 @@ def _listing_lines(blocks, expected, algorithm, where):
     h = hashlib.new(algorithm)
     data = b""
     version = None
+    dropped = 0  # bytes of the file before data
     for block in blocks:
         h.update(block)
         data = data + block if data else block
@@ -1730,7 +1803,7 @@ def _listing_lines(blocks, expected, algorithm, where):
             version = {_LISTING_HEADER: 2, _LISTING_HEADER_1: 1}.get(data[: len(_LISTING_HEADER)])
             if version is None:
                 raise _DamagedRecord(f"{where} is not a listing")
-            data = data[len(_LISTING_HEADER) :]
+            data, dropped = data[len(_LISTING_HEADER) :], len(_LISTING_HEADER)
         if version == 1:
             cut = data.rfind(b"\n") + 1
             lines = data[:cut].decode("utf-8", "surrogateescape").split("\n")
@@ -1746,18 +1819,17 @@ def _listing_lines(blocks, expected, algorithm, where):
             except ValueError:
                 raise _DamagedRecord(f"{where} has a damaged block") from None
             end = head + stats + lines + count + 1
-            if stats + lines > _BLOCK_LIMIT:  # else a damaged size would have the rest read into memory
+            if stats + lines > _BLOCK_LIMIT or min(count, stats, lines) < 0:  # else a damaged size would have the rest read into memory
                 raise _DamagedRecord(f"{where} has a damaged block")
             if end > len(data):
                 break
-            keys, digests, flags = data[head : head + stats], data[head + stats : end - count - 1], data[end - count - 1 : end - 1]
-            if data[end - 1 : end] != b"\n" or keys.count(b"\n") != count or digests.count(b"\n") != count or flags.strip(b"v-"):
+            if data[end - 1] != 10 or data[end - count - 1 : end - 1].strip(b"v-"):  # 10: a newline
                 raise _DamagedRecord(f"{where} has a damaged block")
-            yield data[at:end], keys, digests, flags
+            yield data, at, head, head + stats, end - count - 1, end, dropped
             at = end
         if len(data) - at >= 64 and head == 0:
             raise _DamagedRecord(f"{where} has a damaged block")
-        data = data[at:]
+        data, dropped = data[at:], dropped + at
     if data or version is None or h.hexdigest() != expected:
         raise _DamagedRecord(f"{where} is truncated or does not match its digest")
 
@@ -1784,10 +1856,14 @@ class _Listed:
 
     def _lines(self, block):
         """A block's files as lines of the first format (with no time of hashing)."""
-        keys = block[1].decode("utf-8", "surrogateescape").split("\n")
-        digests = block[2].decode("utf-8", "surrogateescape").split("\n")
+        data, _at, keys_at, digests_at, flags_at, end, _dropped = block
+        keys = data[keys_at:digests_at].decode("utf-8", "surrogateescape").split("\n")
+        digests = data[digests_at:flags_at].decode("utf-8", "surrogateescape").split("\n")
+        flags = data[flags_at : end - 1].decode()
+        if not len(keys) == len(digests) == len(flags) + 1 or keys.pop() or digests.pop():
+            raise _DamagedRecord(f"{self.where} has a damaged block")
         lines = []
-        for key, line, flag in zip(keys, digests, block[3].decode()):
+        for key, line, flag in zip(keys, digests, flags):
             name = key[: key.find("\t")]
             if "\t" not in key or not line.endswith("  " + name):
                 raise _DamagedRecord(f"{self.where} has a damaged line")
@@ -1805,8 +1881,10 @@ class _Listed:
             if self.ahead is None or self.ahead.__class__ is list:
                 self._more()  # a listing of lines: they are merged one by one
                 return None
-        block = self.ahead
-        if block[1] != stats or b"-" in block[3] or b"\\" in block[2]:
+        data, _at, keys_at, digests_at, flags_at, end, _dropped = block = self.ahead
+        if digests_at - keys_at != len(stats) or not data.startswith(stats, keys_at):
+            return None
+        if data.find(b"-", flags_at, end) >= 0 or data.find(b"\\", digests_at, flags_at) >= 0:
             return None
         self.ahead = None
         return block
@@ -1843,7 +1921,7 @@ def _pending_blocks(source):
 
 def _listing_source(fs, path, known, algorithm, home):
     """The listing to compare the folder at ``path`` with: (lines, the folder digest it
-    describes, where it is), or None. Found in order: the recorded entry's own files (the
+    describes, where it is, a callable that reads it again as (blocks, its digest)), or None. Found in order: the recorded entry's own files (the
     old format), this process's new listing of that digest, the named listing beside the
     folder or in the records folder ``home`` of the record that holds ``known``, and last
     the listing of the record beside the folder, whichever task made it: any listing of
@@ -1854,12 +1932,10 @@ def _listing_source(fs, path, known, algorithm, home):
     tried = []
     entries = [known] if known and known.get("kind") == "dir" else []
     for entry in entries:
-        if "files" in entry:
-            digest = _listing_from_files(entry, algorithm)
-            return _listing_lines(_pending_blocks(_pending[digest]), digest, algorithm, "a listing"), entry["digest"], None
-        digest = entry.get("listing_digest")
+        digest = _listing_from_files(entry, algorithm) if "files" in entry else entry.get("listing_digest")
         if digest in _pending:
-            return _listing_lines(_pending_blocks(_pending[digest]), digest, algorithm, "a listing"), entry["digest"], None
+            reread = functools.partial(_reread_pending, digest)
+            return _listing_lines(reread()[0], digest, algorithm, "a listing"), entry["digest"], None, reread
         if digest and entry.get("listing"):
             for folder in dict.fromkeys([beside, home] if home else [beside]):
                 tried.append((join(folder, entry["listing"]), digest, entry["digest"]))
@@ -1883,10 +1959,14 @@ def _listing_source(fs, path, known, algorithm, home):
         except (_DamagedRecord, OSError) as exc:
             _warn_listing(where, path, exc)
             continue
-        return _listing_lines(itertools.chain([first], blocks), digest, algorithm, where), base, where
+        return _listing_lines(itertools.chain([first], blocks), digest, algorithm, where), base, where, lambda: (fs.read_blocks(where), digest)  # noqa: B023 - returned at once
     if tried:
         _warn_listing(tried[0][0], path, "it is missing")
     return None
+
+
+def _reread_pending(digest):
+    return _pending_blocks(_pending[digest]), digest
 
 
 def _warn_listing(where, folder, why):
@@ -1898,7 +1978,7 @@ def _warn_listing(where, folder, why):
     )
 
 
-def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=(), home=None):
+def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=(), home=None, listing_if=None):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
 
     One walk gives each file's name and stat. While they all match the ``known`` entry's
@@ -1906,6 +1986,7 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     _listing_source), and only the files whose stat no longer vouches are hashed.
 
     :param home: the records folder of the record that holds ``known``.
+    :param listing_if: as for _merged.
     :returns: a _Scanned entry.
     """
     local = fs is _LOCAL
@@ -1936,10 +2017,10 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
         return entry
     source = _listing_source(fs, path, known, algorithm, home) if trust_mtime else None
     try:
-        return _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats)
+        return _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listing_if)
     except _DamagedRecord as exc:
         _warn_listing(source[2] or "made in this process", path, exc)
-        return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats)
+        return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats, listing_if)
 
 
 def _unchanged(chunk, text, count, fields):
@@ -1969,7 +2050,7 @@ def _rel(line):
     return _unescape(line[: line.index("\t")])
 
 
-def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
+def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listing_if=None):
     """Finish the ``entry`` of the folder at ``path`` from the walk's ``chunks`` and the
     listing ``source``, if any: reuse each listed digest its file's stat vouches for, hash
     the rest, and write the new listing as the lines come.
@@ -1980,12 +2061,16 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     than reading its listing. Other chunks are merged a line at a time, or for a listing of
     lines a run at a time (see _unchanged); a listing line begins with its file's stat line,
     so a file whose stat is as listed is one comparison of strings.
+
+    :param listing_if: a folder digest: the new listing is only wanted if the folder's comes
+        out the same (see _compare), so it is held until then, and dropped at the first
+        change against a listing of that digest.
     """
     local = fs is _LOCAL
     fields = 4 if local else 3  # of a file's stat line: NAME SIZE MTIME INODE, or NAME SIZE TOKEN
     listed = _Listed(source[0] if source else iter(()), source and source[2] or "a listing")
     old = _UNREAD  # the next listed line, read only when a line is compared: a whole block may match
-    writer = _ListingWriter(algorithm) if _keeping_listings.get() else None
+    writer = _ListingWriter(algorithm, listing_if is not None, source and source[3]) if _keeping_listings.get() else None
     folder_hash = hashlib.new(algorithm)
     changed, first = 0, []
     worth = source is None
@@ -1999,6 +2084,8 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     def note(how, rel):
         nonlocal changed
         changed += 1
+        if writer and writer.held is not None and source and source[1] == listing_if:
+            writer.drop()  # the folder is not the one listing_if names: its task reruns
         if len(first) < _SHOWN_CHANGES:
             # Shown to people and in JSON: a name that is not UTF-8 shows its bytes as \xNN.
             first.append(f"{how} {_utf8(rel).decode('utf-8', 'backslashreplace')}")
@@ -2060,12 +2147,14 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     for data in chunks:
         if old is _UNREAD and (found := listed.block(data)) is not None:
             # Every file of the chunk as listed, and vouching: nothing to hash.
+            buffer, at, _keys_at, digests_at, flags_at, end, dropped = found
             if waiting:
                 flush()
-            folder_hash.update(found[2])
+            view = memoryview(buffer)
+            folder_hash.update(view[digests_at:flags_at])
             if writer:
-                writer.write(found[0])
-            done += len(found[3])
+                writer.copy(view[at:end], dropped + at)
+            done += end - 1 - flags_at
             if report:
                 report(done, entry["count"], path)
             continue
@@ -2141,7 +2230,10 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats):
     entry.base = source[1] if source else None
     entry.worth = worth
     if writer:
-        entry["listing_digest"] = writer.close()
+        if writer.held is not None and entry["digest"] != listing_if:
+            writer.drop()
+        if (digest := writer.close()) is not None:
+            entry["listing_digest"] = digest
     return entry
 
 
@@ -2170,6 +2262,7 @@ def _digest(
     fs=_LOCAL,
     st=None,
     home: str | None = None,
+    listing_if: str | None = None,
 ) -> dict:
     """Return the entry (kind, digest, stat fields) of a file or directory.
 
@@ -2181,6 +2274,7 @@ def _digest(
     :param fs: the storage the path is in.
     :param st: its stat, when the caller has just taken it.
     :param home: for a folder, the records folder of the record that holds ``known``.
+    :param listing_if: for a folder, as for _merged.
     :raises FileNotFoundError: if nothing is at ``path``.
     """
     if st is None:
@@ -2193,7 +2287,7 @@ def _digest(
                 return dict(cached)
         st = fs.stat(path)
     if stat.S_ISDIR(st.st_mode):
-        return _digest_dir(fs, path, algorithm, trust_mtime, known, rechecked, excluded, home)
+        return _digest_dir(fs, path, algorithm, trust_mtime, known, rechecked, excluded, home, listing_if)
     if not stat.S_ISREG(st.st_mode):
         raise HashCheckError(f"{path} is not a regular file or directory; only those can be hashed")
     return _digest_file(fs, path, algorithm, st, known, trust_mtime, rechecked)
@@ -2715,9 +2809,10 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
             # commit point), then the listings no longer named.
             record, kept = _with_listings(record, path, fs)
             fs.replace(path, _dump(record))
-            if kept:
-                # Only a record that owns listings looks for its old ones: listing a
-                # records folder at every write would make a build quadratic.
+            if kept or record["output"].get("kind") == "dir":
+                # Only a record that owns listings, or of a folder (whose new listing may be
+                # lost, see _ListingWriter), looks for its old ones: listing a records folder
+                # at every write would make a build quadratic.
                 for sidecar in fs.sidecars(folder, _stem(path)):
                     if sidecar.rpartition("/" if fs is not _LOCAL else os.sep)[2] not in kept:
                         fs.remove_sidecar(sidecar)
@@ -3128,12 +3223,12 @@ def _reason(key, **fields):
 # The one comparison: a recorded entry against what is there now.
 
 
-def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, excluded=(), home=None):
+def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, excluded=(), home=None, listing_if=None):
     """The entry of the file or folder at ``path`` now, or None if nothing is there.
 
     :param known: its recorded entry, whose digest serves while its stat vouches for it.
     :param cache: spares a second look at a path within one walk, as an output and as an input.
-    :param rechecked: as for ``_digest``; ``home`` too.
+    :param rechecked: as for ``_digest``; ``home`` and ``listing_if`` too.
     """
     key = (path, algorithm, excluded) if excluded else (path, algorithm)
     if fs is not _LOCAL:
@@ -3146,7 +3241,7 @@ def _look(fs, path, algorithm, known, trust_mtime, cache, rechecked=False, exclu
                 st = _stat_of(fs, path, cache)
                 if st is None:
                     raise FileNotFoundError(path)
-            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs, st, home)
+            cache[key] = _digest(path, algorithm, known, trust_mtime, rechecked, excluded, fs, st, home, listing_if)
         except FileNotFoundError:
             cache[key] = None
     return cache[key]
@@ -3170,18 +3265,21 @@ def _stat_of(fs, path, cache):
     return cache[key]
 
 
-def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=None, home=None):
+def _compare_entry(fs, path, recorded, algorithm, trust_mtime, cache, excluded=None, home=None, output=False):
     """Compare the ``recorded`` entry of ``path`` with what is there now.
 
     :param excluded: what a folder leaves out; by default, what the entry says it left out.
     :param home: the records folder of the record that holds ``recorded``, where a folder
         that no task made has its listing.
+    :param output: ``path`` is the output of the task whose record holds ``recorded``, and
+        a changed output means the task reruns and lists it anew: a folder's new listing is
+        only made if its digest is as recorded.
     :returns: (change, current): change is None while the digest matches, else "missing",
         "excluded" (what is left out changed) or "changed"; current is the entry as now found.
     """
     if excluded is None:
         excluded = tuple(recorded.get("excluded", ()))
-    current = _look(fs, path, algorithm, recorded, trust_mtime, cache, excluded=excluded, home=home)
+    current = _look(fs, path, algorithm, recorded, trust_mtime, cache, excluded=excluded, home=home, listing_if=recorded["digest"] if output else None)
     if current is None:
         return "missing", None
     if current.get("excluded", []) != recorded.get("excluded", []):
@@ -3608,7 +3706,7 @@ def _compare(task, record, path, inputs, family, params, code, settings, cache, 
     algorithm = record["algorithm"]
     folder = os.path.dirname(path) if fs is _LOCAL else posixpath.dirname(path)
     home = (os.path.dirname if fs is _LOCAL else posixpath.dirname)(_record_path(path, fs))
-    change, output = _compare_entry(fs, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=(), home=home)
+    change, output = _compare_entry(fs, path, record["output"], algorithm, settings.trust_mtime, cache, excluded=(), home=home, output=True)
     if change == "missing":
         return _reason("output missing"), None
     if change:

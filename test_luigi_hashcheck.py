@@ -6070,6 +6070,63 @@ def test_one_file_changed_in_a_large_folder_is_the_only_one_hashed_and_named(til
 
 
 @pytest.mark.folders
+def test_a_check_that_finds_its_output_folder_changed_makes_no_listing(tiles):
+    # Its task reruns and lists the folder anew: a listing made by the check (about 130
+    # bytes a file, hashed and written) would be made for nothing. The last file, so the
+    # whole listing is read before the change shows.
+    write(os.path.join(tiles, "tiles", "d019", "t00999.json"), "edited")
+    assert not Tiles(tiles).complete()
+    assert counters["reads"] == 1 and not hc._pending
+    assert build(CountTiles(tiles)) and ran(tiles) == ["Tiles"]
+    assert len(listing_of(os.path.join(tiles, "tiles"))) == LARGE
+
+
+@pytest.mark.folders
+@pytest.mark.parametrize("case", ["a few files", "every file", "listing gone"])
+def test_a_touched_output_folder_keeps_a_listing_of_its_new_stats(tiles, monkeypatch, case):
+    # A check of a task holds its output folder's new listing until the digest shows the
+    # folder is as recorded; then the refreshed record names it, taken from the listing it read. Holding
+    # more than _HELD_LIMIT bytes of new blocks writes it at once; if the listing read is
+    # gone when it is read again, the record is made without one, which costs a full hash at
+    # the next change, never a rebuild.
+    folder = os.path.join(tiles, "tiles")
+    names = [f"d{sub:03d}/t{i:05d}.json" for sub in range(20) for i in range(1000)]
+    touched = names if case == "every file" else names[3000:3005]
+    if case == "every file":
+        monkeypatch.setattr(hc, "_HELD_LIMIT", 200_000)  # two blocks of 1,000 files
+    if case == "listing gone":
+        real, calls = hc._LOCAL.read_blocks, []
+
+        def read_blocks(path):
+            calls.append(path)
+            if len(calls) > 1:
+                raise FileNotFoundError(errno.ENOENT, "removed by another build", path)
+            return real(path)
+
+        monkeypatch.setattr(hc._LOCAL, "read_blocks", read_blocks)
+    then = time.time() - 50
+    for name in touched:
+        os.utime(os.path.join(folder, name), (then, then))
+    # Tiles alone: a build of CountTiles looks at the folder first as its input, and makes
+    # the new listing at once.
+    assert build(Tiles(tiles)) and ran(tiles) == []
+    assert counters["reads"] == len(touched) and len(calls if case == "listing gone" else [1, 1]) == 2
+    monkeypatch.undo()
+    as_new_process()
+    entry = record_of(folder)["output"]
+    if case == "listing gone":
+        assert "listing" not in entry and sidecars(tiles) == []  # the old listing goes with the record that named it
+    else:
+        listed = {name: (digest, int(mtime)) for name, digest, _size, mtime, _inode in listing_of(folder)}
+        assert len(listed) == LARGE and sidecars(tiles) == [entry["listing"]]
+        assert all(listed[name][1] == os.stat(os.path.join(folder, name)).st_mtime_ns for name in touched)
+    write(os.path.join(folder, "d010", "t00010.json"), "edited")
+    assert not Tiles(tiles).complete()
+    assert counters["reads"] == (LARGE if case == "listing gone" else 1)
+    assert build(CountTiles(tiles)) and ran(tiles) == ["Tiles"]
+
+
+@pytest.mark.folders
 def test_many_changed_files_are_named_ten_at_a_time_with_a_count(tiles, capsys):
     for i in range(25):
         write(os.path.join(tiles, "tiles", "d003", f"t00{i:03d}.json"), "changed")
