@@ -1819,7 +1819,9 @@ def _listing_lines(blocks, expected, algorithm, where):
             except ValueError:
                 raise _DamagedRecord(f"{where} has a damaged block") from None
             end = head + stats + lines + count + 1
-            if stats + lines > _BLOCK_LIMIT or min(count, stats, lines) < 0:  # else a damaged size would have the rest read into memory
+            # A block of no file, or a negative size, is damage (no writer makes one), and
+            # would give _Listed no lines to take; too large a size would have the rest read.
+            if count < 1 or stats < 0 or lines < 0 or stats + lines > _BLOCK_LIMIT:
                 raise _DamagedRecord(f"{where} has a damaged block")
             if end > len(data):
                 break

@@ -6138,7 +6138,7 @@ def test_many_changed_files_are_named_ten_at_a_time_with_a_count(tiles, capsys):
 
 
 @pytest.mark.folders
-@pytest.mark.parametrize("damage", ["damaged", "a digest changed", "a block too large", "truncated", "missing", "not a listing"])
+@pytest.mark.parametrize("damage", ["damaged", "a digest changed", "a block too large", "an empty block", "truncated", "missing", "not a listing"])
 def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tiles, damage, caplog):
     entry = record_of(os.path.join(tiles, "tiles"))["output"]
     path = os.path.join(tiles, ".luigi_hashes", entry["listing"])
@@ -6154,6 +6154,11 @@ def test_a_lost_listing_costs_one_full_hash_and_one_warning_never_a_rebuild(tile
     elif damage == "a block too large":
         head = data.index(b"\n") + 1
         data = data[:head] + b"1000 99999999999 1" + data[data.index(b"\n", head) :]
+    elif damage == "an empty block":
+        # Well formed but of no file, which no writer makes: read before the listing's
+        # digest at its end shows the damage.
+        head = data.index(b"\n") + 1
+        data = data[:head] + b"0 0 0\n\n" + data[head:]
     elif damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "not a listing":
