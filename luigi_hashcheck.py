@@ -2173,12 +2173,10 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listin
                     flush()
                 folder_hash.update(_utf8(digests))
                 if writer:
-                    keys, digest_lines = [], []
-                    for listed_line in run:
-                        key, _vouch, digest, _hashed = listed_line.rsplit("\t", 3)
-                        keys.append(key + "\n")
-                        digest_lines.append(f"{digest}  {key[: key.index(chr(9))]}\n")
-                    writer.block(keys, digest_lines, "v" * count)
+                    # From the fields _unchanged compared, not the listed lines split again:
+                    # a damaged listing's newlines need not fall where its fields do.
+                    keys = [line + "\n" for line in chunk[:-1].split("\n")]
+                    writer.block(keys, [line + "\n" for line in digests[:-1].split("\n")], "v" * count)
                 listed.skip(count - 1)
                 old = _UNREAD
                 done += count

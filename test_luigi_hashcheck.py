@@ -6212,6 +6212,37 @@ def test_a_listing_of_lines_as_the_version_before_wrote_still_serves(tiles, capl
 
 
 @pytest.mark.folders
+def test_a_listing_of_lines_with_a_newline_moved_costs_a_warning_not_a_crash(tmp_path, caplog):
+    # Two bytes of a first-format listing swapped: a newline two fields on, so that one line
+    # holds a file's line and the next's stat, and the next only VOUCHES DIGEST HASHED_NS.
+    # The fields still line up with the walk's, so the chunk is taken whole; the listing's
+    # digest shows the damage only at its end, and the lines must not be split before then.
+    root = str(tmp_path)
+    for name in ("s/a", "s/b", "z"):
+        write(os.path.join(root, "raw", name), name)
+    steady(root, CountRaw(root))
+    assert ran(root) == ["CountRaw"]
+    (entry,) = record_of(os.path.join(root, "out", "raw-count.txt"))["inputs"]
+    a, b, z = listing_of(os.path.join(root, "out", "raw-count.txt"), entry)
+    hashed = int(a[3]) + 10**10
+    data = (
+        "luigi_hashcheck listing 1\n"
+        f"s/a\t{a[2]}\t{a[3]}\t{a[4]}\tv\t{a[1]}\t{hashed}\ts/b\t{b[2]}\t{b[3]}\t{b[4]}\n"
+        f"v\t{b[1]}\t{hashed}\n"
+        f"z\t{z[2]}\t{z[3]}\t{z[4]}\tv\t{z[1]}\t{hashed}\n"
+    )
+    write(os.path.join(root, "out", ".luigi_hashes", entry["listing"]), data)
+    then = time.time() - 50
+    os.utime(os.path.join(root, "raw", "z"), (then, then))  # so the check needs the listing
+    as_new_process()
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(CountRaw(root))
+    assert ran(root) == []
+    warned = [r.getMessage() for r in caplog.records if "listing" in r.getMessage()]
+    assert len(warned) == 1 and entry["listing"] in warned[0], warned
+
+
+@pytest.mark.folders
 def test_a_folder_recorded_the_old_way_is_checked_the_old_way_then_rewritten_the_new_way(tiles, caplog):
     output = os.path.join(tiles, "tiles")
     record_file = os.path.join(tiles, ".luigi_hashes", "tiles.json")
