@@ -1923,11 +1923,12 @@ def _pending_blocks(source):
 
 def _listing_source(fs, path, known, algorithm, home):
     """The listing to compare the folder at ``path`` with: (lines, the folder digest it
-    describes, where it is, a callable that reads it again as (blocks, its digest)), or None. Found in order: the recorded entry's own files (the
-    old format), this process's new listing of that digest, the named listing beside the
-    folder or in the records folder ``home`` of the record that holds ``known``, and last
-    the listing of the record beside the folder, whichever task made it: any listing of
-    this path serves, as its digests are checked against the files' stats."""
+    describes, where it is, a callable that reads it again as (blocks, its digest)), or
+    None. Found in order: the recorded entry's own files (the old format), this process's
+    new listing of that digest, the named listing beside the folder or in the records folder
+    ``home`` of the record that holds ``known``, and last the listing of the record beside
+    the folder, whichever task made it: any listing of this path serves, as its digests are
+    checked against the files' stats."""
     dirname = os.path.dirname if fs is _LOCAL else posixpath.dirname
     join = os.path.join if fs is _LOCAL else posixpath.join
     beside = join(dirname(path), RECORD_DIR)
@@ -1961,7 +1962,7 @@ def _listing_source(fs, path, known, algorithm, home):
         except (_DamagedRecord, OSError) as exc:
             _warn_listing(where, path, exc)
             continue
-        return _listing_lines(itertools.chain([first], blocks), digest, algorithm, where), base, where, lambda: (fs.read_blocks(where), digest)  # noqa: B023 - returned at once
+        return _listing_lines(itertools.chain([first], blocks), digest, algorithm, where), base, where, functools.partial(_reread, fs, where, digest)
     if tried:
         _warn_listing(tried[0][0], path, "it is missing")
     return None
@@ -1969,6 +1970,10 @@ def _listing_source(fs, path, known, algorithm, home):
 
 def _reread_pending(digest):
     return _pending_blocks(_pending[digest]), digest
+
+
+def _reread(fs, where, digest):
+    return fs.read_blocks(where), digest
 
 
 def _warn_listing(where, folder, why):
