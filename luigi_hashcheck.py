@@ -1658,10 +1658,11 @@ class _ListingWriter:
     from the listing being read as their places in it, until ``close()`` writes it (taking
     those blocks from ``reread()``, (blocks, digest): that listing read again) or ``drop()``
     forgets it. Holding more than _HELD_LIMIT bytes of new blocks writes it out at once.
+    ``about`` (the listing read, the folder) names them in the warning given if it cannot.
     """
 
-    def __init__(self, algorithm, hold=False, reread=None):
-        self.algorithm, self.reread = algorithm, reread
+    def __init__(self, algorithm, hold=False, reread=None, about=("a listing", "a folder")):
+        self.algorithm, self.reread, self.about = algorithm, reread, about
         self.file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open in _pending, closed by _drop_pending
         self.hash = hashlib.new(algorithm)
         self.held, self.held_bytes = ([], 0) if hold else (None, 0)
@@ -1728,8 +1729,18 @@ class _ListingWriter:
                 self.write(places.popleft())
             if places or h.hexdigest() != expected:
                 raise _DamagedRecord("it changed while it was read")
-        except (_DamagedRecord, OSError, KeyError):  # KeyError: a listing of _pending let go
+        except (_DamagedRecord, OSError, KeyError) as exc:  # KeyError: a listing of _pending let go
             self.drop()
+            # Said now: the record made without a listing gives no warning when its folder
+            # next changes, and is hashed in full then.
+            where, folder = self.about
+            why = "it is gone" if isinstance(exc, (FileNotFoundError, KeyError)) else exc
+            _log_once(
+                key=("held listing", where),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: listing {where} of {folder} could not be read again ({why}); the folder's "
+                "record is made without a listing, so its next change is hashed in full, which only costs time",
+            )
 
     def drop(self):
         """Forget the listing: nothing is written from now on, and ``close()`` gives None."""
@@ -2077,7 +2088,7 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listin
     fields = 4 if local else 3  # of a file's stat line: NAME SIZE MTIME INODE, or NAME SIZE TOKEN
     listed = _Listed(source[0] if source else iter(()), source and source[2] or "a listing")
     old = _UNREAD  # the next listed line, read only when a line is compared: a whole block may match
-    writer = _ListingWriter(algorithm, listing_if is not None, source and source[3]) if _keeping_listings.get() else None
+    writer = _ListingWriter(algorithm, listing_if is not None, source and source[3], (listed.where, path)) if _keeping_listings.get() else None
     folder_hash = hashlib.new(algorithm)
     changed, first = 0, []
     worth = source is None

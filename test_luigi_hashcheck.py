@@ -6083,12 +6083,12 @@ def test_a_check_that_finds_its_output_folder_changed_makes_no_listing(tiles):
 
 @pytest.mark.folders
 @pytest.mark.parametrize("case", ["a few files", "every file", "listing gone"])
-def test_a_touched_output_folder_keeps_a_listing_of_its_new_stats(tiles, monkeypatch, case):
+def test_a_touched_output_folder_keeps_a_listing_of_its_new_stats(tiles, monkeypatch, caplog, case):
     # A check of a task holds its output folder's new listing until the digest shows the
     # folder is as recorded; then the refreshed record names it, taken from the listing it read. Holding
     # more than _HELD_LIMIT bytes of new blocks writes it at once; if the listing read is
-    # gone when it is read again, the record is made without one, which costs a full hash at
-    # the next change, never a rebuild.
+    # gone when it is read again, the record is made without one, with a warning then, as the
+    # full hash it costs at the next change gives none; never a rebuild.
     folder = os.path.join(tiles, "tiles")
     names = [f"d{sub:03d}/t{i:05d}.json" for sub in range(20) for i in range(1000)]
     touched = names if case == "every file" else names[3000:3005]
@@ -6109,8 +6109,14 @@ def test_a_touched_output_folder_keeps_a_listing_of_its_new_stats(tiles, monkeyp
         os.utime(os.path.join(folder, name), (then, then))
     # Tiles alone: a build of CountTiles looks at the folder first as its input, and makes
     # the new listing at once.
-    assert build(Tiles(tiles)) and ran(tiles) == []
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert build(Tiles(tiles)) and ran(tiles) == []
     assert counters["reads"] == len(touched) and len(calls if case == "listing gone" else [1, 1]) == 2
+    warned = [r.getMessage() for r in caplog.records if "listing" in r.getMessage()]
+    if case == "listing gone":
+        assert len(warned) == 1 and calls[0] in warned[0] and folder in warned[0] and "it is gone" in warned[0], warned
+    else:
+        assert warned == []
     monkeypatch.undo()
     as_new_process()
     entry = record_of(folder)["output"]
