@@ -1601,6 +1601,7 @@ _LISTED_KEYS = ("files", "tokens", "count", "stats", "listing", "listing_digest"
 _UNREAD = object()  # see _merged
 _HELD_LIMIT = 1 << 24  # bytes of new blocks a listing that may not be needed holds (_ListingWriter)
 _BLOCK_LIMIT = 1 << 26  # bytes of a listing's block: _CHUNK_LINES names take far less
+_WALK_HELD_LIMIT = 1 << 26  # bytes of a walk's stat lines held in memory (_WalkChunks): a million files take 48 MB
 _SHOWN_CHANGES = 100  # names of changed files a scan keeps, for explain and verify --json
 
 
@@ -1996,6 +1997,64 @@ def _warn_listing(where, folder, why):
     )
 
 
+class _WalkChunks:
+    """The stat lines of one folder's walk, chunk by chunk, as bytes, kept until the walk's
+    end says whether they must be merged with the listing; read as many times as wanted
+    until ``close()``. Past _WALK_HELD_LIMIT bytes they go to an unnamed temporary file, so
+    that a folder of ten million files (about 480 MB of stat lines) costs no more memory
+    than one of a million; if that file cannot be written they stay in memory, with a
+    warning, as a check that costs memory beats one that fails.
+    """
+
+    def __init__(self):
+        self.held, self.held_bytes, self.file, self.sizes = [], 0, None, []
+        self.limit = _WALK_HELD_LIMIT
+
+    def append(self, data):
+        if self.file is None:
+            self.held.append(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > self.limit:
+                self._spill()
+            return
+        self.file.write(data)
+        self.sizes.append(len(data))
+
+    def _spill(self):
+        try:
+            file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+            try:
+                for data in self.held:
+                    file.write(data)
+            except OSError:
+                file.close()
+                raise
+        except OSError as exc:
+            _log_once(
+                key=("walk spill",),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: cannot write the stat lines of a large folder to a temporary file ({exc}); "
+                "they are kept in memory instead. Point TMPDIR at a folder with room",
+            )
+            self.limit = float("inf")  # not tried again for this folder
+            return
+        self.file, self.sizes, self.held = file, [len(data) for data in self.held], []
+
+    def __iter__(self):
+        if self.file is None:
+            yield from self.held
+            return
+        self.file.flush()
+        self.file.seek(0)
+        for size in self.sizes:
+            yield self.file.read(size)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        self.held, self.file, self.sizes = [], None, []
+
+
 def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=(), home=None, listing_if=None):
     """Digest a directory: the hash of ``sha256sum``-style lines, one per file, sorted.
 
@@ -2009,36 +2068,36 @@ def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, e
     """
     local = fs is _LOCAL
     st = fs.stat(path) if local else _FOLDER_STAT
-    h = hashlib.new(algorithm)
-    chunks = []
-    count = 0
-    report = _folder_progress.get()
-    total = known.get("count") if known else None
-    for chunk in fs.stat_chunks(path, excluded):
-        if report:
-            report(count, total, path)
-        data = _utf8(chunk)  # bytes, as a listing's blocks are compared with them
-        h.update(data)
-        chunks.append(data)
-        count += data.count(b"\n")
-    stats = h.hexdigest()
-    entry = _Scanned(kind="dir", digest=None, size=None, mtime_ns=st.st_mtime_ns, inode=st.st_ino, hashed_ns=time.time_ns(), count=count)
-    if excluded:
-        entry["excluded"] = list(excluded)
-    if not local:
-        entry["store"] = fs.name
-    if trust_mtime and known and known.get("kind") == "dir" and known.get("stats") == stats and known.get("count") == count:
-        # Every file as it was when its listed digest vouched for it: nothing to read.
-        entry.update((key, known[key]) for key in ("digest", "hashed_ns", "listing", "listing_digest") if key in known)
-        entry["stats"] = stats
-        entry.changes, entry.base = (0, []), known["digest"]
-        return entry
-    source = _listing_source(fs, path, known, algorithm, home) if trust_mtime else None
-    try:
-        return _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listing_if)
-    except _DamagedRecord as exc:
-        _warn_listing(source[2] or "made in this process", path, exc)
-        return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats, listing_if)
+    with contextlib.closing(_WalkChunks()) as chunks:  # see _WalkChunks: the walk's stat lines, kept for _merged
+        h = hashlib.new(algorithm)
+        count = 0
+        report = _folder_progress.get()
+        total = known.get("count") if known else None
+        for chunk in fs.stat_chunks(path, excluded):
+            if report:
+                report(count, total, path)
+            data = _utf8(chunk)  # bytes, as a listing's blocks are compared with them
+            h.update(data)
+            chunks.append(data)
+            count += data.count(b"\n")
+        stats = h.hexdigest()
+        entry = _Scanned(kind="dir", digest=None, size=None, mtime_ns=st.st_mtime_ns, inode=st.st_ino, hashed_ns=time.time_ns(), count=count)
+        if excluded:
+            entry["excluded"] = list(excluded)
+        if not local:
+            entry["store"] = fs.name
+        if trust_mtime and known and known.get("kind") == "dir" and known.get("stats") == stats and known.get("count") == count:
+            # Every file as it was when its listed digest vouched for it: nothing to read.
+            entry.update((key, known[key]) for key in ("digest", "hashed_ns", "listing", "listing_digest") if key in known)
+            entry["stats"] = stats
+            entry.changes, entry.base = (0, []), known["digest"]
+            return entry
+        source = _listing_source(fs, path, known, algorithm, home) if trust_mtime else None
+        try:
+            return _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listing_if)
+        except _DamagedRecord as exc:
+            _warn_listing(source[2] or "made in this process", path, exc)
+            return _merged(fs, path, algorithm, chunks, None, rechecked, entry, stats, listing_if)
 
 
 def _unchanged(chunk, text, count, fields):

@@ -6082,6 +6082,50 @@ def test_a_check_that_finds_its_output_folder_changed_makes_no_listing(tiles):
 
 
 @pytest.mark.folders
+def test_a_walk_past_its_memory_limit_spills_to_a_temporary_file_and_decides_the_same(tiles, monkeypatch):
+    # Ten million files' stat lines are about 480 MB: past _WALK_HELD_LIMIT bytes the walk
+    # is kept in a temporary file. Set low here, so 20,000 files spill.
+    monkeypatch.setattr(hc, "_WALK_HELD_LIMIT", 64 << 10)
+    spilled, real = [], hc._WalkChunks._spill
+    monkeypatch.setattr(hc._WalkChunks, "_spill", lambda self: spilled.append(self.held_bytes) or real(self))
+    folder = os.path.join(tiles, "tiles")
+    then = time.time() - 50
+    os.utime(os.path.join(folder, "d004", "t00004.json"), (then, then))  # touched: the same bytes
+    assert Tiles(tiles).complete() and counters["reads"] == 1 and len(spilled) == 1
+    as_new_process()
+    write(os.path.join(folder, "d019", "t00999.json"), "edited")  # the last file: every block read first
+    assert not Tiles(tiles).complete()
+    assert counters["reads"] == 1 and counters["lines_merged"] == 1000 and len(spilled) == 2
+    as_new_process()
+    assert build(CountTiles(tiles)) and ran(tiles) == ["Tiles"]
+    assert len(listing_of(folder)) == LARGE
+
+
+def test_walk_chunks_read_back_as_written_from_memory_a_file_or_memory_when_the_file_fails(monkeypatch, caplog):
+    chunks = [b"a\t1\t2\t3\n" * n for n in (1, 700, 3, 900, 2)]
+    monkeypatch.setattr(hc, "_WALK_HELD_LIMIT", 5000)
+    caplog.set_level(logging.WARNING, logger="luigi-interface")
+    for fails in (False, True):
+        if fails:
+            def no_room(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(hc.tempfile, "TemporaryFile", no_room)
+        walk = hc._WalkChunks()
+        for data in chunks[:1]:
+            walk.append(data)
+        assert walk.file is None and list(walk) == chunks[:1]  # under the limit: in memory
+        for data in chunks[1:]:
+            walk.append(data)
+        assert (walk.file is None) is fails and (walk.held == []) is not fails
+        assert list(walk) == chunks and list(walk) == chunks  # read as often as wanted
+        walk.close()
+        assert list(walk) == []
+    warned = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
+    assert len(warned) == 1 and "No space left" in warned[0] and "TMPDIR" in warned[0], warned
+
+
+@pytest.mark.folders
 @pytest.mark.parametrize("case", ["a few files", "every file", "listing gone"])
 def test_a_touched_output_folder_keeps_a_listing_of_its_new_stats(tiles, monkeypatch, caplog, case):
     # A check of a task holds its output folder's new listing until the digest shows the
