@@ -2001,58 +2001,63 @@ class _WalkChunks:
     """The stat lines of one folder's walk, chunk by chunk, as bytes, kept until the walk's
     end says whether they must be merged with the listing; read as many times as wanted
     until ``close()``. Past _WALK_HELD_LIMIT bytes they go to an unnamed temporary file, so
-    that a folder of ten million files (about 480 MB of stat lines) costs no more memory
-    than one of a million; if that file cannot be written they stay in memory, with a
-    warning, as a check that costs memory beats one that fails.
+    that a folder of ten million files (about 500 MB of stat lines) costs no more memory
+    than one of a million. If that file cannot be made or written, the rest stay in memory,
+    with a warning: a check that costs memory beats one that fails.
     """
 
     def __init__(self):
         self.held, self.held_bytes, self.file, self.sizes = [], 0, None, []
-        self.limit = _WALK_HELD_LIMIT
+        self.limit, self.writing = _WALK_HELD_LIMIT, False
 
     def append(self, data):
-        if self.file is None:
-            self.held.append(data)
-            self.held_bytes += len(data)
-            if self.held_bytes > self.limit:
-                self._spill()
-            return
-        self.file.write(data)
-        self.sizes.append(len(data))
+        if self.writing:
+            try:
+                self._write(data)
+                self.sizes.append(len(data))
+                return
+            except OSError as exc:
+                self._stay(exc)
+        self.held.append(data)
+        self.held_bytes += len(data)
+        if self.held_bytes > self.limit:
+            self._spill()
+
+    def _write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.file.fileno(), view) :]
 
     def _spill(self):
         try:
-            file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-            try:
-                for data in self.held:
-                    file.write(data)
-            except OSError:
-                file.close()
-                raise
+            self.file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 - closed by close()
         except OSError as exc:
-            _log_once(
-                key=("walk spill",),
-                level=logging.WARNING,
-                message=f"luigi_hashcheck: cannot write the stat lines of a large folder to a temporary file ({exc}); "
-                "they are kept in memory instead. Point TMPDIR at a folder with room",
-            )
-            self.limit = float("inf")  # not tried again for this folder
+            self._stay(exc)
             return
-        self.file, self.sizes, self.held = file, [len(data) for data in self.held], []
+        held, self.held, self.held_bytes, self.writing = self.held, [], 0, True
+        for data in held:
+            self.append(data)  # in order: past a failed write, the rest stay in memory
+
+    def _stay(self, exc):
+        self.writing, self.limit = False, float("inf")  # not tried again for this folder
+        _log_once(
+            key=("walk spill",),
+            level=logging.WARNING,
+            message=f"luigi_hashcheck: cannot write the stat lines of a large folder to a temporary file ({exc}); "
+            "they are kept in memory instead. Point TMPDIR at a folder with room",
+        )
 
     def __iter__(self):
-        if self.file is None:
-            yield from self.held
-            return
-        self.file.flush()
-        self.file.seek(0)
-        for size in self.sizes:
-            yield self.file.read(size)
+        offset = 0
+        for size in self.sizes:  # pread: each pass starts at the start, whatever an earlier one left
+            yield os.pread(self.file.fileno(), size, offset)
+            offset += size
+        yield from self.held
 
     def close(self):
         if self.file is not None:
             self.file.close()
-        self.held, self.file, self.sizes = [], None, []
+        self.held, self.file, self.sizes, self.writing = [], None, [], False
 
 
 def _digest_dir(fs, path, algorithm, trust_mtime, known=None, rechecked=False, excluded=(), home=None, listing_if=None):

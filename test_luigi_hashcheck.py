@@ -6105,28 +6105,42 @@ def test_a_walk_past_its_memory_limit_spills_to_a_temporary_file_and_decides_the
     assert len(listing_of(folder)) == LARGE
 
 
-def test_walk_chunks_read_back_as_written_from_memory_a_file_or_memory_when_the_file_fails(monkeypatch, caplog):
-    chunks = [b"a\t1\t2\t3\n" * n for n in (1, 700, 3, 900, 2)]
+@pytest.mark.parametrize("fails", [None, "making the file", "the third write"])
+def test_walk_chunks_read_back_as_written_from_memory_a_file_or_memory_when_the_file_fails(monkeypatch, caplog, fails):
+    # Stand-ins for a temporary folder with no room: as root, no folder can be made unwritable.
+    chunks = [b"a\t1\t2\t3\n" * n for n in (1, 700, 3, 900, 2, 50)]
     monkeypatch.setattr(hc, "_WALK_HELD_LIMIT", 5000)
     caplog.set_level(logging.WARNING, logger="luigi-interface")
-    for fails in (False, True):
-        if fails:
-            def no_room(*args, **kwargs):
-                raise OSError(errno.ENOSPC, "No space left on device")
+    no_room = OSError(errno.ENOSPC, "No space left on device")
+    if fails == "making the file":
 
-            monkeypatch.setattr(hc.tempfile, "TemporaryFile", no_room)
-        walk = hc._WalkChunks()
-        for data in chunks[:1]:
-            walk.append(data)
-        assert walk.file is None and list(walk) == chunks[:1]  # under the limit: in memory
-        for data in chunks[1:]:
-            walk.append(data)
-        assert (walk.file is None) is fails and (walk.held == []) is not fails
-        assert list(walk) == chunks and list(walk) == chunks  # read as often as wanted
-        walk.close()
-        assert list(walk) == []
+        def no_file(*args, **kwargs):
+            raise no_room
+
+        monkeypatch.setattr(hc.tempfile, "TemporaryFile", no_file)
+    if fails == "the third write":
+        real, writes = hc._WalkChunks._write, []
+
+        def write_twice(self, data):
+            writes.append(data)
+            if len(writes) == 3:
+                raise no_room
+            real(self, data)
+
+        monkeypatch.setattr(hc._WalkChunks, "_write", write_twice)
+    walk = hc._WalkChunks()
+    walk.append(chunks[0])
+    assert walk.file is None and list(walk) == chunks[:1]  # under the limit: in memory
+    for data in chunks[1:]:
+        walk.append(data)
+    assert list(walk) == chunks and list(walk) == chunks  # in order, as often as wanted
+    in_file, in_memory = len(walk.sizes), len(walk.held)
+    assert (in_file, in_memory) == {None: (6, 0), "making the file": (0, 6), "the third write": (2, 4)}[fails]
+    walk.close()
+    assert list(walk) == []
     warned = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
-    assert len(warned) == 1 and "No space left" in warned[0] and "TMPDIR" in warned[0], warned
+    assert len(warned) == (1 if fails else 0), warned
+    assert all("No space left" in message and "TMPDIR" in message for message in warned)
 
 
 @pytest.mark.folders
