@@ -2951,11 +2951,17 @@ def _with_listings(record, record_path, fs):
         entry = {k: v for k, v in entry.items() if k not in ("files", "tokens")}
         digest = entry["listing_digest"]
         if not own and entry.get("recorded"):
-            # Named only when its maker's listing of these very lines is there or to come;
-            # else the check finds whatever listing the maker's record names then.
+            # Named only when a listing of these very lines is beside its maker's record; else
+            # the check finds whatever listing the maker's record names then. One this process
+            # made (the reader's check hashed the folder after its maker's record was written)
+            # is put there: else the maker's record, refreshed from a check that takes this
+            # record's digest whole, would name a listing that never was, and lose its own.
             name = _sidecar_name(_stem(_record_path(path, fs)), digest)
-            if digest in _pending or _exists(fs, join(dirname(path), RECORD_DIR, name)):
-                return {**entry, "listing": name}  # pending: its maker's record, refreshed in this build too, will write it
+            target = join(dirname(path), RECORD_DIR, name)
+            if not _exists(fs, target) and digest in _pending:
+                fs.replace_from(target, _pending[digest])
+            if _exists(fs, target):
+                return {**entry, "listing": name}
             return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
         name = _sidecar_name(stem, digest)
         target = join(records, name)

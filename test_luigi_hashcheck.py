@@ -6073,6 +6073,67 @@ def test_one_file_changed_in_a_large_folder_is_the_only_one_hashed_and_named(til
     assert ran(tiles) == ["Tiles"]  # which makes the same tiles again: its reader is spared
 
 
+class FreshTiles(HashCheckingTask):
+    """300 files, recorded the moment they are written: its listing vouches for none."""
+
+    root = luigi.Parameter()
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, "tiles"))
+
+    def run(self):
+        note_run(self.root, "FreshTiles")
+        with self.output().temporary_path() as tmp:
+            make_tiles(tmp, 300, 100)
+
+
+class SlowReader(HashCheckingTask):
+    """Reads FreshTiles for over _TICK_NS, so its check after run() hashes the files when
+    their stats vouch: its listing of them is not its maker's."""
+
+    root = luigi.Parameter()
+    name = luigi.Parameter()
+
+    def requires(self):
+        return FreshTiles(self.root)
+
+    def output(self):
+        return luigi.LocalTarget(os.path.join(self.root, self.name + ".txt"))
+
+    def run(self):
+        note_run(self.root, self.name)
+        time.sleep(hc._TICK_NS / 1e9 + 0.2)
+        write(self.output().path, str(sum(len(files) for _folder, _dirs, files in os.walk(self.input().path))))
+
+
+def test_a_folder_read_after_its_files_settled_keeps_a_listing_through_plain_builds(tmp_path, caplog):
+    # Nothing aged by hand: a folder written and recorded at once, read by tasks that take
+    # over two seconds. Their checks list the folder anew, flags vouching; the next build
+    # takes their digest whole and refreshes the maker's record from it. That record once
+    # named a listing only this process had (lost with it), and dropped its own: one
+    # touched file then cost a full hash and a warning.
+    root = str(tmp_path)
+    readers = [SlowReader(root, "a"), SlowReader(root, "b")]
+    caplog.set_level(logging.WARNING, logger="luigi-interface")
+    assert build(*readers, workers=2) and sorted(ran(root)) == ["FreshTiles", "a", "b"]
+    records = os.path.join(root, ".luigi_hashes")
+    for reader in ("a", "b"):  # each names a listing that is there
+        (entry,) = record_of(os.path.join(root, reader + ".txt"))["inputs"]
+        assert "listing" not in entry or os.path.exists(os.path.join(records, entry["listing"])), entry
+        then = time.time() - 100
+        os.utime(os.path.join(root, reader + ".txt"), (then, then))  # so that only the tiles are counted below
+    as_new_process()
+    assert build(*readers) and ran(root) == []
+    entry = record_of(os.path.join(root, "tiles"))["output"]
+    assert entry.get("listing") and os.path.exists(os.path.join(records, entry["listing"])), (entry, sidecars(root))
+    then = time.time() - 50
+    os.utime(os.path.join(root, "tiles", "d001", "t00007.json"), (then, then))  # touched: the same bytes
+    as_new_process()
+    assert build(*readers) and ran(root) == []
+    assert counters["reads"] == 1  # the touched file alone
+    assert [r.getMessage() for r in caplog.records if "listing" in r.getMessage()] == []
+
+
 @pytest.mark.folders
 def test_a_check_that_finds_its_output_folder_changed_makes_no_listing(tiles):
     # Its task reruns and lists the folder anew: a listing made by the check (about 130
