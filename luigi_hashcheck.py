@@ -1664,9 +1664,18 @@ class _ListingWriter:
 
     def __init__(self, algorithm, hold=False, reread=None, about=("a listing", "a folder")):
         self.algorithm, self.reread, self.about = algorithm, reread, about
-        self.file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open in _pending, closed by _drop_pending
         self.hash = hashlib.new(algorithm)
         self.held, self.held_bytes = ([], 0) if hold else (None, 0)
+        try:
+            self.file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open in _pending, closed by _drop_pending
+        except OSError as exc:  # TMPDIR gone or full: no listing, which costs time, not a wrong answer
+            self.file, self.held = None, None
+            _log_once(
+                key=("listing file",),
+                level=logging.WARNING,
+                message=f"luigi_hashcheck: cannot make a temporary file for a folder's listing ({exc}); records are "
+                "made without listings, so each folder's next change is hashed in full. Point TMPDIR at a folder with room",
+            )
         self.write(_LISTING_HEADER)
 
     def write(self, data):

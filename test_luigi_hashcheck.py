@@ -1043,6 +1043,28 @@ def test_directory_output(root):
     assert ran(root) == ["Folder"]
 
 
+def test_a_temporary_folder_that_is_gone_costs_listings_and_a_warning_never_a_wrong_answer(root, monkeypatch, caplog):
+    # TMPDIR removed after Python chose it: listings are made in unnamed temporary files, so
+    # checks make none. Once misread as "input does not exist", and a touched output was
+    # called stale, its build failing.
+    assert build(Folder(root))
+    age(root)
+    assert build(Folder(root)) and ran(root) == ["Folder"]
+    monkeypatch.setattr(hc.tempfile, "tempdir", os.path.join(root, "gone"))
+    caplog.set_level(logging.WARNING, logger="luigi-interface")
+    then = time.time() - 50
+    os.utime(os.path.join(root, "folder", "one.txt"), (then, then))  # touched: the same bytes
+    as_new_process()
+    assert Folder(root).complete() and build(Folder(root)) and ran(root) == []
+    warned = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
+    assert len(warned) == 1 and "TMPDIR" in warned[0], warned
+    write(os.path.join(root, "folder", "sub", "two.txt"), "changed")
+    as_new_process()
+    assert not Folder(root).complete()
+    assert build(Folder(root)) and ran(root) == ["Folder"]
+    assert read(os.path.join(root, "folder", "sub", "two.txt")) == "2"
+
+
 def test_files_in_a_directory_are_not_hashed_again(root):
     assert build(Folder(root))
     age(root)
