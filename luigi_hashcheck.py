@@ -680,7 +680,10 @@ def _clean_leftovers(folder):
 
     Called under the folder's lock, once per folder per process. Only a file that cannot
     belong to a live writer goes: one older than any write could take, or one whose writer,
-    on this host, is gone.
+    on this host, is gone. So do the copies a rerun set aside (see _set_aside) whose output
+    has a record again, when no rerun holds their lock: a rerun killed after it recorded its
+    outputs left them, and no build would put them back or remove them, until that task
+    reran.
     """
     if folder in _cleaned:
         return
@@ -688,6 +691,15 @@ def _clean_leftovers(folder):
     now = time.time_ns()
     with os.scandir(folder) as entries:
         for entry in entries:
+            if entry.name.endswith(_STALE_OUTPUT) or entry.name.endswith(_STALE_RECORD):
+                base = os.path.join(folder, entry.name[: entry.name.rindex(".")])
+                if os.path.lexists(base + ".json") and _take_stale_lock(base + _STALE_LOCK):
+                    try:
+                        _discard(base + _STALE_OUTPUT)
+                        _discard(base + _STALE_RECORD)
+                    finally:
+                        _release_stale_lock(base + _STALE_LOCK)
+                continue
             if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
                 continue
             try:
@@ -5411,10 +5423,16 @@ def _cmd_verify(args):
             print(_VERIFY_NOTE, file=sys.stderr)
     copies = _find_copies(args.paths or ["."])
     for output, _copies in copies:
-        # Only a build, which can tell a dead rerun from a live one by its lock, puts them back.
+        # Only a build, which can tell a dead rerun from a live one by its lock, puts them back;
+        # copies of an output that has a record again go when a record is next written beside.
+        later = (
+            "the next record written beside it removes them"
+            if os.path.lexists(_record_path(output))
+            else "the next build puts it back"
+        )
         print(
             f"set aside {_show(output)}: by a rerun that was killed or is running, in {', '.join(_show(c) for c in _copies)}; "
-            "the next build puts it back, `forget` deletes it",
+            f"{later}, `forget` deletes it",
             file=sys.stderr if args.json else sys.stdout,
         )
     if copies and not records:

@@ -5673,6 +5673,26 @@ def test_a_rerun_killed_while_another_build_runs_the_task_is_left_to_that_build(
     assert pipe.Slow(root).complete()
 
 
+def test_copies_left_by_a_rerun_killed_after_it_recorded_go_at_the_next_record_written_beside(root, capsys):
+    # A rerun that recorded its new outputs, killed before it removed the copies it set
+    # aside: its task is up to date, so no rerun removes them, and no check puts them back.
+    assert build(Model(root))
+    records = os.path.join(root, ".luigi_hashes")
+    shutil.copy(os.path.join(records, "model.txt.json"), os.path.join(records, "model.txt.stale-record"))
+    shutil.copy(os.path.join(root, "model.txt"), os.path.join(records, "model.txt.stale-output"))
+    ran(root)
+    as_new_process()
+    assert build(Model(root)) and ran(root) == []  # up to date: nothing is written, nothing put back
+    assert hc.main(["verify", root]) == 1
+    out = capsys.readouterr().out.replace(root + os.sep, "")
+    assert "set aside model.txt" in out and "the next record written beside it removes them" in out, out
+    as_new_process()
+    assert build(Folder(root)) and ran(root) == ["Folder"]  # another task's record, beside
+    assert not any("stale-output" in n or "stale-record" in n for n in os.listdir(records))
+    assert read(os.path.join(root, "model.txt")) == "HELLO" and Model(root).complete()
+    assert hc.main(["verify", root]) == 0
+
+
 def test_forget_deletes_a_copy_and_the_record_search_never_takes_it_for_a_record(root, capsys):
     assert build(Model(root))
     records = os.path.join(root, ".luigi_hashes")
