@@ -680,25 +680,25 @@ def _clean_leftovers(folder):
 
     Called under the folder's lock, once per folder per process. Only a file that cannot
     belong to a live writer goes: one older than any write could take, or one whose writer,
-    on this host, is gone. So do the copies a rerun set aside (see _set_aside) whose output
-    has a record again, when no rerun holds their lock: a rerun killed after it recorded its
-    outputs left them, and no build would put them back or remove them, until that task
-    reran.
+    on this host, is gone.
+
+    :returns: the copies a rerun set aside (see _set_aside) whose output has a record again,
+        as their paths less the suffix, each with its stale lock now held: a rerun killed
+        after it recorded its outputs left them, and no build would put them back or remove
+        them until that task reran. _discard_copies removes them once the folder's lock is
+        let go, as a copy of a large folder takes longer than other writers wait.
     """
     if folder in _cleaned:
-        return
+        return []
     _cleaned.add(folder)
     now = time.time_ns()
+    garbage = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.endswith(_STALE_OUTPUT) or entry.name.endswith(_STALE_RECORD):
                 base = os.path.join(folder, entry.name[: entry.name.rindex(".")])
-                if os.path.lexists(base + ".json") and _take_stale_lock(base + _STALE_LOCK):
-                    try:
-                        _discard(base + _STALE_OUTPUT)
-                        _discard(base + _STALE_RECORD)
-                    finally:
-                        _release_stale_lock(base + _STALE_LOCK)
+                if base not in garbage and os.path.lexists(base + ".json") and _take_stale_lock(base + _STALE_LOCK):
+                    garbage.append(base)
                 continue
             if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
                 continue
@@ -711,6 +711,19 @@ def _clean_leftovers(folder):
             if age > _LEFTOVER_AGE_NS or dead:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
+    return garbage
+
+
+def _discard_copies(bases):
+    """Remove the set-aside copies that _clean_leftovers found, and let their locks go. A
+    copy that cannot be removed stays, for the next try."""
+    for base in bases:
+        try:
+            with contextlib.suppress(OSError):
+                _discard(base + _STALE_OUTPUT)
+                _discard(base + _STALE_RECORD)
+        finally:
+            _release_stale_lock(base + _STALE_LOCK)
 
 
 def _temporary_prefix(record_name):
@@ -2894,11 +2907,12 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
         an update never overwrites a record another process wrote meanwhile.
     :returns: whether the record was written.
     """
+    garbage: list = []
     try:
         dirname = os.path.dirname if fs is _LOCAL else posixpath.dirname
         folder = fs.records_folder(dirname(dirname(path)))
         with fs.lock(folder, settings.lock_timeout):
-            fs.clean(folder)
+            garbage = fs.clean(folder) or []
             if replacing is not None:
                 try:
                     if _read_record(path, fs) != replacing:
@@ -2922,6 +2936,8 @@ def _write_record(path: str, record: dict, settings: _Settings, replacing: dict 
         raise
     except OSError as exc:
         raise HashCheckError(f"cannot write record {path}: {exc.strerror or exc}") from exc
+    finally:
+        _discard_copies(garbage)
 
 
 def _remove_record(path, settings, fs=_LOCAL):
@@ -2980,7 +2996,10 @@ def _with_listings(record, record_path, fs):
             name = _sidecar_name(_stem(_record_path(path, fs)), digest)
             target = join(dirname(path), RECORD_DIR, name)
             if not _exists(fs, target) and digest in _pending:
-                fs.replace_from(target, _pending[digest])
+                # Best effort: a maker's folder this process cannot write (another team's,
+                # read-only) costs the reader's check its shortcut, not the reader's run.
+                with contextlib.suppress(OSError, HashCheckError):
+                    fs.replace_from(target, _pending[digest])
             if _exists(fs, target):
                 return {**entry, "listing": name}
             return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
