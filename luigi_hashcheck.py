@@ -2988,26 +2988,24 @@ def _with_listings(record, record_path, fs):
         entry = {k: v for k, v in entry.items() if k not in ("files", "tokens")}
         digest = entry["listing_digest"]
         if not own and entry.get("recorded"):
-            # Named only when a listing of these very lines is beside its maker's record; else
-            # the check finds whatever listing the maker's record names then. One this process
-            # made (the reader's check hashed the folder after its maker's record was written)
-            # is put there: else the maker's record, refreshed from a check that takes this
-            # record's digest whole, would name a listing that never was, and lose its own.
+            # Named only when its maker's listing of these very lines is there or to come;
+            # else the check finds whatever listing the maker's record names then.
             name = _sidecar_name(_stem(_record_path(path, fs)), digest)
-            target = join(dirname(path), RECORD_DIR, name)
-            if not _exists(fs, target) and digest in _pending:
-                # Best effort: a maker's folder this process cannot write (another team's,
-                # read-only) costs the reader's check its shortcut, not the reader's run.
-                with contextlib.suppress(OSError, HashCheckError):
-                    fs.replace_from(target, _pending[digest])
-            if _exists(fs, target):
-                return {**entry, "listing": name}
+            if digest in _pending or _exists(fs, join(dirname(path), RECORD_DIR, name)):
+                return {**entry, "listing": name}  # pending: its maker's record, refreshed in this build too, will write it
             return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
         name = _sidecar_name(stem, digest)
         target = join(records, name)
         if not _exists(fs, target):
             source = _pending.get(digest)
             if source is None:
+                # A listing that never reached disk: a reader named one its own process
+                # made and lost, and this refresh took the reader's digest whole. The
+                # listing this record has now, of the same digest, serves instead.
+                keep = _listing_on_disk(record_path, entry, fs) if own else None
+                if keep is not None:
+                    kept.add(keep["listing"])
+                    return {**entry, **keep}
                 return {k: v for k, v in entry.items() if k not in ("listing", "listing_digest")}
             fs.replace_from(target, source)
         kept.add(name)
@@ -3023,6 +3021,22 @@ def _with_listings(record, record_path, fs):
         dynamic=[dict(dep, outputs=inputs(dep["outputs"])) for dep in record["dynamic"]],
     )
     return made, kept
+
+
+def _listing_on_disk(record_path, entry, fs):
+    """The listing fields of the record now at ``record_path``, if it describes the folder
+    digest of ``entry`` and its listing is there; else None."""
+    try:
+        now = _read_record(record_path, fs)
+    except (_DamagedRecord, OSError):
+        return None
+    made = now["output"] if now else {}
+    if made.get("kind") != "dir" or made.get("digest") != entry.get("digest") or not made.get("listing"):
+        return None
+    dirname, join = (os.path.dirname, os.path.join) if fs is _LOCAL else (posixpath.dirname, posixpath.join)
+    if not _exists(fs, join(dirname(record_path), made["listing"])):
+        return None
+    return {"listing": made["listing"], "listing_digest": made["listing_digest"]}
 
 
 _encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
