@@ -710,20 +710,31 @@ def _clean_leftovers(folder):
                 continue
             if age > _LEFTOVER_AGE_NS or dead:
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if not entry.is_dir(follow_symlinks=False):
+                        os.unlink(entry.path)
+                    elif dead:  # a set-aside copy its remover died removing (_discard_copies)
+                        shutil.rmtree(entry.path)
     return garbage
 
 
 def _discard_copies(bases):
-    """Remove the set-aside copies that _clean_leftovers found, and let their locks go. A
-    copy that cannot be removed stays, for the next try."""
+    """Remove the set-aside copies that _clean_leftovers found. Each is first renamed to a
+    temporary name of this process and its lock let go, so a rerun of its task is not
+    refused while a large copy is removed; a copy this process dies removing is then a dead
+    writer's leftover, which a later cleanup removes. A copy that cannot be moved stays."""
     for base in bases:
+        moved = []
         try:
-            with contextlib.suppress(OSError):
-                _discard(base + _STALE_OUTPUT)
-                _discard(base + _STALE_RECORD)
+            for copy in (base + _STALE_OUTPUT, base + _STALE_RECORD):
+                gone = f"{os.path.dirname(base)}{os.sep}{_temporary_prefix(os.path.basename(copy))}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp"
+                with contextlib.suppress(OSError):
+                    os.replace(copy, gone)
+                    moved.append(gone)
         finally:
             _release_stale_lock(base + _STALE_LOCK)
+        for gone in moved:
+            with contextlib.suppress(OSError):
+                _discard(gone)
 
 
 def _temporary_prefix(record_name):

@@ -5673,7 +5673,7 @@ def test_a_rerun_killed_while_another_build_runs_the_task_is_left_to_that_build(
     assert pipe.Slow(root).complete()
 
 
-def test_copies_left_by_a_rerun_killed_after_it_recorded_go_at_the_next_record_written_beside(root, capsys):
+def test_copies_left_by_a_rerun_killed_after_it_recorded_go_at_the_next_record_written_beside(root, capsys, monkeypatch):
     # A rerun that recorded its new outputs, killed before it removed the copies it set
     # aside: its task is up to date, so no rerun removes them, and no check puts them back.
     assert build(Model(root))
@@ -5687,8 +5687,20 @@ def test_copies_left_by_a_rerun_killed_after_it_recorded_go_at_the_next_record_w
     out = capsys.readouterr().out.replace(root + os.sep, "")
     assert "set aside model.txt" in out and "the next record written beside it removes them" in out, out
     as_new_process()
+    lock_free, real = [], hc._discard
+
+    def discard(path):  # the copies go after their lock is let go: a rerun is not refused meanwhile
+        if path.endswith(".tmp"):
+            lock = os.path.join(records, "model.txt.stale-lock")
+            lock_free.append(hc._take_stale_lock(lock))
+            hc._release_stale_lock(lock)
+        real(path)
+
+    monkeypatch.setattr(hc, "_discard", discard)
     assert build(Folder(root)) and ran(root) == ["Folder"]  # another task's record, beside
-    assert not any("stale-output" in n or "stale-record" in n for n in os.listdir(records))
+    monkeypatch.undo()
+    assert lock_free == [True, True]
+    assert not any("stale-" in n and "lock" not in n or n.endswith(".tmp") for n in os.listdir(records)), os.listdir(records)
     assert read(os.path.join(root, "model.txt")) == "HELLO" and Model(root).complete()
     assert hc.main(["verify", root]) == 0
 
