@@ -759,9 +759,7 @@ def _write_atomically(path, blocks):
         try:
             # os.write, not a file object: nothing is buffered, so nothing needs a flush.
             for block in blocks:
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, block)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -772,6 +770,13 @@ def _write_atomically(path, blocks):
         raise
     # The folder is not fsynced: a crash may then lose the rename, and a lost record only
     # means a rebuild, while an fsync per record would double the cost of a build.
+
+
+def _write_all(fd, data):
+    """Write all of the bytes ``data`` to ``fd``: os.write may take only part of them."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _remove_record_file(path, timeout):
@@ -1725,9 +1730,7 @@ class _ListingWriter:
                 self._release()
             return
         self.hash.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.file.fileno(), view):]
+        _write_all(self.file.fileno(), data)
 
     def copy(self, data, offset):
         """Write ``data``, a block at ``offset`` in the listing being read, or note its place."""
@@ -2069,9 +2072,7 @@ class _WalkChunks:
             self._spill()
 
     def _write(self, data):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.file.fileno(), view) :]
+        _write_all(self.file.fileno(), data)
 
     def _spill(self):
         try:
