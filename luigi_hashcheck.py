@@ -726,7 +726,7 @@ def _discard_copies(bases):
         moved = []
         try:
             for copy in (base + _STALE_OUTPUT, base + _STALE_RECORD):
-                gone = f"{os.path.dirname(base)}{os.sep}{_temporary_prefix(os.path.basename(copy))}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp"
+                gone = os.path.join(os.path.dirname(base), _temporary_name(os.path.basename(copy)))
                 with contextlib.suppress(OSError):
                     os.replace(copy, gone)
                     moved.append(gone)
@@ -742,6 +742,11 @@ def _temporary_prefix(record_name):
     return f".{_prefix(record_name, 64)}~"
 
 
+def _temporary_name(name):
+    """A new temporary name of this process for ``name``, as _clean_leftovers reads them."""
+    return f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp"
+
+
 def _replace(path, data):
     """Write ``data`` to ``path`` atomically: a new temporary file, fsynced, then renamed."""
     if os.path.islink(path):
@@ -753,7 +758,7 @@ def _write_atomically(path, blocks):
     """Write the bytes ``blocks`` to a new temporary file beside ``path``, fsync it, then
     rename it over ``path``; on any failure remove the temporary file."""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{_temporary_prefix(name)}{_HOST}~{os.getpid()}~{os.urandom(6).hex()}.tmp")
+    tmp = os.path.join(folder, _temporary_name(name))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
     try:
         try:
