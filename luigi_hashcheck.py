@@ -512,6 +512,18 @@ def _utf8(text):
     return text.encode("utf-8", "surrogateescape")
 
 
+def _shown(name):
+    """A file's name as messages show it: on one line, and never read as another name. A
+    backslash is doubled; a byte that is not UTF-8 shows as ``\\xNN``, and a character that
+    does not print (a newline, a tab, an escape) as Python writes it, ``\\n`` or ``\\x1b``."""
+    if name.isprintable() and "\\" not in name:
+        return name
+    return "".join(
+        "\\\\" if ch == "\\" else ch if ch.isprintable() else f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else ch.encode("unicode_escape").decode()
+        for ch in name
+    )
+
+
 def _prefix(text, limit):
     """The longest prefix of ``text`` of at most ``limit`` UTF-8 bytes, cut between characters."""
     return _utf8(text)[:limit].decode("utf-8", "ignore")
@@ -2220,8 +2232,7 @@ def _merged(fs, path, algorithm, chunks, source, rechecked, entry, stats, listin
         if writer and writer.held is not None and source and source[1] == listing_if:
             writer.drop()  # the folder is not the one listing_if names: its task reruns
         if len(first) < _SHOWN_CHANGES:
-            # Shown to people and in JSON: a name that is not UTF-8 shows its bytes as \xNN.
-            first.append(f"{how} {_utf8(rel).decode('utf-8', 'backslashreplace')}")
+            first.append(f"{how} {_shown(rel)}")
 
     def flush():
         nonlocal worth, vouching, done

@@ -6602,21 +6602,32 @@ def test_a_flat_folder_with_one_edited_file_is_merged_in_batches_not_held_whole(
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
-def test_explain_names_a_changed_file_whose_name_is_not_utf8(tmp_path):
+def test_explain_names_changed_files_on_one_line_and_unambiguously(tmp_path):
+    # A name that is not UTF-8 (Latin-1, as old archives hold), one with a newline, one with
+    # an escape character and one with a backslash: each is shown so that the reason stays
+    # one line and ``back\\xe9`` (a backslash) cannot be read as a byte.
     root = str(tmp_path)
     raw = os.path.join(root, "raw")
     write(os.path.join(raw, "plain"), "x")
-    odd = os.path.join(os.fsencode(raw), b"caf\xe9")  # Latin-1, as old archives hold
-    with open(odd, "wb") as f:
-        f.write(b"before")
+    odd = [os.path.join(os.fsencode(raw), name) for name in (b"back\\xe9", b"caf\xe9", b"esc\x1b[2J", b"two\nlines")]
+    for path in odd:
+        with open(path, "wb") as f:
+            f.write(b"before")
     steady(root, CountRaw(root))
     assert ran(root) == ["CountRaw"]
-    with open(odd, "wb") as f:
-        f.write(b"after!")
+    for path in odd:
+        with open(path, "wb") as f:
+            f.write(b"after!")
     module = os.path.splitext(os.path.basename(__file__))[0]
     result = run_python(["-m", "luigi_hashcheck", "explain", "--module", module, "CountRaw", "--root", root], root, env={"PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 1, result.stderr
-    assert "1 files changed: edited caf\\xe9" in result.stdout, result.stdout
+    shown = "4 files changed: edited back\\\\xe9, edited caf\\xe9, edited esc\\x1b[2J, edited two\\nlines"
+    assert shown in result.stdout, result.stdout
+    assert [line for line in result.stdout.splitlines() if "files changed" in line] == [line for line in result.stdout.splitlines() if shown in line]
+    assert "\x1b" not in result.stdout and "lines" not in result.stdout.replace(shown, "")
+    result = run_python(["-m", "luigi_hashcheck", "verify", "--json", root], root, env={"PYTHONIOENCODING": "utf-8"})
+    files = json.loads(result.stdout)["outputs"][0]["files"]
+    assert files == {"changed": shown.split(": ", 1)[1].split(", "), "count": 4}, files
 
 
 @pytest.mark.folders
