@@ -4821,6 +4821,11 @@ def _write_records(task, settings, inputs, entries, dynamic, reason=None):
             except FileNotFoundError:
                 logger.warning("luigi_hashcheck: %s finished without writing its output %s; no record written", task, path)
                 continue
+            if output_entry["kind"] == "dir" and not output.exists():
+                # MockTarget's exists(), and Azure's, are true only for an object: Luigi would
+                # call this folder missing, and run its task at every build, record or not.
+                raise UnhashableTargetError(task, output, missing=f"{path} is a folder, and this target's exists() is false for a folder, so Luigi "
+                                            "would run the task again at every build; give each file its own target, or make the folder a LocalTarget or an S3Target")
             folder, root = posixpath.dirname(path), None
         named_inputs = [_named(e, _name(t, folder, i, root, fs), _path_of(t) in recorded) for i, (t, e) in enumerate(zip(inputs, entries))]
         named_dynamic = [

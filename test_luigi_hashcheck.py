@@ -7426,6 +7426,30 @@ def test_mock_targets_edit_no_op_and_early_cutoff(tmp_path, monkeypatch):
     assert build(top, workers=2) and ran(str(tmp_path)) == ["up", "head", "tail"]
 
 
+class MockFolder(HashCheckingTask):
+    def output(self):
+        return luigi.mock.MockTarget("mock/tiles")
+
+    def run(self):
+        note_run(os.environ["HASHCHECK_MOCK_RUNS"], "MockFolder")
+        for name in ("a", "b"):
+            with luigi.mock.MockTarget(f"mock/tiles/{name}").open("w") as f:
+                f.write(name)
+
+
+def test_a_folder_on_a_mock_target_fails_with_the_fix_instead_of_running_at_every_build(tmp_path, monkeypatch):
+    # MockTarget.exists() is false for a prefix, so plain Luigi runs such a task at every
+    # build; a record would not change that, so its first build says so, and keeps the files.
+    monkeypatch.setenv("HASHCHECK_MOCK_RUNS", str(tmp_path))
+    fs = luigi.mock.MockFileSystem()
+    fs.clear()
+    (failure,) = failures_of(MockFolder, MockFolder())
+    assert isinstance(failure, hc.UnhashableTargetError), failure
+    assert re.search(r"MockFolder.*luigi\.mock\.MockTarget.*mock/tiles is a folder.*exists\(\) is false for a folder.*own target", str(failure)), failure
+    assert ran(str(tmp_path)) == ["MockFolder"]
+    assert sorted(fs.get_all_data()) == ["mock/tiles/a", "mock/tiles/b"]  # no record, nothing removed
+
+
 class DictFS(luigi.target.FileSystem):
     """A filesystem with only what FileSystem requires: exists() and remove()."""
 
