@@ -513,18 +513,6 @@ def _utf8(text):
     return text.encode("utf-8", "surrogateescape")
 
 
-def _shown(name):
-    """A file's name as messages show it: on one line, and never read as another name. A
-    backslash is doubled; a byte that is not UTF-8 shows as ``\\xNN``, and a character that
-    does not print (a newline, a tab, an escape) as Python writes it, ``\\n`` or ``\\x1b``."""
-    if name.isprintable() and "\\" not in name:
-        return name
-    return "".join(
-        "\\\\" if ch == "\\" else ch if ch.isprintable() else f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else ch.encode("unicode_escape").decode()
-        for ch in name
-    )
-
-
 def _prefix(text, limit):
     """The longest prefix of ``text`` of at most ``limit`` UTF-8 bytes, cut between characters."""
     return _utf8(text)[:limit].decode("utf-8", "ignore")
@@ -1689,6 +1677,17 @@ def _unescape(text):
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+def _shown(name):
+    """A file's name as messages show it: on one line, and never read as another name. It is
+    the listing's escape (a backslash doubled, ``\\t``, ``\\n``, ``\\r``), and then a byte that
+    is not UTF-8 shows as ``\\xNN``, any other character that does not print as Python writes
+    it, ``\\x1b``."""
+    text = _escape(name)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def _sidecar_name(stem, digest):
